@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny random Llama/Qwen2/Mistral models, a tokenizer trained here, slices of ../shared/data."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ATP_DATA_DIR", REPO.parent / "shared" / "data"))
+
+# family -> (config class name, extra kwargs)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+}
+
+
+def tiny_config(family: str = "llama", gqa: bool = True, vocab_size: int = 512, **overrides):
+    import transformers
+
+    cls_name, extra = FAMILIES[family]
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2 if gqa else 6,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(extra)
+    kwargs.update(overrides)
+    return getattr(transformers, cls_name)(**kwargs)
+
+
+def tiny_model(family: str = "llama", gqa: bool = True, seed: int = 0, attn: str = "eager", **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, gqa, **overrides)
+    config._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init is small; widen it so that pruning differences are visible in the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif p.dim() == 1 and p.abs().sum() > 0 and not torch.all(p == 1):
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "healthcare" / "pubmedqa_train.jsonl").exists():
+        pytest.skip(f"shared domain data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A small byte-level BPE tokenizer trained on a few texts (shared data when present)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = ["The patient was treated with aspirin.", "The court held that the statute applies."] * 20
+    path = SHARED_DATA / "healthcare" / "pubmedqa_train.jsonl"
+    if path.exists():
+        with open(path) as f:
+            for _, line in zip(range(60), f):
+                row = json.loads(line)
+                texts.append(row["QUESTION"] + " " + " ".join(row["CONTEXTS"]))
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return fast
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tokenizer):
+    """Save a tiny llama + tokenizer as an HF folder and return its path."""
+    model = tiny_model("llama", gqa=True)
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
