@@ -35,6 +35,8 @@ class DecisionGenerator(nn.Module):
                 for kind, (_, width) in space.gate_shapes.items()
             }
         )
+        for kind in space.gate_shapes:
+            self.register_buffer(f"shift_{kind}", torch.zeros(()))
         with torch.no_grad():
             for layer_heads in self.heads.values():
                 for head in layer_heads:
@@ -45,7 +47,9 @@ class DecisionGenerator(nn.Module):
         states, _ = self.rnn(self.inputs.float().unsqueeze(0))
         states = states.squeeze(0)
         return {
-            kind: torch.stack([head(states[i]) for i, head in enumerate(layer_heads)]) + self.offset
+            kind: torch.stack([head(states[i]) for i, head in enumerate(layer_heads)])
+            + self.offset
+            + getattr(self, f"shift_{kind}")
             for kind, layer_heads in self.heads.items()
         }
 
@@ -62,6 +66,38 @@ class DecisionGenerator(nn.Module):
             hard = (soft > 0.5).float()
             gates[kind] = hard + soft - soft.detach()
         return gates
+
+    def deterministic_gates(self) -> Gates:
+        """Noise-free straight-through gates: the eval-mode decisions forward, sigmoid gradients backward.
+        The ratio loss uses these, so that the decisions that will be exported are the ones driven to the target."""
+        gates = {}
+        for kind, value in self.logits().items():
+            soft = torch.sigmoid(value / self.temperature)
+            gates[kind] = (value > 0).float() + soft - soft.detach()
+        return gates
+
+    @torch.no_grad()
+    def calibrate_offset(self, ratio_of, target: float, iters: int = 40) -> float:
+        """Shift logits so that the hard decisions' remaining ratio comes closest to `target`: first one shift
+        for every gate, then one for the finest-grained kind alone (the last), to close what a coarse step left.
+        Decisions only grow with a shift, so bisection finds each. The shifts are buffers, saved with the state."""
+        kinds = list(self.space.gate_shapes)
+        for kinds_to_shift in (kinds, kinds[-1:]):
+            logits = self.logits()
+            span = max(float(v.abs().max()) for v in logits.values()) + 1.0
+
+            def ratio_at(shift):
+                shifted = {k: (v + (shift if k in kinds_to_shift else 0.0) > 0).float() for k, v in logits.items()}
+                return float(ratio_of(shifted))
+
+            low, high = -span, span
+            for _ in range(iters):
+                mid = (low + high) / 2
+                low, high = (mid, high) if ratio_at(mid) < target else (low, mid)
+            best = min((low, high), key=lambda s: abs(ratio_at(s) - target))
+            for kind in kinds_to_shift:
+                getattr(self, f"shift_{kind}").add_(best)
+        return float(ratio_of(self.decisions()))
 
     @torch.no_grad()
     def decisions(self) -> Gates:

@@ -1,0 +1,384 @@
+"""One-stage ATP training: LoRA steps and generator steps alternate, then LoRA finishes on fixed decisions.
+
+    LoRA step       (generator frozen):  task loss + lambda_t * group lasso(LoRA of pruned groups)
+    generator step  (LoRA frozen, calibration batch): task loss + alpha * ratio loss(r, 1 - sparsity)
+
+accelerate provides devices, mixed precision, gradient accumulation and multi-process execution.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from .errors import ATPError
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ATPConfig:
+    model: str = "smollm2-135m"
+    domain: str | None = "healthcare"
+    train_files: list[str] = field(default_factory=list)  # "task=path.jsonl" entries, instead of or besides --domain
+    data_dir: str | None = None
+    out: str = "runs/atp"
+    overwrite: bool = False
+    prune: bool = True  # False: plain LoRA fine-tuning with the same loop (the dense + LoRA baseline)
+    sparsity: float = 0.4
+    mlp_block: int = 32
+    max_steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 256
+    lr: float = 3e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    generator_lr: float = 5e-3
+    generator_hidden: int = 64
+    temperature: float = 0.4
+    offset: float = 3.0
+    generator_every: int = 4  # one generator step per this many LoRA steps
+    generator_frac: float = 0.6  # freeze the generator after this fraction of steps
+    calib_fraction: float = 0.1
+    alpha: float = 4.0  # ratio-loss weight
+    lam: float = 0.05  # group-lasso weight after warm-up
+    proximal: bool = True
+    mask_lora: bool = True  # ablation switch: False masks only the frozen path
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    mixed_precision: str = "no"  # "no", "bf16", "fp16" (accelerate)
+    attn_implementation: str | None = None
+    check_tolerance: float = 1e-3
+
+    def validate(self) -> None:
+        if self.prune and not 0 < self.sparsity < 1:
+            raise ATPError(f"--sparsity must be strictly between 0 and 1 (a fraction of prunable parameters), got {self.sparsity}")
+        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lora_r", "generator_every", "mlp_block"):
+            if getattr(self, name) < 1:
+                raise ATPError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.calib_fraction < 1:
+            raise ATPError(f"--calib-fraction must be in (0, 1), got {self.calib_fraction}")
+        if not 0 <= self.generator_frac <= 1:
+            raise ATPError(f"--generator-frac must be in [0, 1], got {self.generator_frac}")
+        if not self.domain and not self.train_files:
+            raise ATPError("give training data: --domain NAME or --train-file TASK=PATH")
+
+    @classmethod
+    def from_yaml(cls, path) -> dict:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ATPError(f"could not read config file {path}: {err}") from None
+        if not isinstance(values, dict):
+            raise ATPError(f"config file {path} must hold a mapping of option: value")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ATPError(f"config file {path} has unknown keys {unknown}; valid keys: {sorted(known)}")
+        return values
+
+
+def load_training_examples(cfg: ATPConfig):
+    from . import data
+
+    examples = []
+    if cfg.domain:
+        examples += data.domain_examples(data.load_domain(cfg.domain, cfg.data_dir), "train")
+    for entry in cfg.train_files:
+        if "=" not in entry:
+            raise ATPError(f"--train-file takes TASK=PATH, got '{entry}'")
+        task_name, path = entry.split("=", 1)
+        task = data.get_task(task_name)
+        records = data.split(task.load(path), "train")
+        examples += [task.train_example(r) for r in records]
+    return examples
+
+
+def tokenize_all(tokenizer, examples, max_length):
+    from .data import tokenize_example
+
+    rows, truncated = [], 0
+    for example in examples:
+        row = tokenize_example(tokenizer, example, max_length)
+        truncated += bool(row.pop("truncated", False))
+        if any(label != -100 for label in row["labels"]):
+            rows.append(row)
+    return rows, truncated
+
+
+def batches(rows, batch_size, pad_id, seed):
+    """Endless shuffled batches; each epoch reshuffles with its own seed."""
+    from .data import collate
+
+    epoch = 0
+    while True:
+        order = list(range(len(rows)))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([rows[i] for i in order[start : start + batch_size]], pad_id)
+        epoch += 1
+
+
+def lambda_at(cfg: ATPConfig, step: int) -> float:
+    ramp = max(1, int(cfg.generator_frac * cfg.max_steps))
+    return cfg.lam * min(1.0, step / ramp)
+
+
+def prepare_run_dir(cfg: ATPConfig) -> Path:
+    run_dir = Path(cfg.out)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.overwrite:
+            raise ATPError(f"output directory {run_dir} already exists and is not empty; pass --overwrite to replace it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, step: int, peft_model, generator, optimizers, keep: int) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(exist_ok=True)
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = ckpt_root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    lora = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+    save_file(lora, str(tmp / "lora.safetensors"))
+    if generator is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()},
+                  str(tmp / "generator.safetensors"))
+    torch.save(
+        {
+            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+            "torch_rng": torch.get_rng_state(),
+            "step": step,
+        },
+        tmp / "state.pt",
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sample_texts(tokenizer, examples, n=4, max_length=128):
+    texts = [(e.prompt + e.response)[:2000] for e in examples[:n]]
+    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+
+
+def train(cfg: ATPConfig, progress: bool = True) -> dict:
+    """Run ATP (or plain LoRA when cfg.prune is False) and export the model to <out>/model."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    from .export import count_safetensors_params, prune_model_, save_pruned
+    from .generator import DecisionGenerator
+    from .masking import GateController
+    from .models import load_model
+    from .regularization import group_lasso, proximal_step, ratio_loss
+    from .space import HeadMLPSpace, check_supported
+
+    cfg.validate()
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    run_dir = prepare_run_dir(cfg) if accelerator.is_main_process else Path(cfg.out)
+    if accelerator.is_main_process:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    started = time.time()
+
+    model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
+    check_supported(model.config)
+    examples = load_training_examples(cfg)
+    calib_count = max(1, int(len(examples) * cfg.calib_fraction)) if cfg.prune else 0
+    train_examples, calib_examples = examples[calib_count:], examples[:calib_count]
+    rows, truncated = tokenize_all(tokenizer, train_examples, cfg.max_length)
+    calib_rows, _ = tokenize_all(tokenizer, calib_examples, cfg.max_length)
+    if len(rows) < cfg.batch_size or (cfg.prune and len(calib_rows) < cfg.batch_size):
+        raise ATPError(
+            f"too little training data: {len(rows)} training and {len(calib_rows)} calibration examples "
+            f"for batch size {cfg.batch_size}; add data or lower --batch-size"
+        )
+    if truncated:
+        accelerator.print(f"note: {truncated} of {len(train_examples)} training examples were truncated to {cfg.max_length} tokens")
+
+    model.config.use_cache = False
+    peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                  target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
+    space = HeadMLPSpace.from_config(model.config, mlp_block=cfg.mlp_block)
+    target_ratio = 1 - cfg.sparsity
+    lora_params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt_lora = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=0.0)
+    optimizers = {"lora": opt_lora}
+    generator = controller = opt_gen = None
+    if cfg.prune:
+        generator = DecisionGenerator(space, cfg.generator_hidden, cfg.temperature, cfg.offset, cfg.seed)
+        opt_gen = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, weight_decay=0.0)
+        optimizers["generator"] = opt_gen
+        controller = GateController(peft_model, space, mask_lora=cfg.mask_lora)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt_lora, lambda s: min(1.0, (s + 1) / max(1, cfg.max_steps // 20)) * 0.5 * (1 + math.cos(math.pi * s / cfg.max_steps))
+    )
+    peft_model, opt_lora = accelerator.prepare(peft_model, opt_lora)
+    if generator is not None:
+        generator, opt_gen = accelerator.prepare(generator, opt_gen)
+    gen_module = accelerator.unwrap_model(generator) if generator is not None else None
+
+    train_iter = batches(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
+    calib_iter = batches(calib_rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed + 1) if cfg.prune else None
+    freeze_at = int(cfg.generator_frac * cfg.max_steps)
+    log_path = run_dir / "log.jsonl"
+    last_decisions = gen_module.decisions() if gen_module is not None else None
+    flips_since_log = 0
+    step_times = {"lora": [], "generator": []}
+    bar = tqdm(range(1, cfg.max_steps + 1), disable=not (progress and accelerator.is_main_process), desc="atp prune" if cfg.prune else "lora")
+    record = {}
+    peft_model.train()
+    for step in bar:
+        record = {"step": step}
+        # Generator step on a calibration batch, LoRA frozen (gradients flow only into the generator).
+        if generator is not None and step <= freeze_at and (step - 1) % cfg.generator_every == 0:
+            t0 = time.perf_counter()
+            generator.train()
+            batch = {k: v.to(accelerator.device) for k, v in next(calib_iter).items()}
+            gates = gen_module(step=step)
+            controller.set(gates)
+            task = peft_model(**batch).loss
+            ratio = space.remaining_ratio(gen_module.deterministic_gates())
+            r_loss = ratio_loss(ratio, target_ratio)
+            loss = task + cfg.alpha * r_loss
+            opt_gen.zero_grad(set_to_none=True)
+            accelerator.backward(loss, inputs=list(generator.parameters()))
+            opt_gen.step()
+            check_finite(step, generator_task_loss=task, ratio_loss=r_loss)
+            record.update(generator_task_loss=float(task), ratio_loss=float(r_loss), sampled_ratio=float(ratio))
+            step_times["generator"].append(time.perf_counter() - t0)
+
+        if generator is not None and step == freeze_at + 1:
+            reached = gen_module.calibrate_offset(space.remaining_ratio, target_ratio)
+            accelerator.print(f"generator frozen at step {freeze_at}; decisions calibrated to ratio {reached:.4f}")
+        # LoRA step with the generator's current deterministic decisions.
+        t0 = time.perf_counter()
+        decisions = gen_module.decisions() if gen_module is not None else None
+        if controller is not None:
+            controller.set(decisions)
+            flips_since_log += sum(int((decisions[k] != last_decisions[k]).sum()) for k in decisions)
+            last_decisions = decisions
+        lam = lambda_at(cfg, step) if cfg.prune else 0.0
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(accelerator.device) for k, v in next(train_iter).items()}
+            with accelerator.accumulate(peft_model):
+                task = peft_model(**batch).loss
+                lasso = group_lasso(peft_model, space, decisions) if (cfg.prune and lam > 0) else torch.zeros((), device=task.device)
+                loss = task + lam * lasso
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    opt_lora.step()
+                    schedule.step()
+                    opt_lora.zero_grad(set_to_none=True)
+        if cfg.prune and cfg.proximal and lam > 0:
+            proximal_step(peft_model, space, decisions, threshold=schedule.get_last_lr()[0] * lam)
+        check_finite(step, task_loss=task, group_lasso=lasso)
+        step_times["lora"].append(time.perf_counter() - t0)
+        record.update(task_loss=float(task), group_lasso=float(lasso), lam=lam, lr=schedule.get_last_lr()[0])
+        if decisions is not None:
+            sp = space.sparsity(decisions)
+            record.update(ratio=1 - sp["prunable_sparsity"], prunable_sparsity=sp["prunable_sparsity"])
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            record["flips"] = flips_since_log
+            flips_since_log = 0
+            if accelerator.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['task_loss']:.3f}", **({"sparsity": f"{record['prunable_sparsity']:.3f}"} if cfg.prune else {}))
+        if cfg.save_every and step % cfg.save_every == 0 and accelerator.is_main_process:
+            save_checkpoint(run_dir, step, accelerator.unwrap_model(peft_model), gen_module, optimizers, cfg.keep_checkpoints)
+    bar.close()
+    train_seconds = time.time() - started
+
+    # Export: reference logits from the masked LoRA model, then merge, slice, save, reload and compare.
+    accelerator.wait_for_everyone()
+    report = {"config": dataclasses.asdict(cfg), "train_seconds": train_seconds}
+    if not accelerator.is_main_process:
+        return report
+    peft_model = accelerator.unwrap_model(peft_model).eval()
+    final = gen_module.decisions() if gen_module is not None else space.full_gates()
+    probe = sample_texts(tokenizer, train_examples[::max(1, len(train_examples) // 4)][:4])
+    with torch.no_grad():
+        if controller is not None:
+            controller.set(final)
+        reference = peft_model(**probe).logits.float()
+        if controller is not None:
+            controller.remove()
+    merged = peft_model.merge_and_unload()
+    merged.config.use_cache = True
+    if cfg.prune:
+        prune_model_(merged, space.kept_structure(final), space.head_dim)
+    merged = merged.float()
+    check = {}
+
+    def verify(path):
+        loaded, _ = load_model(str(path), attn_implementation=cfg.attn_implementation)
+        with torch.no_grad():
+            logits = loaded(**probe).logits.float()
+        mask = probe["attention_mask"].bool()
+        diff = float((logits - reference)[mask].abs().max())
+        check.update(max_abs_logit_diff=diff, tolerance=cfg.check_tolerance, passed=diff <= cfg.check_tolerance)
+        if diff > cfg.check_tolerance:
+            raise ATPError(f"exported model does not match the masked model: max |logit diff| {diff:.3g} > {cfg.check_tolerance}")
+
+    model_dir = save_pruned(merged, tokenizer, run_dir / "model", overwrite=True, verify=verify)
+    exported = count_safetensors_params(model_dir)
+    dense_total = space.total_params()
+    removed = dense_total - exported
+    report.update(
+        logits_check=check,
+        model_dir=str(model_dir),
+        exported_params=exported,
+        dense_params=dense_total,
+        prunable_params=space.prunable_params(),
+        prunable_sparsity=removed / space.prunable_params(),
+        model_sparsity=removed / dense_total,
+        target_sparsity=cfg.sparsity if cfg.prune else 0.0,
+        mean_lora_step_seconds=_mean(step_times["lora"]),
+        mean_generator_step_seconds=_mean(step_times["generator"]),
+        generator_steps=len(step_times["generator"]),
+        mean_step_seconds=(sum(step_times["lora"]) + sum(step_times["generator"])) / max(1, len(step_times["lora"])),
+        layers=[{k: v for k, v in rec.items() if k != "kv_map"} for rec in getattr(merged.config, "atp_pruning", {}).get("layers", [])],
+        total_seconds=time.time() - started,
+    )
+    write_json_atomic(run_dir / "report.json", report)
+    return report
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else 0.0
+
+
+def check_finite(step: int, **terms) -> None:
+    for name, value in terms.items():
+        if value is not None and not torch.isfinite(torch.as_tensor(value)).all():
+            raise ATPError(f"{name} became {float(value)} at step {step}; stopping (checkpoints so far are kept)")

@@ -1,0 +1,145 @@
+"""Objectives and the end-to-end training loop on tiny models."""
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from atp.cli import main
+from atp.errors import ATPError
+from atp.export import count_safetensors_params, load_pruned
+from atp.generator import DecisionGenerator
+from atp.regularization import group_lasso, group_sq_norms, proximal_step, ratio_loss
+from atp.space import HeadMLPSpace
+from atp.train import ATPConfig, train
+from conftest import tiny_model
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("target", [0.6, 0.5])
+def test_ratio_loss_reaches_target_within_one_percent(target):
+    space = HeadMLPSpace.from_config(tiny_model("llama", True).config, mlp_block=1)
+    gen = DecisionGenerator(space, seed=0).train()
+    opt = torch.optim.Adam(gen.parameters(), lr=2e-2)
+    for step in range(150):
+        loss = ratio_loss(space.remaining_ratio(gen.deterministic_gates()), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ratio = float(space.remaining_ratio(gen.decisions()))
+    assert abs(ratio - target) <= 0.01, ratio
+
+
+def test_offset_calibration_hits_target():
+    space = HeadMLPSpace.from_config(tiny_model("llama", True).config, mlp_block=1)
+    gen = DecisionGenerator(space, seed=3)
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.normal_(0, 0.5)
+    for target in (0.3, 0.55, 0.8):
+        reached = gen.calibrate_offset(space.remaining_ratio, target)
+        assert abs(float(space.remaining_ratio(gen.decisions())) - target) <= 0.01
+        assert reached == pytest.approx(float(space.remaining_ratio(gen.decisions())))
+
+
+def test_group_lasso_and_proximal_zero_pruned_lora():
+    model = get_peft_model(tiny_model("qwen2", True), LoraConfig(r=4, target_modules=TARGETS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.1)
+    space = HeadMLPSpace.from_config(model.config, mlp_block=4)
+    gates = space.full_gates()
+    gates["heads"][0, :3] = 0  # heads 0-2: KV head 0 fully pruned (group size 3)
+    gates["mlp"][1, 2:5] = 0
+    before = {k: v.clone() for k, v in group_sq_norms(model, space).items()}
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    opt = torch.optim.SGD(lora, lr=0.05)
+    for _ in range(60):
+        loss = group_lasso(model, space, gates)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        proximal_step(model, space, gates, threshold=0.05)
+    after = group_sq_norms(model, space)
+    assert torch.all(after["heads"][0, :3] == 0) and torch.all(after["kv"][0, 0] == 0)
+    assert torch.all(after["mlp"][1, 2:5] == 0)
+    assert float(group_lasso(model, space, gates)) < 1e-4
+    # kept groups are untouched
+    torch.testing.assert_close(after["heads"][0, 3:], before["heads"][0, 3:])
+    torch.testing.assert_close(after["mlp"][0], before["mlp"][0])
+    # the zeros are real zeros in the LoRA matrices
+    q_b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert torch.count_nonzero(q_b[: 3 * space.head_dim]) == 0
+
+
+@pytest.fixture
+def train_file(tmp_path, shared_data):
+    rows = [json.loads(line) for line in open(shared_data / "healthcare" / "pubmedqa_train.jsonl")][:60]
+    path = tmp_path / "pubmedqa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def tiny_cfg(model_dir, train_file, out, **kw):
+    values = dict(model=str(model_dir), domain=None, train_files=[f"pubmedqa={train_file}"], out=str(out),
+                  sparsity=0.4, mlp_block=4, max_steps=40, batch_size=4, max_length=96, generator_every=1,
+                  generator_frac=0.75, generator_lr=3e-2, alpha=8.0, log_every=5, save_every=20, lr=1e-3)
+    values.update(kw)
+    return ATPConfig(**values)
+
+
+def test_end_to_end_prune_exports_exact_model(tiny_model_dir, train_file, tmp_path):
+    report = train(tiny_cfg(tiny_model_dir, train_file, tmp_path / "run"), progress=False)
+    model_dir = tmp_path / "run" / "model"
+    assert report["logits_check"]["passed"] and report["logits_check"]["max_abs_logit_diff"] <= 1e-3
+    assert count_safetensors_params(model_dir) == report["exported_params"]
+    assert abs(report["prunable_sparsity"] - 0.4) <= 0.03, report["prunable_sparsity"]
+    loaded = load_pruned(model_dir)
+    assert sum(p.numel() for p in loaded.parameters()) == report["exported_params"]
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert {"task_loss", "group_lasso", "ratio", "flips", "lam"} <= set(log[-1])
+    assert any("ratio_loss" in r for r in log)
+    ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert [c.name for c in ckpts] == ["step-000020", "step-000040"]
+    assert {"lora.safetensors", "generator.safetensors", "state.pt"} <= {f.name for f in ckpts[-1].iterdir()}
+    assert (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_cli_errors(tiny_model_dir, train_file, tmp_path, capsys):
+    base = ["prune", "--model", str(tiny_model_dir), "--train-file", f"pubmedqa={train_file}", "--domain", ""]
+    assert main(base + ["--sparsity", "1.2", "--out", str(tmp_path / "a")]) == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err
+    assert main(base + ["--sparsity", "0", "--out", str(tmp_path / "a")]) == 2
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "mine.txt").write_text("keep")
+    assert main(base + ["--out", str(existing), "--max-steps", "2"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (existing / "mine.txt").read_text() == "keep"
+    assert main(["prune", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 2
+    assert "neither" in capsys.readouterr().err
+
+
+def test_unsupported_model_rejected(tmp_path, tokenizer, train_file):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=512)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with pytest.raises(ATPError, match="not supported; supported families"):
+        train(tiny_cfg(path, train_file, tmp_path / "out"), progress=False)
+
+
+def test_yaml_config_and_flags(tmp_path, tiny_model_dir, train_file):
+    from atp.cli import build_parser, config_from_args
+
+    yml = tmp_path / "c.yaml"
+    yml.write_text(f"sparsity: 0.5\nmax_steps: 7\nmodel: {tiny_model_dir}\n")
+    args = build_parser().parse_args(["prune", "--config", str(yml), "--max-steps", "9", "--no-proximal"])
+    cfg = config_from_args(args, ATPConfig)
+    assert (cfg.sparsity, cfg.max_steps, cfg.proximal) == (0.5, 9, False)
+    yml.write_text("sparsity: 0.5\nbogus: 1\n")
+    with pytest.raises(ATPError, match="unknown keys"):
+        config_from_args(build_parser().parse_args(["prune", "--config", str(yml)]), ATPConfig)
