@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models gain nothing from threads, and oversubscribed cores make them far slower.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ATP_DATA_DIR", REPO.parent / "shared" / "data"))
 
