@@ -1,0 +1,389 @@
+"""Evaluation harness: perplexity, multiple-choice log-likelihood, greedy summarization with ROUGE.
+
+Also the `atp eval` command (add_eval_arguments / run_eval_command).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from .data import DOMAINS, TASKS, get_domain, get_task, load_domain, prefix_ids, split
+from .errors import ATPError
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def _inference(model):
+    """Eval mode and no grad; the previous train/eval mode comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad if pad is not None else 0
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device):
+    """Left-padded input_ids, attention_mask and position ids that start at 0 on each row's first token."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def _cache_name(model) -> str:
+    """The forward() keyword for a KV cache: `cache` in recent transformers, `past_key_values` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrappers
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _keep_tail(head: list[int], body: list[int], room: int) -> list[int]:
+    """head + body in at most room tokens: the body is cut from the left, the head kept while it fits."""
+    if len(head) + len(body) <= room:
+        return head + body
+    if room <= len(head):
+        return body[len(body) - room:]
+    return head + body[len(body) - (room - len(head)):]
+
+
+def _batches(order: list[int], batch_size: int, desc: str):
+    steps = range(0, len(order), batch_size)
+    for start in tqdm(steps, desc=desc, leave=False, disable=None):
+        yield order[start:start + batch_size]
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+def perplexity(model, tokenizer, texts: list[str], window: int = 512, batch_size: int = 4) -> dict:
+    """Texts joined with eos separators, cut into non-overlapping windows; each window scored on its own.
+
+    tokens is the number of predicted tokens (window length - 1 per window); nll is per token, in nats.
+    """
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    window = min(window, limit) if limit else window
+    if window < 2:
+        raise ATPError(f"perplexity window must be at least 2 tokens, got {window}")
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            stream.append(tokenizer.eos_token_id)
+    windows = [stream[i:i + window] for i in range(0, len(stream), window)]
+    windows = [w for w in windows if len(w) >= 2]
+    if not windows:
+        raise ATPError("perplexity: no text to score")
+    device, pad = _device(model), _pad_id(tokenizer)
+    total_nll, total_tokens = 0.0, 0
+    with _inference(model):
+        for rows in _batches(list(range(len(windows))), batch_size, "perplexity"):
+            width = max(len(windows[r]) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            labels = torch.full((len(rows), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                w = torch.tensor(windows[r], dtype=torch.long)
+                ids[i, :len(w)], labels[i, :len(w)], mask[i, :len(w)] = w, w, 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            shifted = labels[:, 1:].to(device)
+            total_nll += F.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100,
+                                         reduction="sum").item()
+            total_tokens += int((shifted != -100).sum())
+    nll = total_nll / total_tokens
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "windows": len(windows)}
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+def option_scores(model, tokenizer, task, records, batch_size: int = 4, max_length: int = 512):
+    """For each record: (summed log-likelihood of each option, option token counts, gold index).
+
+    The prompts of a batch run once (left-padded, with a KV cache); each option then continues from its
+    prompt's cache. Prompts are cut from the left so that prompt + longest option fits max_length.
+    """
+    head = prefix_ids(tokenizer)
+    items = []
+    for record in records:
+        prompt, options, gold = task.choices(record)
+        option_ids = [tokenizer(o, add_special_tokens=False)["input_ids"][:max_length - 1] for o in options]
+        if any(len(o) == 0 for o in option_ids):
+            raise ATPError(f"task {task.name}: an option tokenizes to nothing: {options!r:.120}")
+        body = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = _keep_tail(head, body, max(1, max_length - max(len(o) for o in option_ids)))
+        if not prompt_ids:  # an empty prompt: condition on a separator token
+            prompt_ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else _pad_id(tokenizer)]
+        items.append((prompt_ids, option_ids, gold))
+
+    device, pad = _device(model), _pad_id(tokenizer)
+    results = [None] * len(items)
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))  # less padding per batch
+    with _inference(model):
+        for batch in _batches(order, batch_size, task.name):
+            ids, mask, positions = _left_pad([items[i][0] for i in batch], pad, device)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1)
+            first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
+            cache = out["cache"] if "cache" in out else out["past_key_values"]
+            rows = [(b, j) for b, i in enumerate(batch) for j in range(len(items[i][1]))]
+            owner = torch.tensor([b for b, _ in rows], device=device)
+            cache.batch_select_indices(owner)
+            options = [items[batch[b]][1][j] for b, j in rows]
+            width = max(len(o) for o in options)
+            opt_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            opt_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, o in enumerate(options):
+                opt_ids[r, :len(o)] = torch.tensor(o, dtype=torch.long)
+                opt_mask[r, :len(o)] = 1
+            opt_positions = positions[owner, -1:] + 1 + torch.arange(width, device=device)
+            logits = model(input_ids=opt_ids.to(device), attention_mask=torch.cat([mask[owner], opt_mask.to(device)], 1),
+                           position_ids=opt_positions, **{_cache_name(model): cache}).logits.float()
+            logprobs = logits.log_softmax(-1)
+            sums = {}
+            for r, ((b, j), o) in enumerate(zip(rows, options)):
+                target = torch.tensor(o, device=device)
+                total = first[b, target[0]] + logprobs[r, torch.arange(len(o) - 1, device=device), target[1:]].sum()
+                sums[(b, j)] = total.item()
+            for b, i in enumerate(batch):
+                n_opt = len(items[i][1])
+                results[i] = ([sums[(b, j)] for j in range(n_opt)], [len(o) for o in items[i][1]], items[i][2])
+    return results
+
+
+def _argmax(values):
+    return max(range(len(values)), key=lambda k: (values[k], -k))  # ties go to the first option
+
+
+def multiple_choice(model, tokenizer, task, records, batch_size: int = 4, max_length: int = 512) -> dict:
+    """acc: option with the highest summed log-likelihood; acc_norm: highest mean log-likelihood per token."""
+    scores = option_scores(model, tokenizer, task, records, batch_size, max_length)
+    acc = sum(_argmax(s) == gold for s, _, gold in scores)
+    acc_norm = sum(_argmax([x / n for x, n in zip(s, counts)]) == gold for s, counts, gold in scores)
+    n = len(scores)
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+
+
+# ----------------------------------------------------------------------------- summarization
+
+class _FirstLineDone(StoppingCriteria):
+    """A row is done once its new text has a newline after some non-blank text (leading newlines are skipped)."""
+
+    def __init__(self, tokenizer, prompt_width: int):
+        self.tokenizer, self.prompt_width = tokenizer, prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
+
+
+def generate(model, tokenizer, prompts: list[str], batch_size: int = 4, max_new_tokens: int = 48,
+             max_length: int = 512) -> list[str]:
+    """Greedy continuations (new tokens only, cut at the first newline), left-padded batches."""
+    head = prefix_ids(tokenizer)
+    room = max_length - max_new_tokens - len(head)
+    if room < 1:
+        raise ATPError(f"max_length {max_length} leaves no room for a prompt after {max_new_tokens} new tokens")
+    seqs = [_keep_tail(head, tokenizer(p, add_special_tokens=False)["input_ids"], room + len(head)) for p in prompts]
+    seqs = [s or [_pad_id(tokenizer)] for s in seqs]
+    pad = _pad_id(tokenizer)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                              eos_token_id=tokenizer.eos_token_id)
+    device = _device(model)
+    outputs = [""] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    with _inference(model):
+        for batch in _batches(order, batch_size, "generate"):
+            ids, mask, _ = _left_pad([seqs[i] for i in batch], pad, device)
+            stop = StoppingCriteriaList([_FirstLineDone(tokenizer, ids.shape[1])])
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=stop)
+            for row, i in enumerate(batch):
+                text = tokenizer.decode(out[row, ids.shape[1]:], skip_special_tokens=True)
+                outputs[i] = text.strip().split("\n")[0].strip()
+    return outputs
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict:
+    """Mean ROUGE-1/2/L F-measure x 100 (Porter stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for pred, ref in zip(predictions, references):
+        scores = scorer.score(ref, pred)
+        for key in totals:
+            totals[key] += scores[key].fmeasure
+    n = len(predictions)
+    return {key: 100 * value / n for key, value in totals.items()} | {"n": n}
+
+
+def summarization(model, tokenizer, task, records, batch_size: int = 4, max_new_tokens: int = 48,
+                  max_length: int = 512) -> dict:
+    pairs = [task.source_target(r) for r in records]
+    predictions = generate(model, tokenizer, [p for p, _ in pairs], batch_size, max_new_tokens, max_length)
+    return rouge(predictions, [ref for _, ref in pairs])
+
+
+# ----------------------------------------------------------------------------- tasks and domains
+
+def evaluate(model, tokenizer, tasks_with_records, limit: int | None = None, batch_size: int = 4,
+             max_length: int = 512, max_new_tokens: int = 48) -> dict:
+    """{task name: metrics}. limit None: each task's eval_cap (summarization 100); 0: all records; N: first N."""
+    results = {}
+    for task, records in tasks_with_records:
+        cap = task.eval_cap if limit is None else (limit or None)
+        records = records[:cap] if cap else records
+        if not records:
+            raise ATPError(f"task {task.name}: no records to evaluate")
+        if task.kind == "perplexity":
+            metrics = perplexity(model, tokenizer, [task.text(r) for r in records], max_length, batch_size)
+            metrics["n"] = len(records)
+        elif task.kind == "multiple_choice":
+            metrics = multiple_choice(model, tokenizer, task, records, batch_size, max_length)
+        else:
+            metrics = summarization(model, tokenizer, task, records, batch_size, max_new_tokens, max_length)
+        key, k = task.name, 2
+        while key in results:  # the same task twice (two files)
+            key, k = f"{task.name}#{k}", k + 1
+        results[key] = metrics
+    return results
+
+
+def evaluate_domain(model, tokenizer, domain: str, data_dir=None, limit: int | None = None, **kwargs) -> dict:
+    """Evaluate on the dev split of every task of a domain (for dense vs pruned comparisons)."""
+    tasks = [(task, split(records, "dev")) for task, records in load_domain(domain, data_dir)]
+    return evaluate(model, tokenizer, tasks, limit=limit, **kwargs)
+
+
+def format_table(results: dict) -> str:
+    """Plain text table: task | metric | value."""
+    rows = [("task", "metric", "value")]
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            if isinstance(value, float):
+                value = f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+            rows.append((task, metric, str(value)))
+    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- atp eval
+
+def add_eval_arguments(parser):
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="model folder, hub id or embedded name (default: smollm2-135m)")
+    parser.add_argument("--task", action="append", metavar="NAME",
+                        help=f"task to evaluate, repeatable: {', '.join(TASKS)}")
+    parser.add_argument("--data", action="append", metavar="FILE",
+                        help="JSONL in the task's public field format (or a hub id owner/name[:config][@split]) for "
+                             "the --task in the same position; the whole file is evaluated. Without --data a task "
+                             "uses the dev split of its default file in the data dir")
+    parser.add_argument("--domain", metavar="NAME",
+                        help=f"evaluate the dev split of every task of a domain: {', '.join(DOMAINS)}")
+    parser.add_argument("--data-dir", help="domain data dir (default: $ATP_DATA_DIR, else ../shared/data)")
+    parser.add_argument("--limit", type=int, metavar="N",
+                        help="at most N records per task; default: all, except summarization tasks, "
+                             "capped at 100 to keep CPU runs short; 0 means no cap")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=512,
+                        help="tokens per sequence; longer prompts are cut from the left (default 512)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="summary length cap (default 48)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
+    parser.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+    return parser
+
+
+def _eval_inputs(args) -> list[tuple]:
+    """(task, records, source description) for each task the arguments name."""
+    if args.domain and (args.task or args.data):
+        raise ATPError("use either --domain or --task/--data, not both")
+    if args.domain:
+        get_domain(args.domain)
+        return [(t, split(r, "dev"), f"{args.domain} dev split") for t, r in load_domain(args.domain, args.data_dir)]
+    if not args.task:
+        raise ATPError("pass --domain NAME or --task NAME (with --data FILE)")
+    data = args.data or []
+    if data and len(data) != len(args.task):
+        raise ATPError(f"give one --data per --task ({len(args.task)} tasks, {len(data)} files)")
+    inputs = []
+    for i, name in enumerate(args.task):
+        task = get_task(name)
+        if data:
+            inputs.append((task, task.load(data[i]), data[i]))
+        else:
+            inputs.append((task, split(task.load(None, args.data_dir), "dev"), f"{task.default_file} dev split"))
+    return inputs
+
+
+def _write_json(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_eval_command(args) -> int:
+    from .models import load_model
+
+    for flag in ("batch_size", "max_length", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ATPError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.limit is not None and args.limit < 0:
+        raise ATPError("--limit must be 0 (no cap) or more")
+    if args.max_new_tokens >= args.max_length:
+        raise ATPError("--max-new-tokens must be smaller than --max-length")
+    start = time.time()
+    inputs = _eval_inputs(args)  # data errors come before the (slow) model load
+    model, tokenizer = load_model(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as err:
+        raise ATPError(f"cannot use device {device}: {err}") from None
+    results = evaluate(model, tokenizer, [(t, r) for t, r, _ in inputs], limit=args.limit,
+                       batch_size=args.batch_size, max_length=args.max_length, max_new_tokens=args.max_new_tokens)
+    seconds = time.time() - start
+    print(format_table(results))
+    print(f"({seconds:.0f} s)")
+    if args.out:
+        report = {
+            "model": args.model,
+            "domain": args.domain,
+            "tasks": results,
+            "sources": {key: src for key, (_, _, src) in zip(results, inputs)},
+            "settings": {"limit": args.limit, "batch_size": args.batch_size, "max_length": args.max_length,
+                         "max_new_tokens": args.max_new_tokens, "device": device},
+            "seconds": round(seconds, 1),
+        }
+        _write_json(args.out, report)
+    return 0
