@@ -24,6 +24,7 @@ HELP = {
     "generator_every": "one generator step per this many LoRA steps",
     "generator_frac": "freeze the generator after this fraction of steps; LoRA then finishes on fixed decisions",
     "calib_fraction": "fraction of training examples held out for generator steps",
+    "calib_max_length": "token length of calibration sequences for generator steps (default: max_length // 2)",
     "alpha": "weight of the parameter-ratio loss",
     "lam": "group-lasso weight (ramped up over the generator phase)",
     "mask_lora": "--no-mask-lora masks only the frozen path (an ablation)",

@@ -49,7 +49,8 @@ class ATPConfig:
     generator_hidden: int = 64
     temperature: float = 0.4
     offset: float = 3.0
-    generator_every: int = 4  # one generator step per this many LoRA steps
+    generator_every: int = 2  # one generator step per this many LoRA steps
+    calib_max_length: int | None = None  # token length of calibration sequences (default: max_length // 2)
     generator_frac: float = 0.6  # freeze the generator after this fraction of steps
     calib_fraction: float = 0.1
     alpha: float = 4.0  # ratio-loss weight
@@ -215,7 +216,7 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
     calib_count = max(1, int(len(examples) * cfg.calib_fraction)) if cfg.prune else 0
     train_examples, calib_examples = examples[calib_count:], examples[:calib_count]
     rows, truncated = tokenize_all(tokenizer, train_examples, cfg.max_length)
-    calib_rows, _ = tokenize_all(tokenizer, calib_examples, cfg.max_length)
+    calib_rows, _ = tokenize_all(tokenizer, calib_examples, cfg.calib_max_length or max(16, cfg.max_length // 2))
     if len(rows) < cfg.batch_size or (cfg.prune and len(calib_rows) < cfg.batch_size):
         raise ATPError(
             f"too little training data: {len(rows)} training and {len(calib_rows)} calibration examples "
