@@ -45,7 +45,7 @@ class ATPConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    generator_lr: float = 5e-3
+    generator_lr: float = 1e-2
     generator_hidden: int = 64
     temperature: float = 0.4
     offset: float = 3.0
@@ -134,6 +134,9 @@ def batches(rows, batch_size, pad_id, seed):
         epoch += 1
 
 
+RUN_OUTPUTS = ("log.jsonl", "report.json", "config.yaml", "checkpoints")
+
+
 def lambda_at(cfg: ATPConfig, step: int) -> float:
     ramp = max(1, int(cfg.generator_frac * cfg.max_steps))
     return cfg.lam * min(1.0, step / ramp)
@@ -141,9 +144,17 @@ def lambda_at(cfg: ATPConfig, step: int) -> float:
 
 def prepare_run_dir(cfg: ATPConfig) -> Path:
     run_dir = Path(cfg.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ATPError(f"output path {run_dir} is a file; --out takes a directory")
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.overwrite:
             raise ATPError(f"output directory {run_dir} already exists and is not empty; pass --overwrite to replace it")
+        for name in RUN_OUTPUTS:  # only what a run writes; other files in the folder stay
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -255,10 +266,9 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
     flips_since_log = 0
     step_times = {"lora": [], "generator": []}
     bar = tqdm(range(1, cfg.max_steps + 1), disable=not (progress and accelerator.is_main_process), desc="atp prune" if cfg.prune else "lora")
-    record = {}
+    window = LogWindow()
     peft_model.train()
     for step in bar:
-        record = {"step": step}
         # Generator step on a calibration batch, LoRA frozen (gradients flow only into the generator).
         if generator is not None and step <= freeze_at and (step - 1) % cfg.generator_every == 0:
             t0 = time.perf_counter()
@@ -274,7 +284,7 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
             accelerator.backward(loss, inputs=list(generator.parameters()))
             opt_gen.step()
             check_finite(step, generator_task_loss=task, ratio_loss=r_loss)
-            record.update(generator_task_loss=float(task), ratio_loss=float(r_loss), sampled_ratio=float(ratio))
+            window.add(generator_task_loss=float(task), ratio_loss=float(r_loss), deterministic_ratio=float(ratio))
             step_times["generator"].append(time.perf_counter() - t0)
 
         if generator is not None and step == freeze_at + 1:
@@ -303,13 +313,13 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
             proximal_step(peft_model, space, decisions, threshold=schedule.get_last_lr()[0] * lam)
         check_finite(step, task_loss=task, group_lasso=lasso)
         step_times["lora"].append(time.perf_counter() - t0)
-        record.update(task_loss=float(task), group_lasso=float(lasso), lam=lam, lr=schedule.get_last_lr()[0])
-        if decisions is not None:
-            sp = space.sparsity(decisions)
-            record.update(ratio=1 - sp["prunable_sparsity"], prunable_sparsity=sp["prunable_sparsity"])
+        window.add(task_loss=float(task), group_lasso=float(lasso))
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            record["flips"] = flips_since_log
+            record = {"step": step, **window.means(), "lam": lam, "lr": schedule.get_last_lr()[0], "flips": flips_since_log}
+            if decisions is not None:
+                sp = space.sparsity(decisions)
+                record.update(ratio=1 - sp["prunable_sparsity"], prunable_sparsity=sp["prunable_sparsity"])
             flips_since_log = 0
             if accelerator.is_main_process:
                 with open(log_path, "a") as f:
@@ -373,6 +383,23 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
     )
     write_json_atomic(run_dir / "report.json", report)
     return report
+
+
+class LogWindow:
+    """Means of each logged term since the last log line."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, **terms):
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict:
+        means = {name: self.sums[name] / self.counts[name] for name in self.sums}
+        self.sums, self.counts = {}, {}
+        return means
 
 
 def _mean(values):
