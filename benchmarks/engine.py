@@ -54,11 +54,7 @@ def main():
     def save():
         results_path.write_text(json.dumps(results, indent=2))
 
-    if not args.skip_dense and "dense" not in results:
-        metrics, seconds = evaluate(args.model, args.domain, args.limit)
-        results["dense"] = {"metrics": metrics, "eval_seconds": seconds}
-        save()
-    runs = [("lora", None)] + [(f"atp-{s:g}", s) for s in args.sparsity]
+    runs = [(f"atp-{s:g}", s) for s in args.sparsity[:1]] + [("lora", None)] + [(f"atp-{s:g}", s) for s in args.sparsity[1:]]
     for label, sparsity in runs:
         if label in results:
             continue
@@ -72,12 +68,16 @@ def main():
         results[label] = {"metrics": metrics, "eval_seconds": seconds, **{k: report[k] for k in keep}}
         save()
         print(json.dumps({label: results[label]}, indent=1), flush=True)
+    if not args.skip_dense and "dense" not in results:
+        metrics, seconds = evaluate(args.model, args.domain, args.limit)
+        results["dense"] = {"metrics": metrics, "eval_seconds": seconds}
+        save()
 
     lines = ["| model | " + " | ".join(f"{t} {m}" for t, ms in results["dense"]["metrics"].items() for m in ms
                                      if m not in ("n", "tokens", "windows", "nll")) + " | sparsity (prunable / model) | train s | s/step | ratio vs LoRA |"]
     lines.append("|" + "---|" * (lines[0].count("|") - 1))
     lora_step = results.get("lora", {}).get("mean_step_seconds")
-    for label in ["dense"] + [r[0] for r in runs]:
+    for label in ["dense", "lora"] + [f"atp-{s:g}" for s in args.sparsity]:
         if label not in results:
             continue
         r = results[label]
