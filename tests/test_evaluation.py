@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atp.data import get_task
+from atp.data import SummarizationTask, get_task
 from atp.errors import ATPError
 from atp.evaluation import (add_eval_arguments, evaluate, evaluate_domain, format_table, generate, multiple_choice,
                             option_scores, perplexity, rouge, run_eval_command, summarization)
@@ -132,6 +132,16 @@ def test_evaluate_restores_mode_and_caps(tokenizer):
     table = format_table(results)
     assert table.splitlines()[0].split() == ["task", "|", "metric", "|", "value"]
     assert "legal_text" in table and "ppl" in table and "acc_norm" in table
+
+
+def test_default_cap_applies_to_summarization_only(tokenizer):
+    model = tiny_model("llama", seed=9)
+    task = SummarizationTask("tiny_sum", "legal", "source", "summary", "Text", eval_cap=1)
+    rows = [{"source": t, "summary": t} for t in TEXTS]
+    kwargs = dict(batch_size=2, max_length=32, max_new_tokens=3)
+    assert evaluate(model, tokenizer, [(task, rows)], **kwargs)["tiny_sum"]["n"] == 1
+    assert evaluate(model, tokenizer, [(task, rows)], limit=0, **kwargs)["tiny_sum"]["n"] == 3
+    assert evaluate(model, tokenizer, [(get_task("mednli"), MEDNLI)], **kwargs)["mednli"]["n"] == 3
 
 
 def test_evaluate_domain_on_shared_data(shared_data, tokenizer):

@@ -168,11 +168,10 @@ class MultipleChoiceTask(Task):
 
 class SummarizationTask(Task):
     kind = "summarization"
-    eval_cap = 100
 
     def __init__(self, name, domain, source_field, target_field, label, default_file=None, hub_id=None,
-                 hub_rename=None):
-        self.name, self.domain, self.label = name, domain, label
+                 hub_rename=None, eval_cap=100):
+        self.name, self.domain, self.label, self.eval_cap = name, domain, label, eval_cap
         self.source_field, self.target_field = source_field, target_field
         self.required_fields = (source_field, target_field)
         self.default_file, self.hub_id = default_file, hub_id
@@ -310,7 +309,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
                       hub_rename={"text": "source"}),
     PerplexityTask("legal_text", "legal", "text", default_file="legal/multilegalpile_train.jsonl",
                    hub_id="joelniklaus/Multi_Legal_Pile:en_legislation"),
-    SummarizationTask("multilexsum", "legal", "document", "summary", "Case"),
+    SummarizationTask("multilexsum", "legal", "document", "summary", "Case", eval_cap=60),  # long documents
 ]}
 
 

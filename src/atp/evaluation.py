@@ -158,8 +158,9 @@ def option_scores(model, tokenizer, task, records, batch_size: int = 4, max_leng
                 opt_ids[r, :len(o)] = torch.tensor(o, dtype=torch.long)
                 opt_mask[r, :len(o)] = 1
             opt_positions = positions[owner, -1:] + 1 + torch.arange(width, device=device)
-            logits = model(input_ids=opt_ids.to(device), attention_mask=torch.cat([mask[owner], opt_mask.to(device)], 1),
-                           position_ids=opt_positions, **{_cache_name(model): cache}).logits.float()
+            opt_mask = torch.cat([mask[owner], opt_mask.to(device)], 1)  # prompt (cached) + option tokens
+            logits = model(input_ids=opt_ids.to(device), attention_mask=opt_mask, position_ids=opt_positions,
+                           **{_cache_name(model): cache}).logits.float()
             logprobs = logits.log_softmax(-1)
             sums = {}
             for r, ((b, j), o) in enumerate(zip(rows, options)):
@@ -249,7 +250,10 @@ def summarization(model, tokenizer, task, records, batch_size: int = 4, max_new_
 
 def evaluate(model, tokenizer, tasks_with_records, limit: int | None = None, batch_size: int = 4,
              max_length: int = 512, max_new_tokens: int = 48) -> dict:
-    """{task name: metrics}. limit None: each task's eval_cap (summarization 100); 0: all records; N: first N."""
+    """{task name: metrics}.
+
+    limit None: each task's eval_cap (set for summarization tasks only); 0: all records; N: the first N.
+    """
     results = {}
     for task, records in tasks_with_records:
         cap = task.eval_cap if limit is None else (limit or None)
@@ -305,8 +309,9 @@ def add_eval_arguments(parser):
                         help=f"evaluate the dev split of every task of a domain: {', '.join(DOMAINS)}")
     parser.add_argument("--data-dir", help="domain data dir (default: $ATP_DATA_DIR, else ../shared/data)")
     parser.add_argument("--limit", type=int, metavar="N",
-                        help="at most N records per task; default: all, except summarization tasks, "
-                             "capped at 100 to keep CPU runs short; 0 means no cap")
+                        help="at most N records per task; default: all, except that summarization tasks "
+                             "of a --domain (or default file) dev split are capped to keep CPU runs short "
+                             "(100 records; multilexsum 60); 0 means no cap")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=512,
                         help="tokens per sequence; longer prompts are cut from the left (default 512)")
@@ -370,7 +375,8 @@ def run_eval_command(args) -> int:
         model.to(device)
     except (RuntimeError, AssertionError) as err:
         raise ATPError(f"cannot use device {device}: {err}") from None
-    results = evaluate(model, tokenizer, [(t, r) for t, r, _ in inputs], limit=args.limit,
+    limit = 0 if args.limit is None and args.data else args.limit  # a file given with --data is read whole
+    results = evaluate(model, tokenizer, [(t, r) for t, r, _ in inputs], limit=limit,
                        batch_size=args.batch_size, max_length=args.max_length, max_new_tokens=args.max_new_tokens)
     seconds = time.time() - start
     print(format_table(results))
@@ -381,7 +387,7 @@ def run_eval_command(args) -> int:
             "domain": args.domain,
             "tasks": results,
             "sources": {key: src for key, (_, _, src) in zip(results, inputs)},
-            "settings": {"limit": args.limit, "batch_size": args.batch_size, "max_length": args.max_length,
+            "settings": {"limit": limit, "batch_size": args.batch_size, "max_length": args.max_length,
                          "max_new_tokens": args.max_new_tokens, "device": device},
             "seconds": round(seconds, 1),
         }
