@@ -143,3 +143,19 @@ def test_yaml_config_and_flags(tmp_path, tiny_model_dir, train_file):
     yml.write_text("sparsity: 0.5\nbogus: 1\n")
     with pytest.raises(ATPError, match="unknown keys"):
         config_from_args(build_parser().parse_args(["prune", "--config", str(yml)]), ATPConfig)
+
+
+def test_cli_prune_then_eval_pruned_model(tiny_model_dir, train_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["prune", "--model", str(tiny_model_dir), "--domain", "", "--train-file", f"pubmedqa={train_file}",
+            "--out", str(out), "--max-steps", "6", "--batch-size", "2", "--max-length", "64", "--mlp-block", "4",
+            "--save-every", "0", "--sparsity", "0.3"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "logits check" in printed and "passed" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["logits_check"]["passed"]
+    assert main(["eval", "--model", str(out / "model"), "--task", "pubmedqa", "--data", str(train_file),
+                 "--limit", "4", "--out", str(tmp_path / "eval.json")]) == 0
+    assert "pubmedqa" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval.json").read_text())["tasks"]["pubmedqa"]["n"] == 4

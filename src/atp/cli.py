@@ -102,7 +102,7 @@ def cmd_demo(args) -> int:
 
     out = args.out
     cfg = ATPConfig(model=args.model, domain="healthcare", sparsity=args.sparsity, out=out, overwrite=True,
-                    max_steps=args.max_steps)
+                    max_steps=args.max_steps, max_length=args.max_length)
     print(f"[1/3] ATP: pruning {cfg.model} to {cfg.sparsity:.0%} sparsity on {cfg.domain} data ({cfg.max_steps} steps)")
     report = train(cfg)
     print_prune_report(report)
@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="prune SmolLM2 at 40%% on healthcare data and compare dense vs pruned metrics")
     p.add_argument("--model", default="smollm2-135m", help=HELP["model"])
     p.add_argument("--sparsity", type=float, default=0.4)
-    p.add_argument("--max-steps", type=int, default=150)
-    p.add_argument("--limit", type=int, default=60, help="examples per task for the evaluation")
+    p.add_argument("--max-steps", type=int, default=120)
+    p.add_argument("--max-length", type=int, default=128, help="training sequence length")
+    p.add_argument("--limit", type=int, default=40, help="examples per task for the evaluation")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -284,7 +284,7 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
             accelerator.backward(loss, inputs=list(generator.parameters()))
             opt_gen.step()
             check_finite(step, generator_task_loss=task, ratio_loss=r_loss)
-            window.add(generator_task_loss=float(task), ratio_loss=float(r_loss), deterministic_ratio=float(ratio))
+            window.add(generator_task_loss=task.item(), ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
             step_times["generator"].append(time.perf_counter() - t0)
 
         if generator is not None and step == freeze_at + 1:
@@ -313,7 +313,7 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
             proximal_step(peft_model, space, decisions, threshold=schedule.get_last_lr()[0] * lam)
         check_finite(step, task_loss=task, group_lasso=lasso)
         step_times["lora"].append(time.perf_counter() - t0)
-        window.add(task_loss=float(task), group_lasso=float(lasso))
+        window.add(task_loss=task.item(), group_lasso=lasso.item())
 
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             record = {"step": step, **window.means(), "lam": lam, "lr": schedule.get_last_lr()[0], "flips": flips_since_log}
