@@ -86,10 +86,16 @@ def print_prune_report(report: dict) -> None:
 
 
 def cmd_prune(args) -> int:
-    from .train import ATPConfig, train
+    from .train import ATPConfig, resume_config, train
 
-    cfg = config_from_args(args, ATPConfig)
-    report = train(cfg)
+    if args.resume:
+        given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ATPConfig) if getattr(args, f.name) is not None}
+        if args.config:
+            given = {**ATPConfig.from_yaml(args.config), **given}
+        cfg = resume_config(args.resume, given)
+    else:
+        cfg = config_from_args(args, ATPConfig)
+    report = train(cfg, resume=bool(args.resume))
     if "exported_params" in report:
         print_prune_report(report)
     return 0
@@ -154,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="ATP: prune and LoRA-tune in one run, then export a physically smaller model")
     p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest intact checkpoint")
     add_config_arguments(p, ATPConfig)
     p.set_defaults(func=cmd_prune)
 

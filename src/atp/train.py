@@ -8,6 +8,7 @@ accelerate provides devices, mixed precision, gradient accumulation and multi-pr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -165,33 +166,29 @@ def write_json_atomic(path: Path, payload) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, step: int, peft_model, generator, optimizers, keep: int) -> None:
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
+# options that do not change what a run computes; everything else must match to resume
+NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints")
 
-    ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(exist_ok=True)
-    final = ckpt_root / f"step-{step:06d}"
-    tmp = ckpt_root / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    lora = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
-    save_file(lora, str(tmp / "lora.safetensors"))
-    if generator is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()},
-                  str(tmp / "generator.safetensors"))
-    torch.save(
-        {
-            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-            "torch_rng": torch.get_rng_state(),
-            "step": step,
-        },
-        tmp / "state.pt",
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+
+def fingerprint(cfg: ATPConfig) -> str:
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_config(run_dir, overrides: dict) -> ATPConfig:
+    """The config recorded in RUN_DIR, with only non-semantic overrides allowed."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise ATPError(f"--resume {run_dir}: no config.yaml there; is it an atp run directory?")
+    recorded = ATPConfig.from_yaml(path)
+    changed = sorted(k for k, v in overrides.items() if k not in NON_SEMANTIC and k in recorded and recorded[k] != v)
+    if changed:
+        detail = ", ".join(f"{k}: {recorded[k]!r} -> {overrides[k]!r}" for k in changed)
+        raise ATPError(f"--resume {run_dir}: that run was made with a different config ({detail}); "
+                       "resume with the same options, or start a new run")
+    recorded.update({k: v for k, v in overrides.items() if k in NON_SEMANTIC})
+    recorded["out"] = str(run_dir)
+    return ATPConfig(**recorded)
 
 
 def sample_texts(tokenizer, examples, n=4, max_length=128):
@@ -199,13 +196,15 @@ def sample_texts(tokenizer, examples, n=4, max_length=128):
     return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
 
 
-def train(cfg: ATPConfig, progress: bool = True) -> dict:
-    """Run ATP (or plain LoRA when cfg.prune is False) and export the model to <out>/model."""
+def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
+    """Run ATP (or plain LoRA when cfg.prune is False) and export the model to <out>/model.
+    With resume, continue the run in cfg.out from its newest intact checkpoint."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
+    from . import checkpoint
     from .export import count_safetensors_params, prune_model_, save_pruned
     from .generator import DecisionGenerator
     from .masking import GateController
@@ -216,8 +215,15 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
     cfg.validate()
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
-    run_dir = prepare_run_dir(cfg) if accelerator.is_main_process else Path(cfg.out)
-    if accelerator.is_main_process:
+    run_dir = Path(cfg.out)
+    if resume:
+        found = checkpoint.latest_valid(run_dir)
+        if found is None:
+            raise ATPError(f"--resume {run_dir}: no intact checkpoint to resume from")
+        if found[1]["fingerprint"] != fingerprint(cfg):
+            raise ATPError(f"--resume {run_dir}: checkpoint {found[0].name} was made with a different config")
+    elif accelerator.is_main_process:
+        prepare_run_dir(cfg)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     started = time.time()
 
@@ -261,16 +267,29 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
     train_iter = batches(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
     calib_iter = batches(calib_rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed + 1) if cfg.prune else None
     freeze_at = int(cfg.generator_frac * cfg.max_steps)
+    is_generator_step = lambda s: generator is not None and s <= freeze_at and (s - 1) % cfg.generator_every == 0
     log_path = run_dir / "log.jsonl"
+    first_step = 1
+    if resume:
+        done = checkpoint.load(found[0], accelerator.unwrap_model(peft_model), gen_module, optimizers, schedule)
+        accelerator.print(f"resuming {run_dir} from {found[0].name}")
+        for _ in range(done * cfg.grad_accum):  # the same batches an uninterrupted run would see next
+            next(train_iter)
+        for _ in range(sum(is_generator_step(s) for s in range(1, done + 1))):
+            next(calib_iter)
+        first_step = done + 1
+        if log_path.exists() and accelerator.is_main_process:
+            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= done]
+            log_path.write_text("".join(line + "\n" for line in kept))
     last_decisions = gen_module.decisions() if gen_module is not None else None
     flips_since_log = 0
     step_times = {"lora": [], "generator": []}
-    bar = tqdm(range(1, cfg.max_steps + 1), disable=not (progress and accelerator.is_main_process), desc="atp prune" if cfg.prune else "lora")
+    bar = tqdm(range(first_step, cfg.max_steps + 1), initial=first_step - 1, total=cfg.max_steps, disable=not (progress and accelerator.is_main_process), desc="atp prune" if cfg.prune else "lora")
     window = LogWindow()
     peft_model.train()
     for step in bar:
         # Generator step on a calibration batch, LoRA frozen (gradients flow only into the generator).
-        if generator is not None and step <= freeze_at and (step - 1) % cfg.generator_every == 0:
+        if is_generator_step(step):
             t0 = time.perf_counter()
             generator.train()
             batch = {k: v.to(accelerator.device) for k, v in next(calib_iter).items()}
@@ -280,10 +299,10 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
             ratio = space.remaining_ratio(gen_module.deterministic_gates())
             r_loss = ratio_loss(ratio, target_ratio)
             loss = task + cfg.alpha * r_loss
+            check_finite(step, generator_task_loss=task, ratio_loss=r_loss)
             opt_gen.zero_grad(set_to_none=True)
             accelerator.backward(loss, inputs=list(generator.parameters()))
             opt_gen.step()
-            check_finite(step, generator_task_loss=task, ratio_loss=r_loss)
             window.add(generator_task_loss=task.item(), ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
             step_times["generator"].append(time.perf_counter() - t0)
 
@@ -304,6 +323,7 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
                 task = peft_model(**batch).loss
                 lasso = group_lasso(peft_model, space, decisions) if (cfg.prune and lam > 0) else torch.zeros((), device=task.device)
                 loss = task + lam * lasso
+                check_finite(step, task_loss=task, group_lasso=lasso)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     opt_lora.step()
@@ -311,7 +331,6 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
                     opt_lora.zero_grad(set_to_none=True)
         if cfg.prune and cfg.proximal and lam > 0:
             proximal_step(peft_model, space, decisions, threshold=schedule.get_last_lr()[0] * lam)
-        check_finite(step, task_loss=task, group_lasso=lasso)
         step_times["lora"].append(time.perf_counter() - t0)
         window.add(task_loss=task.item(), group_lasso=lasso.item())
 
@@ -326,7 +345,8 @@ def train(cfg: ATPConfig, progress: bool = True) -> dict:
                     f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['task_loss']:.3f}", **({"sparsity": f"{record['prunable_sparsity']:.3f}"} if cfg.prune else {}))
         if cfg.save_every and step % cfg.save_every == 0 and accelerator.is_main_process:
-            save_checkpoint(run_dir, step, accelerator.unwrap_model(peft_model), gen_module, optimizers, cfg.keep_checkpoints)
+            checkpoint.save(run_dir, step, accelerator.unwrap_model(peft_model), gen_module, optimizers, schedule,
+                            fingerprint(cfg), cfg.keep_checkpoints)
     bar.close()
     train_seconds = time.time() - started
 

@@ -1,0 +1,105 @@
+"""Crash-safe checkpoints: LoRA, generator, optimizers, scheduler and RNG, written atomically with a manifest.
+
+Each checkpoint is a folder `checkpoints/step-NNNNNN` made in a temp folder and renamed into place. Its
+`manifest.json` holds the SHA-256 of every file and the run's config fingerprint; a checkpoint whose
+files do not match it (a crash, a full disk, a bit flip) is skipped with a warning in favour of the
+previous one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import ATPError
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, scheduler, fingerprint: str,
+         keep: int) -> Path:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    root = run_dir / "checkpoints"
+    root.mkdir(exist_ok=True)
+    final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()},
+                  str(tmp / "lora.safetensors"))
+        if generator is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()},
+                      str(tmp / "generator.safetensors"))
+        torch.save(
+            {
+                "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "step": step,
+            },
+            tmp / "state.pt",
+        )
+        files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "fingerprint": fingerprint, "files": files}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ATPError(f"could not write checkpoint for step {step} under {root}: {err}") from None
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify(path: Path) -> dict:
+    """The manifest of an intact checkpoint; ATPError saying what is wrong otherwise."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ATPError(f"{path.name}: unreadable manifest ({err})") from None
+    for name, digest in manifest.get("files", {}).items():
+        if not (path / name).exists():
+            raise ATPError(f"{path.name}: {name} is missing")
+        if _sha256(path / name) != digest:
+            raise ATPError(f"{path.name}: {name} is corrupted (checksum mismatch)")
+    return manifest
+
+
+def latest_valid(run_dir: Path) -> tuple[Path, dict] | None:
+    """Newest intact checkpoint; corrupted ones are reported on stderr and skipped."""
+    for path in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):
+        try:
+            return path, verify(path)
+        except ATPError as err:
+            print(f"atp: warning: skipping checkpoint {err}", file=sys.stderr)
+    return None
+
+
+def load(path: Path, peft_model, generator, optimizers: dict, scheduler) -> int:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(peft_model, load_file(str(path / "lora.safetensors")))
+    if generator is not None:
+        generator.load_state_dict(load_file(str(path / "generator.safetensors")))
+    state = torch.load(path / "state.pt", weights_only=True)  # tensors and plain containers only
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])

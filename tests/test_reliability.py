@@ -1,0 +1,117 @@
+"""Crash-safe resume, corrupted checkpoints, numerical guards."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from atp import checkpoint
+from atp.cli import main
+from atp.errors import ATPError
+from atp.train import ATPConfig, train
+
+STEPS = 120
+
+
+@pytest.fixture
+def train_file(tmp_path, shared_data):
+    rows = [json.loads(line) for line in open(shared_data / "healthcare" / "pubmedqa_train.jsonl")][:60]
+    path = tmp_path / "pubmedqa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def prune_args(model_dir, train_file, out):
+    return ["prune", "--model", str(model_dir), "--domain", "", "--train-file", f"pubmedqa={train_file}",
+            "--out", str(out), "--max-steps", str(STEPS), "--batch-size", "2", "--max-length", "48",
+            "--mlp-block", "4", "--save-every", "10", "--keep-checkpoints", "3", "--generator-lr", "0.03",
+            "--sparsity", "0.4"]
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_model_dir, train_file, tmp_path, capsys):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert main(prune_args(tiny_model_dir, train_file, ref)) == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "atp.cli"] + prune_args(tiny_model_dir, train_file, run),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step-000030").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "model").exists()
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    assert len(ckpts) <= 3  # keep-checkpoints
+    # A crash corrupted the newest checkpoint: resume must skip it, with a warning, and use the previous one.
+    newest = ckpts[-1]
+    blob = bytearray((newest / "lora.safetensors").read_bytes())
+    blob[-5] ^= 0xFF
+    (newest / "lora.safetensors").write_bytes(bytes(blob))
+
+    assert main(["prune", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint {newest.name}" in err and "corrupted" in err
+
+    a, b = load_file(str(ref / "model" / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (ref, run))
+    assert ra["layers"] == rb["layers"] and ra["exported_params"] == rb["exported_params"]
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
+
+
+def test_resume_refuses_a_different_config(tiny_model_dir, train_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = prune_args(tiny_model_dir, train_file, run)
+    args[args.index("--max-steps") + 1] = "20"
+    assert main(args) == 0
+    assert main(["prune", "--resume", str(run), "--sparsity", "0.5"]) == 2
+    assert "different config (sparsity: 0.4 -> 0.5)" in capsys.readouterr().err
+    assert main(["prune", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_checkpoint_verify_detects_missing_and_corrupt(tiny_model_dir, train_file, tmp_path):
+    run = tmp_path / "run"
+    args = prune_args(tiny_model_dir, train_file, run)
+    args[args.index("--max-steps") + 1] = "20"
+    assert main(args) == 0
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    assert [c.name for c in ckpts] == ["step-000010", "step-000020"]
+    checkpoint.verify(ckpts[-1])
+    (ckpts[-1] / "generator.safetensors").unlink()
+    with pytest.raises(ATPError, match="missing"):
+        checkpoint.verify(ckpts[-1])
+    (ckpts[0] / "manifest.json").write_text("{trunc")
+    assert checkpoint.latest_valid(run) is None
+
+
+def test_nan_stops_with_term_and_step_and_keeps_checkpoints(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    import atp.regularization as reg
+
+    real, calls = reg.ratio_loss, {"n": 0}
+
+    def poisoned(ratio, target):
+        calls["n"] += 1
+        value = real(ratio, target)
+        return value * float("nan") if calls["n"] >= 6 else value
+
+    monkeypatch.setattr(reg, "ratio_loss", poisoned)
+    cfg = ATPConfig(model=str(tiny_model_dir), domain=None, train_files=[f"pubmedqa={train_file}"],
+                    out=str(tmp_path / "run"), max_steps=40, batch_size=2, max_length=48, mlp_block=4,
+                    generator_every=1, save_every=2)
+    with pytest.raises(ATPError, match="ratio_loss became nan at step 6"):
+        train(cfg, progress=False)
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert ckpts[-1].name == "step-000004"
+    checkpoint.verify(ckpts[-1])
+    assert not (tmp_path / "run" / "model").exists()
