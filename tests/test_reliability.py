@@ -115,3 +115,66 @@ def test_nan_stops_with_term_and_step_and_keeps_checkpoints(tiny_model_dir, trai
     assert ckpts[-1].name == "step-000004"
     checkpoint.verify(ckpts[-1])
     assert not (tmp_path / "run" / "model").exists()
+
+
+def small_cfg(model_dir, train_file, out, **kw):
+    values = dict(model=str(model_dir), domain=None, train_files=[f"pubmedqa={train_file}"], out=str(out),
+                  max_steps=2, batch_size=2, max_length=48, mlp_block=4, save_every=0)
+    values.update(kw)
+    return ATPConfig(**values)
+
+
+def test_dataset_too_small(tiny_model_dir, tmp_path, shared_data):
+    rows = open(shared_data / "healthcare" / "pubmedqa_train.jsonl").readlines()[:4]
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(rows))
+    with pytest.raises(ATPError, match="too little training data: .* for batch size 8"):
+        train(small_cfg(tiny_model_dir, path, tmp_path / "run", batch_size=8), progress=False)
+
+
+def test_unreachable_sparsity(tiny_model_dir, train_file, tmp_path):
+    with pytest.raises(ATPError, match="cannot be reached: this pruning space can remove at most 0.99"):
+        train(small_cfg(tiny_model_dir, train_file, tmp_path / "run", sparsity=0.999), progress=False)
+
+
+def test_longer_than_context_is_reported(tiny_model_dir, train_file, tmp_path, capsys):
+    report = train(small_cfg(tiny_model_dir, train_file, tmp_path / "run", max_length=5000), progress=False)
+    out = capsys.readouterr().out
+    assert "exceeds the model's context of 256 tokens" in out
+    assert report["config"]["max_length"] == 256
+
+
+def test_tokenizer_without_pad_token(tmp_path, tokenizer):
+    from atp.models import load_tokenizer
+
+    no_pad = tmp_path / "nopad"
+    tokenizer.save_pretrained(no_pad)
+    cfg = json.loads((no_pad / "tokenizer_config.json").read_text())
+    cfg.pop("pad_token", None)
+    (no_pad / "tokenizer_config.json").write_text(json.dumps(cfg))
+    loaded = load_tokenizer(str(no_pad))
+    assert loaded.pad_token == loaded.eos_token == "</s>"
+    cfg.pop("eos_token", None)
+    (no_pad / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ATPError, match="neither a pad nor an eos token"):
+        load_tokenizer(str(no_pad))
+
+
+def test_disk_full_during_export_leaves_nothing_half_written(tmp_path, tokenizer, monkeypatch):
+    from atp.export import save_pruned
+    from conftest import tiny_model
+
+    model = tiny_model("llama", True)
+    out = tmp_path / "exports" / "model"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("previous export")
+
+    def full_disk(path, **kwargs):
+        (path / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model, "save_pretrained", full_disk)
+    with pytest.raises(ATPError, match="No space left on device"):
+        save_pruned(model, tokenizer, out, overwrite=True)
+    assert (out / "config.json").read_text() == "previous export"
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["model"]

@@ -203,8 +203,11 @@ def save_pruned(model, tokenizer, out_dir, *, overwrite: bool = False, extra_fil
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ATPError(f"{out_dir} already exists; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as err:
+        raise ATPError(f"cannot write the model to {out_dir}: {err}") from None
     try:
         try:
             model.save_pretrained(tmp, safe_serialization=True)

@@ -94,7 +94,10 @@ def load_tokenizer(name_or_path: str):
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.eos_token is None:
+            raise ATPError(f"the tokenizer of {name_or_path} has neither a pad nor an eos token; "
+                           "add a pad token to its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of every loss and score
     return tokenizer
 
 

@@ -229,6 +229,14 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
 
     model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
     check_supported(model.config)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and cfg.max_length > context:
+        accelerator.print(f"note: --max-length {cfg.max_length} exceeds the model's context of {context} tokens; "
+                          f"sequences are truncated to {context}")
+        cfg.max_length = context
+    space = HeadMLPSpace.from_config(model.config, mlp_block=cfg.mlp_block)
+    if cfg.prune:
+        check_reachable(space, cfg.sparsity)
     examples = load_training_examples(cfg)
     calib_count = max(1, int(len(examples) * cfg.calib_fraction)) if cfg.prune else 0
     train_examples, calib_examples = examples[calib_count:], examples[:calib_count]
@@ -245,7 +253,6 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     model.config.use_cache = False
     peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                   target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
-    space = HeadMLPSpace.from_config(model.config, mlp_block=cfg.mlp_block)
     target_ratio = 1 - cfg.sparsity
     lora_params = [p for p in peft_model.parameters() if p.requires_grad]
     opt_lora = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=0.0)
@@ -397,6 +404,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         mean_lora_step_seconds=_mean(step_times["lora"]),
         mean_generator_step_seconds=_mean(step_times["generator"]),
         generator_steps=len(step_times["generator"]),
+        truncated_examples=truncated,
         mean_step_seconds=(sum(step_times["lora"]) + sum(step_times["generator"])) / max(1, len(step_times["lora"])),
         layers=[{k: v for k, v in rec.items() if k != "kv_map"} for rec in getattr(merged.config, "atp_pruning", {}).get("layers", [])],
         total_seconds=time.time() - started,
@@ -424,6 +432,14 @@ class LogWindow:
 
 def _mean(values):
     return sum(values) / len(values) if values else 0.0
+
+
+def check_reachable(space, sparsity: float) -> None:
+    """The most the space can remove is everything but the fixed parameters (norms, output biases)."""
+    most = 1 - float(space.remaining_prunable({k: torch.zeros(v) for k, v in space.gate_shapes.items()})) / space.prunable_params()
+    if sparsity > most - 0.01:
+        raise ATPError(f"--sparsity {sparsity} cannot be reached: this pruning space can remove at most "
+                       f"{most:.4f} of the prunable parameters (norms and output biases stay)")
 
 
 def check_finite(step: int, **terms) -> None:
