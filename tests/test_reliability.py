@@ -178,3 +178,37 @@ def test_disk_full_during_export_leaves_nothing_half_written(tmp_path, tokenizer
         save_pruned(model, tokenizer, out, overwrite=True)
     assert (out / "config.json").read_text() == "previous export"
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["model"]
+
+
+def test_two_processes_match_one_process(tiny_model_dir, train_file, tmp_path):
+    """accelerate launch --num_processes 2 --cpu (gloo): same decisions on every rank, same exported model
+    as one process with the same global batch."""
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    common = prune_args(tiny_model_dir, train_file, "X")
+    common[common.index("--max-steps") + 1] = "30"
+    common[common.index("--save-every") + 1] = "0"
+    out_at = common.index("--out") + 1
+    batch_at = common.index("--batch-size") + 1
+
+    def run(cmd, out, batch):
+        args = list(common)
+        args[out_at], args[batch_at] = str(out), str(batch)
+        done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((out / "report.json").read_text())
+
+    one = run([sys.executable, "-m", "atp.cli"], tmp_path / "one", 4)
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    # accelerate's --cpu launcher starts a single process; torchrun (--multi_gpu) with ACCELERATE_USE_CPU runs gloo
+    env["ACCELERATE_USE_CPU"] = "true"
+    two = run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "atp.cli"], tmp_path / "two", 2)
+    assert two["processes"] == 2 and two["decisions_identical_across_processes"]
+    assert one["layers"] == two["layers"]
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)

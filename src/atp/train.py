@@ -122,16 +122,21 @@ def tokenize_all(tokenizer, examples, max_length):
     return rows, truncated
 
 
-def batches(rows, batch_size, pad_id, seed):
-    """Endless shuffled batches; each epoch reshuffles with its own seed."""
+def batches(rows, batch_size, pad_id, seed, rank=0, world=1):
+    """Endless shuffled global batches of batch_size * world rows (each epoch reshuffled with its own seed).
+    Yields this process's shard, collated, and the number of label tokens in the whole global batch, so
+    that the loss is normalised by the global count: N processes then compute what one process would."""
     from .data import collate
 
+    size = batch_size * world
     epoch = 0
     while True:
         order = list(range(len(rows)))
         random.Random(seed * 7919 + epoch).shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([rows[i] for i in order[start : start + batch_size]], pad_id)
+        for start in range(0, len(order) - size + 1, size):
+            chosen = order[start : start + size]
+            tokens = sum(sum(label != -100 for label in rows[i]["labels"][1:]) for i in chosen)
+            yield collate([rows[i] for i in chosen[rank::world]], pad_id), max(1, tokens)
         epoch += 1
 
 
@@ -242,10 +247,12 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     train_examples, calib_examples = examples[calib_count:], examples[:calib_count]
     rows, truncated = tokenize_all(tokenizer, train_examples, cfg.max_length)
     calib_rows, _ = tokenize_all(tokenizer, calib_examples, cfg.calib_max_length or max(16, cfg.max_length // 2))
-    if len(rows) < cfg.batch_size or (cfg.prune and len(calib_rows) < cfg.batch_size):
+    world = accelerator.num_processes
+    needed = cfg.batch_size * world
+    if len(rows) < needed or (cfg.prune and len(calib_rows) < needed):
         raise ATPError(
             f"too little training data: {len(rows)} training and {len(calib_rows)} calibration examples "
-            f"for batch size {cfg.batch_size}; add data or lower --batch-size"
+            f"for batch size {cfg.batch_size} x {world} process(es); add data or lower --batch-size"
         )
     if truncated:
         accelerator.print(f"note: {truncated} of {len(train_examples)} training examples were truncated to {cfg.max_length} tokens")
@@ -267,12 +274,18 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         opt_lora, lambda s: min(1.0, (s + 1) / max(1, cfg.max_steps // 20)) * 0.5 * (1 + math.cos(math.pi * s / cfg.max_steps))
     )
     peft_model, opt_lora = accelerator.prepare(peft_model, opt_lora)
-    if generator is not None:
-        generator, opt_gen = accelerator.prepare(generator, opt_gen)
-    gen_module = accelerator.unwrap_model(generator) if generator is not None else None
+    # The generator stays unwrapped and fp32 on every process: same init, same per-step noise and
+    # all-reduced gradients keep its decisions identical across processes.
+    gen_module = generator.to(accelerator.device) if generator is not None else None
 
-    train_iter = batches(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed)
-    calib_iter = batches(calib_rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed + 1) if cfg.prune else None
+    rank = accelerator.process_index
+    train_iter = batches(rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed, rank, world)
+    calib_iter = batches(calib_rows, cfg.batch_size, tokenizer.pad_token_id, cfg.seed + 1, rank, world) if cfg.prune else None
+
+    def task_loss(batch_and_count):
+        batch, tokens = batch_and_count
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        return peft_model(**batch, num_items_in_batch=tokens).loss * world
     freeze_at = int(cfg.generator_frac * cfg.max_steps)
     is_generator_step = lambda s: generator is not None and s <= freeze_at and (s - 1) % cfg.generator_every == 0
     log_path = run_dir / "log.jsonl"
@@ -299,16 +312,18 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         if is_generator_step(step):
             t0 = time.perf_counter()
             generator.train()
-            batch = {k: v.to(accelerator.device) for k, v in next(calib_iter).items()}
-            gates = gen_module(step=step)
-            controller.set(gates)
-            task = peft_model(**batch).loss
-            ratio = space.remaining_ratio(gen_module.deterministic_gates())
-            r_loss = ratio_loss(ratio, target_ratio)
-            loss = task + cfg.alpha * r_loss
-            check_finite(step, generator_task_loss=task, ratio_loss=r_loss)
-            opt_gen.zero_grad(set_to_none=True)
-            accelerator.backward(loss, inputs=list(generator.parameters()))
+            controller.set(gen_module(step=step))
+            with accelerator.no_sync(peft_model):  # no LoRA gradients in this step
+                task = task_loss(next(calib_iter))
+                ratio = space.remaining_ratio(gen_module.deterministic_gates())
+                r_loss = ratio_loss(ratio, target_ratio)
+                check_finite(step, generator_task_loss=task, ratio_loss=r_loss)
+                opt_gen.zero_grad(set_to_none=True)
+                (task + cfg.alpha * r_loss).backward(inputs=list(gen_module.parameters()))
+            if world > 1:
+                for p in gen_module.parameters():
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
             opt_gen.step()
             window.add(generator_task_loss=task.item(), ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
             step_times["generator"].append(time.perf_counter() - t0)
@@ -325,9 +340,8 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
             last_decisions = decisions
         lam = lambda_at(cfg, step) if cfg.prune else 0.0
         for micro in range(cfg.grad_accum):
-            batch = {k: v.to(accelerator.device) for k, v in next(train_iter).items()}
             with accelerator.accumulate(peft_model):
-                task = peft_model(**batch).loss
+                task = task_loss(next(train_iter))
                 lasso = group_lasso(peft_model, space, decisions) if (cfg.prune and lam > 0) else torch.zeros((), device=task.device)
                 loss = task + lam * lasso
                 check_finite(step, task_loss=task, group_lasso=lasso)
@@ -359,7 +373,13 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
 
     # Export: reference logits from the masked LoRA model, then merge, slice, save, reload and compare.
     accelerator.wait_for_everyone()
-    report = {"config": dataclasses.asdict(cfg), "train_seconds": train_seconds}
+    report = {"config": dataclasses.asdict(cfg), "train_seconds": train_seconds, "processes": world}
+    if gen_module is not None and world > 1:
+        mine = torch.cat([v.flatten() for v in gen_module.decisions().values()]).to(accelerator.device)
+        everyone = accelerator.gather(mine.unsqueeze(0))
+        if not bool((everyone == everyone[0]).all()):
+            raise ATPError("pruning decisions differ between processes; the run cannot be exported consistently")
+        report["decisions_identical_across_processes"] = True
     if not accelerator.is_main_process:
         return report
     peft_model = accelerator.unwrap_model(peft_model).eval()
