@@ -159,3 +159,15 @@ def test_cli_prune_then_eval_pruned_model(tiny_model_dir, train_file, tmp_path, 
                  "--limit", "4", "--out", str(tmp_path / "eval.json")]) == 0
     assert "pubmedqa" in capsys.readouterr().out
     assert json.loads((tmp_path / "eval.json").read_text())["tasks"]["pubmedqa"]["n"] == 4
+
+
+def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, train_file, tmp_path):
+    from safetensors.torch import load_file
+
+    a = train(tiny_cfg(tiny_model_dir, train_file, tmp_path / "a", max_steps=12, save_every=0), progress=False)
+    b = train(tiny_cfg(tiny_model_dir, train_file, tmp_path / "b", max_steps=12, save_every=0,
+                       gradient_checkpointing=True), progress=False)
+    assert a["layers"] == b["layers"]
+    wa, wb = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("a", "b"))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)

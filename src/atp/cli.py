@@ -29,6 +29,7 @@ HELP = {
     "lam": "group-lasso weight (ramped up over the generator phase)",
     "mask_lora": "--no-mask-lora masks only the frozen path (an ablation)",
     "mixed_precision": "no, bf16 or fp16 (accelerate)",
+    "gradient_checkpointing": "recompute activations in the backward pass to save memory",
 }
 
 

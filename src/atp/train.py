@@ -63,6 +63,7 @@ class ATPConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     mixed_precision: str = "no"  # "no", "bf16", "fp16" (accelerate)
+    gradient_checkpointing: bool = False
     attn_implementation: str | None = None
     check_tolerance: float = 1e-3
 
@@ -172,7 +173,7 @@ def write_json_atomic(path: Path, payload) -> None:
 
 
 # options that do not change what a run computes; everything else must match to resume
-NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints")
+NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints", "gradient_checkpointing")
 
 
 def fingerprint(cfg: ATPConfig) -> str:
@@ -258,6 +259,9 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         accelerator.print(f"note: {truncated} of {len(train_examples)} training examples were truncated to {cfg.max_length} tokens")
 
     model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                                   target_modules=cfg.lora_targets, task_type="CAUSAL_LM"))
     target_ratio = 1 - cfg.sparsity
