@@ -26,6 +26,7 @@ HELP = {
     "calib_fraction": "fraction of training examples held out for generator steps",
     "calib_max_length": "token length of calibration sequences for generator steps (default: max_length // 2)",
     "alpha": "weight of the parameter-ratio loss",
+    "target_warmup": "fraction of the generator phase over which the ratio target moves from 1 to 1 - sparsity",
     "lam": "group-lasso weight (ramped up over the generator phase)",
     "mask_lora": "--no-mask-lora masks only the frozen path (an ablation)",
     "mixed_precision": "no, bf16 or fp16 (accelerate)",

@@ -38,10 +38,13 @@ def _pruned_attention_forward(self, hidden_states, position_embeddings=None, att
     value = self.v_proj(hidden_states).view(*shape, num_kv, head_dim).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = family.apply_rotary_pos_emb(query, key, cos, sin)
+    if num_q == 0:
+        if cache is not None:  # a tiny placeholder keeps the cache's length and batch bookkeeping right
+            placeholder = hidden_states.new_zeros(shape[0], 1, shape[1], 1)
+            cache.update(placeholder, placeholder, self.layer_idx, kwargs=kwargs)
+        return self.o_proj(hidden_states.new_zeros(*shape, 0)), None
     if cache is not None:
         key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-    if num_q == 0:
-        return self.o_proj(hidden_states.new_zeros(*shape, 0)), None
     if self.atp_kv_index is not None:
         key = key.index_select(1, self.atp_kv_index)
         value = value.index_select(1, self.atp_kv_index)

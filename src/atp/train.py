@@ -54,7 +54,8 @@ class ATPConfig:
     calib_max_length: int | None = None  # token length of calibration sequences (default: max_length // 2)
     generator_frac: float = 0.6  # freeze the generator after this fraction of steps
     calib_fraction: float = 0.1
-    alpha: float = 4.0  # ratio-loss weight
+    alpha: float = 50.0  # ratio-loss weight
+    target_warmup: float = 0.5  # the ratio target moves from 1 to 1 - sparsity over this fraction of the generator phase
     lam: float = 0.05  # group-lasso weight after warm-up
     proximal: bool = True
     mask_lora: bool = True  # ablation switch: False masks only the frozen path
@@ -75,6 +76,8 @@ class ATPConfig:
                 raise ATPError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.calib_fraction < 1:
             raise ATPError(f"--calib-fraction must be in (0, 1), got {self.calib_fraction}")
+        if not 0 <= self.target_warmup <= 1:
+            raise ATPError(f"--target-warmup must be in [0, 1], got {self.target_warmup}")
         if not 0 <= self.generator_frac <= 1:
             raise ATPError(f"--generator-frac must be in [0, 1], got {self.generator_frac}")
         if not self.domain and not self.train_files:
@@ -142,6 +145,12 @@ def batches(rows, batch_size, pad_id, seed, rank=0, world=1):
 
 
 RUN_OUTPUTS = ("log.jsonl", "report.json", "config.yaml", "checkpoints")
+
+
+def target_at(cfg: ATPConfig, step: int, freeze_at: int) -> float:
+    """Remaining-ratio target for the generator: lowered linearly so that pruning comes in gradually."""
+    ramp = max(1, int(cfg.target_warmup * freeze_at))
+    return 1 - cfg.sparsity * min(1.0, step / ramp)
 
 
 def lambda_at(cfg: ATPConfig, step: int) -> float:
@@ -320,7 +329,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
             with accelerator.no_sync(peft_model):  # no LoRA gradients in this step
                 task = task_loss(next(calib_iter))
                 ratio = space.remaining_ratio(gen_module.deterministic_gates())
-                r_loss = ratio_loss(ratio, target_ratio)
+                r_loss = ratio_loss(ratio, target_at(cfg, step, freeze_at))
                 check_finite(step, generator_task_loss=task, ratio_loss=r_loss)
                 opt_gen.zero_grad(set_to_none=True)
                 (task + cfg.alpha * r_loss).backward(inputs=list(gen_module.parameters()))
