@@ -398,6 +398,8 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     peft_model = accelerator.unwrap_model(peft_model).eval()
     final = gen_module.decisions() if gen_module is not None else space.full_gates()
     probe = sample_texts(tokenizer, train_examples[::max(1, len(train_examples) // 4)][:4])
+    with torch.no_grad():  # how far group lasso drove the LoRA weights of pruned groups towards zero
+        pruned_lora_norm = float(group_lasso(peft_model, space, final)) if cfg.prune else 0.0
     with torch.no_grad():
         if controller is not None:
             controller.set(final)
@@ -427,6 +429,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     removed = dense_total - exported
     report.update(
         logits_check=check,
+        pruned_lora_group_norm_sum=pruned_lora_norm,
         model_dir=str(model_dir),
         exported_params=exported,
         dense_params=dense_total,
