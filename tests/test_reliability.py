@@ -212,3 +212,26 @@ def test_two_processes_match_one_process(tiny_model_dir, train_file, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_permission_error_during_export(tmp_path, tokenizer, monkeypatch):
+    import tempfile
+
+    from atp.export import save_pruned
+    from conftest import tiny_model
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    with pytest.raises(ATPError, match="cannot write the model to .*Permission denied"):
+        save_pruned(tiny_model("llama", True), tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_run_keeps_generator_in_fp32(tiny_model_dir, train_file, tmp_path):
+    report = train(small_cfg(tiny_model_dir, train_file, tmp_path / "run", mixed_precision="bf16", max_steps=6,
+                             save_every=6, generator_every=1), progress=False)
+    assert report["logits_check"]["passed"]
+    generator = load_file(str(tmp_path / "run" / "checkpoints" / "step-000006" / "generator.safetensors"))
+    assert {t.dtype for t in generator.values()} == {torch.float32}

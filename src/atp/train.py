@@ -395,7 +395,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         report["decisions_identical_across_processes"] = True
     if not accelerator.is_main_process:
         return report
-    peft_model = accelerator.unwrap_model(peft_model).eval()
+    peft_model = accelerator.unwrap_model(peft_model, keep_fp32_wrapper=False).eval()  # fp32 reference
     final = gen_module.decisions() if gen_module is not None else space.full_gates()
     probe = sample_texts(tokenizer, train_examples[::max(1, len(train_examples) // 4)][:4])
     with torch.no_grad():  # how far group lasso drove the LoRA weights of pruned groups towards zero
