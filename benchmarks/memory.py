@@ -6,7 +6,6 @@ Each configuration runs in its own child process; the peak RSS is the child's ru
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time

@@ -69,6 +69,15 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def train_file(tmp_path, shared_data):
+    """60 real PubMedQA rows as a JSONL file of their own."""
+    rows = [json.loads(line) for line in open(shared_data / "healthcare" / "pubmedqa_train.jsonl")][:60]
+    path = tmp_path / "pubmedqa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
     """A small byte-level BPE tokenizer trained on a few texts (shared data when present)."""

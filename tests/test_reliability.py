@@ -18,14 +18,6 @@ from atp.train import ATPConfig, train
 STEPS = 120
 
 
-@pytest.fixture
-def train_file(tmp_path, shared_data):
-    rows = [json.loads(line) for line in open(shared_data / "healthcare" / "pubmedqa_train.jsonl")][:60]
-    path = tmp_path / "pubmedqa.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
 def prune_args(model_dir, train_file, out):
     return ["prune", "--model", str(model_dir), "--domain", "", "--train-file", f"pubmedqa={train_file}",
             "--out", str(out), "--max-steps", str(STEPS), "--batch-size", "2", "--max-length", "48",

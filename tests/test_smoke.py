@@ -1,4 +1,3 @@
-import torch
 
 from conftest import tiny_model
 

@@ -74,14 +74,6 @@ def test_group_lasso_and_proximal_zero_pruned_lora():
     assert torch.count_nonzero(q_b[: 3 * space.head_dim]) == 0
 
 
-@pytest.fixture
-def train_file(tmp_path, shared_data):
-    rows = [json.loads(line) for line in open(shared_data / "healthcare" / "pubmedqa_train.jsonl")][:60]
-    path = tmp_path / "pubmedqa.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
-
-
 def tiny_cfg(model_dir, train_file, out, **kw):
     values = dict(model=str(model_dir), domain=None, train_files=[f"pubmedqa={train_file}"], out=str(out),
                   sparsity=0.4, mlp_block=4, max_steps=40, batch_size=4, max_length=96, generator_every=1,

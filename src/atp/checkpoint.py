@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import ATPError
+from .fsutil import atomic_dir
 
 MANIFEST = "manifest.json"
 
@@ -36,10 +36,7 @@ def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, sche
 
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
-    final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(root / f"step-{step:06d}", f"the checkpoint of step {step}") as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()},
                   str(tmp / "lora.safetensors"))
         if generator is not None:
@@ -56,14 +53,9 @@ def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, sche
         )
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "fingerprint": fingerprint, "files": files}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ATPError(f"could not write checkpoint for step {step} under {root}: {err}") from None
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    return root / f"step-{step:06d}"
 
 
 def verify(path: Path) -> dict:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import ATPError
+from .fsutil import atomic_dir
 from .masking import base_model
 
 CONFIG_KEY = "atp_pruning"
@@ -206,26 +204,12 @@ def save_pruned(model, tokenizer, out_dir, *, overwrite: bool = False, extra_fil
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ATPError(f"{out_dir} already exists; pass --overwrite to replace it")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as err:
-        raise ATPError(f"cannot write the model to {out_dir}: {err}") from None
-    try:
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
-        except OSError as err:
-            raise ATPError(f"could not write the pruned model under {out_dir.parent}: {err}") from None
+    with atomic_dir(out_dir, "the model") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if verify is not None:
             verify(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        os.chmod(out_dir, 0o755)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

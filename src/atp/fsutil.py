@@ -1,0 +1,38 @@
+"""Writing folders so that a crash never leaves a half-written one in place."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ATPError
+
+
+@contextmanager
+def atomic_dir(target, what: str = "files"):
+    """Yield a temp folder beside `target`. If the block succeeds, the folder takes target's place
+    (an existing target is moved aside until then); if it fails, the temp folder is removed and target
+    is untouched. OS errors (disk full, permissions) become an ATPError naming `what` and `target`."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise ATPError(f"cannot write {what} to {target}: {err}") from None
+    try:
+        try:
+            yield tmp
+            os.chmod(tmp, 0o755)
+            aside = None
+            if target.exists():
+                aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, aside)
+            os.replace(tmp, target)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
+        except OSError as err:
+            raise ATPError(f"cannot write {what} to {target}: {err}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
