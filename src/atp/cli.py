@@ -166,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, ATPConfig)
     p.set_defaults(func=cmd_prune)
 
+    p = sub.add_parser("bench", help="speed and size of a dense and pruned models side by side (ratios, medians)")
+    from .bench import add_bench_arguments, run_bench_command
+
+    add_bench_arguments(p)
+    p.set_defaults(func=lambda args: run_bench_command(args))
+
     p = sub.add_parser("demo", help="prune SmolLM2 at 40%% on healthcare data and compare dense vs pruned metrics")
     p.add_argument("--model", default="smollm2-135m", help=HELP["model"])
     p.add_argument("--sparsity", type=float, default=0.4)

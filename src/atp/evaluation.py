@@ -7,11 +7,8 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import os
-import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +17,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from .data import DOMAINS, TASKS, get_domain, get_task, load_domain, prefix_ids, split
 from .errors import ATPError
+from .fsutil import write_text_atomic
 
 
 def _device(model) -> torch.device:
@@ -343,20 +341,6 @@ def _eval_inputs(args) -> list[tuple]:
     return inputs
 
 
-def _write_json(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_eval_command(args) -> int:
     from .models import load_model
 
@@ -391,5 +375,5 @@ def run_eval_command(args) -> int:
                          "max_new_tokens": args.max_new_tokens, "device": device},
             "seconds": round(seconds, 1),
         }
-        _write_json(args.out, report)
+        write_text_atomic(args.out, json.dumps(report, indent=2) + "\n")
     return 0

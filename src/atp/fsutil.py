@@ -36,3 +36,20 @@ def atomic_dir(target, what: str = "files"):
             raise ATPError(f"cannot write {what} to {target}: {err}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write a file through a temp file beside it and a rename; a failure leaves the old file as it was."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise ATPError(f"cannot write {path}: {err}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -22,6 +21,7 @@ import torch
 import yaml
 
 from .errors import ATPError
+from .fsutil import write_text_atomic
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -173,12 +173,6 @@ def prepare_run_dir(cfg: ATPConfig) -> Path:
                 target.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 # options that do not change what a run computes; everything else must match to resume
@@ -447,7 +441,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         layers=[{k: v for k, v in rec.items() if k != "kv_map"} for rec in getattr(merged.config, "atp_pruning", {}).get("layers", [])],
         total_seconds=time.time() - started,
     )
-    write_json_atomic(run_dir / "report.json", report)
+    write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
     return report
 
 
