@@ -4,7 +4,7 @@
 
 Three short runs on the same data and batch: plain LoRA; ATP with the generator active on every
 step of the run (generator phase only); ATP with the default schedule (generator phase, then
-frozen decisions). Reports the mean seconds per step of each and the ratios to LoRA.
+frozen decisions); the default schedule with one generator step per 4 LoRA steps. Reports the mean seconds per step of each and the ratios to LoRA.
 """
 import argparse
 import json
@@ -24,6 +24,7 @@ def main():
         "lora": dict(prune=False),
         "atp_generator_phase": dict(generator_frac=1.0),
         "atp_default_schedule": dict(),
+        "atp_generator_every_4": dict(generator_every=4),
     }
     results = {}
     for name, extra in runs.items():
