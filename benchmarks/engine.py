@@ -73,7 +73,8 @@ def main():
         results["dense"] = {"metrics": metrics, "eval_seconds": seconds}
         save()
 
-    lines = ["| model | " + " | ".join(f"{t} {m}" for t, ms in results["dense"]["metrics"].items() for m in ms
+    first = next(results[label] for label in ["dense", "lora"] + [r[0] for r in runs] if label in results)
+    lines = ["| model | " + " | ".join(f"{t} {m}" for t, ms in first["metrics"].items() for m in ms
                                      if m not in ("n", "tokens", "windows", "nll")) + " | sparsity (prunable / model) | train s | s/step | ratio vs LoRA |"]
     lines.append("|" + "---|" * (lines[0].count("|") - 1))
     lora_step = results.get("lora", {}).get("mean_step_seconds")
