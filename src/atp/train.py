@@ -399,7 +399,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     with torch.no_grad():
         if controller is not None:
             controller.set(final)
-        reference = peft_model(**probe).logits.float()
+        reference = peft_model(**{k: v.to(accelerator.device) for k, v in probe.items()}).logits.float().cpu()
         if controller is not None:
             controller.remove()
     merged = peft_model.merge_and_unload()
