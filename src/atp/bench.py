@@ -42,13 +42,13 @@ def prefill_seconds(model, batch: int, length: int, vocab: int, device) -> float
 def decode_seconds(model, prompt_length: int, new_tokens: int, vocab: int, device) -> float:
     ids = torch.randint(3, vocab, (1, prompt_length), generator=torch.Generator().manual_seed(1)).to(device)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    cache = out["past_key_values"] if "past_key_values" in out else out["cache"]
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
     token = out.logits[:, -1:].argmax(-1)
     _sync(device)
     start = time.perf_counter()
     for _ in range(new_tokens):
         out = model(input_ids=token, use_cache=True, **{cache_name(model): cache})
-        cache = out["past_key_values"] if "past_key_values" in out else out["cache"]
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
         token = out.logits[:, -1:].argmax(-1)
     _sync(device)
     return time.perf_counter() - start
