@@ -215,7 +215,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     from . import checkpoint
-    from .export import count_safetensors_params, prune_model_, save_pruned
+    from .export import count_safetensors_params
     from .generator import DecisionGenerator
     from .masking import GateController
     from .models import load_model
@@ -396,30 +396,8 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     probe = sample_texts(tokenizer, train_examples[::max(1, len(train_examples) // 4)][:4])
     with torch.no_grad():  # how far group lasso drove the LoRA weights of pruned groups towards zero
         pruned_lora_norm = float(group_lasso(peft_model, space, final)) if cfg.prune else 0.0
-    with torch.no_grad():
-        if controller is not None:
-            controller.set(final)
-        reference = peft_model(**{k: v.to(accelerator.device) for k, v in probe.items()}).logits.float().cpu()
-        if controller is not None:
-            controller.remove()
-    merged = peft_model.merge_and_unload()
-    merged.config.use_cache = True
-    if cfg.prune:
-        prune_model_(merged, space.kept_structure(final), space.head_dim)
-    merged = merged.float()
-    check = {}
-
-    def verify(path):
-        loaded, _ = load_model(str(path), attn_implementation=cfg.attn_implementation)
-        with torch.no_grad():
-            logits = loaded(**probe).logits.float()
-        mask = probe["attention_mask"].bool()
-        diff = float((logits - reference)[mask].abs().max())
-        check.update(max_abs_logit_diff=diff, tolerance=cfg.check_tolerance, passed=diff <= cfg.check_tolerance)
-        if diff > cfg.check_tolerance:
-            raise ATPError(f"exported model does not match the masked model: max |logit diff| {diff:.3g} > {cfg.check_tolerance}")
-
-    model_dir = save_pruned(merged, tokenizer, run_dir / "model", overwrite=True, verify=verify)
+    model_dir, check, merged = export_checked(cfg, peft_model, controller, space, final, tokenizer, probe,
+                                              accelerator.device, run_dir / "model")
     exported = count_safetensors_params(model_dir)
     dense_total = space.total_params()
     removed = dense_total - exported
@@ -443,6 +421,37 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     )
     write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
     return report
+
+
+def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tokenizer, probe, device, out_dir):
+    """Merge LoRA, slice the pruned structures out and save; before the saved folder is moved into place,
+    reload it and compare its logits on `probe` with the masked model's (fp32). Returns (path, check, model)."""
+    from .export import prune_model_, save_pruned
+    from .models import load_model
+
+    with torch.no_grad():
+        if controller is not None:
+            controller.set(decisions)
+        reference = peft_model(**{k: v.to(device) for k, v in probe.items()}).logits.float().cpu()
+        if controller is not None:
+            controller.remove()
+    merged = peft_model.merge_and_unload()
+    merged.config.use_cache = True
+    if cfg.prune:
+        prune_model_(merged, space.kept_structure(decisions), space.head_dim)
+    merged = merged.float()
+    check = {}
+
+    def verify(path):
+        loaded, _ = load_model(str(path), attn_implementation=cfg.attn_implementation)
+        with torch.no_grad():
+            logits = loaded(**probe).logits.float()
+        diff = float((logits - reference)[probe["attention_mask"].bool()].abs().max())
+        check.update(max_abs_logit_diff=diff, tolerance=cfg.check_tolerance, passed=diff <= cfg.check_tolerance)
+        if diff > cfg.check_tolerance:
+            raise ATPError(f"exported model does not match the masked model: max |logit diff| {diff:.3g} > {cfg.check_tolerance}")
+
+    return save_pruned(merged, tokenizer, out_dir, overwrite=True, verify=verify), check, merged
 
 
 class LogWindow:
