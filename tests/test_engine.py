@@ -28,6 +28,16 @@ def ids(n=2, length=12, vocab=512, seed=1):
     return torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
+def masked_logits(model, space, gates, x):
+    """Logits of the model under the gates; the hooks are removed afterwards."""
+    ctl = GateController(model, space)
+    ctl.set(gates)
+    with torch.no_grad():
+        logits = model(x).logits
+    ctl.remove()
+    return logits
+
+
 def with_lora(model, seed=0):
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
@@ -100,11 +110,7 @@ def test_export_equals_masked_and_counts(family, gqa, attn, tmp_path, tokenizer)
     space = HeadMLPSpace.from_config(model.config, mlp_block=3)
     gates = random_gates(space)
     x = ids()
-    ctl = GateController(model, space)
-    ctl.set(gates)
-    with torch.no_grad():
-        masked = model(x).logits
-    ctl.remove()
+    masked = masked_logits(model, space, gates, x)
     merged = model.merge_and_unload()
     prune_model_(merged, space.kept_structure(gates), space.head_dim)
     with torch.no_grad():
@@ -134,11 +140,7 @@ def test_layer_with_no_heads_or_channels(tmp_path, tokenizer):
     gates["heads"][1] = 0
     gates["mlp"][2] = 0
     x = ids()
-    ctl = GateController(model, space)
-    ctl.set(gates)
-    with torch.no_grad():
-        masked = model(x).logits
-    ctl.remove()
+    masked = masked_logits(model, space, gates, x)
     prune_model_(model, space.kept_structure(gates), space.head_dim)
     out = save_pruned(model, tokenizer, tmp_path / "m")
     loaded = load_pruned(out)
