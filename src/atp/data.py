@@ -215,6 +215,14 @@ def _pubmedqa_from_hub(row):
             "final_decision": row.get("final_decision"), "LONG_ANSWER": row.get("long_answer")}
 
 
+def _label_index(record: dict, field: str, labels: tuple[str, ...]) -> int:
+    """Index of a record's label among the task's label words (case and spaces ignored)."""
+    label = str(record[field]).strip().lower()
+    if label not in labels:
+        raise ATPError(f"{field} must be {', '.join(labels[:-1])} or {labels[-1]}, got {record[field]!r}")
+    return labels.index(label)
+
+
 class PubMedQA(MultipleChoiceTask):
     name, domain = "pubmedqa", "healthcare"
     required_fields = ("QUESTION", "CONTEXTS", "final_decision")
@@ -226,12 +234,10 @@ class PubMedQA(MultipleChoiceTask):
         return _pubmedqa_from_hub(row)
 
     def choices(self, record):
-        decision = str(record["final_decision"]).strip().lower()
-        if decision not in self.answers:
-            raise ATPError(f"final_decision must be yes, no or maybe, got {record['final_decision']!r}")
+        gold = _label_index(record, "final_decision", self.answers)
         prompt = (f"Context: {_text(record, 'CONTEXTS')}\nQuestion: {_text(record, 'QUESTION')}\n"
                   "Answer (yes, no or maybe):")
-        return prompt, [" " + a for a in self.answers], self.answers.index(decision)
+        return prompt, [" " + a for a in self.answers], gold
 
 
 class MedNLI(MultipleChoiceTask):
@@ -241,12 +247,10 @@ class MedNLI(MultipleChoiceTask):
     labels = ("entailment", "neutral", "contradiction")
 
     def choices(self, record):
-        label = str(record["gold_label"]).strip().lower()
-        if label not in self.labels:
-            raise ATPError(f"gold_label must be one of {', '.join(self.labels)}, got {record['gold_label']!r}")
+        gold = _label_index(record, "gold_label", self.labels)
         prompt = (f"Premise: {_text(record, 'sentence1')}\nHypothesis: {_text(record, 'sentence2')}\n"
                   "Relation (entailment, neutral or contradiction):")
-        return prompt, [" " + x for x in self.labels], self.labels.index(label)
+        return prompt, [" " + x for x in self.labels], gold
 
 
 class MedQA(MultipleChoiceTask):

@@ -310,7 +310,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         if log_path.exists() and accelerator.is_main_process:
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= done]
             log_path.write_text("".join(line + "\n" for line in kept))
-    last_decisions = gen_module.decisions() if gen_module is not None else None
+    last_decisions = decisions = gen_module.decisions() if gen_module is not None else None
     flips_since_log = 0
     step_times = {"lora": [], "generator": []}
     bar = tqdm(range(first_step, cfg.max_steps + 1), initial=first_step - 1, total=cfg.max_steps, disable=not (progress and accelerator.is_main_process), desc="atp prune" if cfg.prune else "lora")
@@ -340,10 +340,11 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         if generator is not None and step == freeze_at + 1:
             reached = gen_module.calibrate_offset(space.remaining_ratio, target_ratio)
             accelerator.print(f"generator frozen at step {freeze_at}; decisions calibrated to ratio {reached:.4f}")
-        # LoRA step with the generator's current deterministic decisions.
+        # LoRA step with the generator's current deterministic decisions; they change only when the
+        # generator has just been updated or calibrated, so the masks are rebuilt only then.
         t0 = time.perf_counter()
-        decisions = gen_module.decisions() if gen_module is not None else None
-        if controller is not None:
+        if gen_module is not None and (step == first_step or is_generator_step(step) or step == freeze_at + 1):
+            decisions = gen_module.decisions()
             controller.set(decisions)
             flips_since_log += sum(int((decisions[k] != last_decisions[k]).sum()) for k in decisions)
             last_decisions = decisions
