@@ -3,7 +3,7 @@ import json
 
 from atp.bench import benchmark, format_bench
 from atp.cli import main
-from atp.export import load_pruned, prune_model_, save_pruned
+from atp.export import build_pruned, load_pruned, save_pruned
 from atp.space import HeadMLPSpace
 from conftest import tiny_model
 
@@ -14,7 +14,7 @@ def pruned_copy(tmp_path, tokenizer):
     gates = space.full_gates()
     gates["heads"][:, :3] = 0  # first KV group of every layer
     gates["mlp"][:, ::2] = 0
-    prune_model_(model, space.kept_structure(gates), space.head_dim)
+    model = build_pruned(model, space.kept_structure(gates))
     return save_pruned(model, tokenizer, tmp_path / "pruned"), space, gates
 
 

@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from atp.errors import ATPError
-from atp.export import count_safetensors_params, load_pruned, prune_model_, save_pruned
+from atp.export import build_pruned, count_safetensors_params, load_pruned, save_pruned
 from atp.generator import DecisionGenerator
 from atp.masking import GateController
 from atp.space import HeadMLPSpace
@@ -112,7 +112,7 @@ def test_export_equals_masked_and_counts(family, gqa, attn, tmp_path, tokenizer)
     x = ids()
     masked = masked_logits(model, space, gates, x)
     merged = model.merge_and_unload()
-    prune_model_(merged, space.kept_structure(gates), space.head_dim)
+    merged = build_pruned(merged, space.kept_structure(gates))
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, masked, rtol=0, atol=1e-5)
     out = save_pruned(merged, tokenizer, tmp_path / "model")
@@ -141,7 +141,7 @@ def test_layer_with_no_heads_or_channels(tmp_path, tokenizer):
     gates["mlp"][2] = 0
     x = ids()
     masked = masked_logits(model, space, gates, x)
-    prune_model_(model, space.kept_structure(gates), space.head_dim)
+    model = build_pruned(model, space.kept_structure(gates))
     out = save_pruned(model, tokenizer, tmp_path / "m")
     loaded = load_pruned(out)
     with torch.no_grad():

@@ -1,13 +1,13 @@
-"""atp: all-in-one tuning and structural pruning for domain-specific LLMs."""
+"""atp: all-in-one tuning and structural pruning for domain-specific LLMs.
+
+Importing atp registers its pruned model types with transformers' Auto classes, so heterogeneous
+exports load with `AutoModelForCausalLM.from_pretrained(path)` and no remote code.
+"""
 from .errors import ATPError
+from .export import load_pruned
+from .hf_modeling import register as _register
 
 __version__ = "0.1.0"
 __all__ = ["ATPError", "__version__", "load_pruned"]
 
-
-def __getattr__(name):
-    if name == "load_pruned":  # imported lazily so that `atp --help` stays fast
-        from .export import load_pruned
-
-        return load_pruned
-    raise AttributeError(f"module 'atp' has no attribute {name!r}")
+_register()

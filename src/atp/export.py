@@ -1,148 +1,128 @@
 """Physical removal: merge LoRA, slice out pruned heads, KV heads and channels, save, load back, verify.
 
-A pruned checkpoint is a normal HF folder (safetensors, config, tokenizer) whose config carries
-`atp_pruning.layers`: per layer the kept query heads, KV heads, each query head's KV index and the
-MLP width. Layers may keep uneven numbers of query heads per KV head; attention then gathers each
-query head's KV head instead of repeating them uniformly.
+The result is a normal HF folder (safetensors, config, tokenizer):
+  - uniform: every layer keeps the same widths with even GQA groups, so the config is the family's own
+    (e.g. LlamaConfig) and any runtime that reads HF checkpoints loads it;
+  - heterogeneous: widths differ per layer and live in transformers' `per_layer_config`; the folder carries
+    `modeling_atp.py` (see `atp.hf_modeling`) named in `auto_map`, for `trust_remote_code=True`.
+`atp_pruning` in the config records the original indices of the kept query heads, per layer.
 """
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from torch import nn
 
+from . import hf_modeling
 from .errors import ATPError
 from .fsutil import atomic_dir
 from .masking import base_model
 
 CONFIG_KEY = "atp_pruning"
-
-
-def _pruned_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if cache is None:
-        cache = kwargs.pop("past_key_values", None)
-    family = sys.modules[type(self).__mro__[1].__module__]
-    shape = hidden_states.shape[:-1]
-    num_q, num_kv, head_dim = self.atp_num_heads, self.atp_num_kv_heads, self.head_dim
-    query = self.q_proj(hidden_states).view(*shape, num_q, head_dim).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(*shape, num_kv, head_dim).transpose(1, 2)
-    value = self.v_proj(hidden_states).view(*shape, num_kv, head_dim).transpose(1, 2)
-    cos, sin = position_embeddings
-    query, key = family.apply_rotary_pos_emb(query, key, cos, sin)
-    if num_q == 0:
-        if cache is not None:  # a tiny placeholder keeps the cache's length and batch bookkeeping right
-            placeholder = hidden_states.new_zeros(shape[0], 1, shape[1], 1)
-            cache.update(placeholder, placeholder, self.layer_idx, kwargs=kwargs)
-        return self.o_proj(hidden_states.new_zeros(*shape, 0)), None
-    if cache is not None:
-        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-    if self.atp_kv_index is not None:
-        key = key.index_select(1, self.atp_kv_index)
-        value = value.index_select(1, self.atp_kv_index)
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, family.eager_attention_forward)
-    extra = {"sliding_window": self.sliding_window} if hasattr(self, "sliding_window") else {}
-    output, weights = attention(
-        self,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=0.0 if not self.training else self.attention_dropout,
-        scaling=self.scaling,
-        **extra,
-        **kwargs,
-    )
-    return self.o_proj(output.reshape(*shape, num_q * head_dim).contiguous()), weights
-
-
-_PRUNED_CLASSES: dict[type, type] = {}
-
-
-def _pruned_class(cls: type) -> type:
-    if cls not in _PRUNED_CLASSES:
-        _PRUNED_CLASSES[cls] = type("Pruned" + cls.__name__, (cls,), {"forward": _pruned_attention_forward})
-    return _PRUNED_CLASSES[cls]
-
-
-def _new_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
-    """A Linear keeping the given output rows / input columns of `linear` (copied)."""
-    weight = linear.weight
-    if rows is not None:
-        weight = weight.index_select(0, rows.to(weight.device))
-    if cols is not None:
-        weight = weight.index_select(1, cols.to(weight.device))
-    bias = linear.bias
-    if bias is not None and rows is not None:
-        bias = bias.index_select(0, rows.to(bias.device))
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        if weight.device.type != "meta":
-            new.weight.copy_(weight)
-            if bias is not None:
-                new.bias.copy_(bias)
-    return new
+MODELING_FILE = "modeling_atp.py"
+# keys of a dense config that describe the saved object rather than the architecture
+_NOT_ARCHITECTURE = ("architectures", "auto_map", "model_type", "transformers_version", "per_layer_config", CONFIG_KEY,
+                     "_name_or_path", "dtype", "torch_dtype")
 
 
 def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    return (torch.tensor(heads, dtype=torch.long).unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+    return (torch.tensor(heads, dtype=torch.long).unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten().long()
 
 
-def shrink_layer(layer, kept: dict, head_dim: int) -> None:
-    """Keep only the listed heads, KV heads and channels of one decoder layer (original indices)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    q_rows, kv_rows = _head_rows(kept["heads"], head_dim), _head_rows(kept["kv_heads"], head_dim)
-    channels = torch.tensor(kept["channels"], dtype=torch.long)
-    attn.q_proj = _new_linear(attn.q_proj, rows=q_rows)
-    attn.k_proj = _new_linear(attn.k_proj, rows=kv_rows)
-    attn.v_proj = _new_linear(attn.v_proj, rows=kv_rows)
-    attn.o_proj = _new_linear(attn.o_proj, cols=q_rows)
-    mlp.gate_proj = _new_linear(mlp.gate_proj, rows=channels)
-    mlp.up_proj = _new_linear(mlp.up_proj, rows=channels)
-    mlp.down_proj = _new_linear(mlp.down_proj, cols=channels)
-    mlp.intermediate_size = len(kept["channels"])
-    set_layer_shape(attn, len(kept["heads"]), len(kept["kv_heads"]), kept["kv_map"])
-
-
-def set_layer_shape(attn, num_heads: int, num_kv_heads: int, kv_map: list[int]) -> None:
-    counts = [kv_map.count(g) for g in range(num_kv_heads)]
-    even = num_heads > 0 and len(set(counts)) == 1 and kv_map == sorted(kv_map)
-    attn.atp_num_heads, attn.atp_num_kv_heads = num_heads, num_kv_heads
-    attn.atp_kv_index = None if even or num_heads == 0 else torch.tensor(kv_map, dtype=torch.long)
-    attn.num_key_value_groups = counts[0] if even else 1
-    if not isinstance(attn, tuple(_PRUNED_CLASSES.values())):
-        attn.__class__ = _pruned_class(type(attn))
-
-
-def layer_records(kept_structure: list[dict]) -> list[dict]:
-    return [
-        {
-            "num_heads": len(k["heads"]),
-            "num_kv_heads": len(k["kv_heads"]),
-            "kv_map": k["kv_map"],
-            "intermediate_size": len(k["channels"]),
-            "kept_heads": k["heads"],
+def sliced_state(model, kept_structure: list[dict], head_dim: int) -> dict[str, torch.Tensor]:
+    """The (LoRA-merged) model's state dict with only the kept rows and columns of every decoder layer."""
+    state = dict(base_model(model).state_dict())
+    for layer, kept in enumerate(kept_structure):
+        q_rows, kv_rows = _head_rows(kept["heads"], head_dim), _head_rows(kept["kv_heads"], head_dim)
+        channels = torch.tensor(kept["channels"], dtype=torch.long)
+        rules = {  # module -> (kept output rows, kept input columns)
+            "self_attn.q_proj": (q_rows, None), "self_attn.k_proj": (kv_rows, None), "self_attn.v_proj": (kv_rows, None),
+            "self_attn.o_proj": (None, q_rows), "mlp.gate_proj": (channels, None), "mlp.up_proj": (channels, None),
+            "mlp.down_proj": (None, channels),
         }
-        for k in kept_structure
-    ]
+        for module, (rows, cols) in rules.items():
+            prefix = f"model.layers.{layer}.{module}"
+            weight = state[f"{prefix}.weight"]
+            if rows is not None:
+                weight = weight.index_select(0, rows.to(weight.device))
+                if f"{prefix}.bias" in state:
+                    state[f"{prefix}.bias"] = state[f"{prefix}.bias"].index_select(0, rows.to(weight.device)).clone()
+            if cols is not None:
+                weight = weight.index_select(1, cols.to(weight.device))
+            state[f"{prefix}.weight"] = weight.clone()
+    return state
 
 
-def prune_model_(model, kept_structure: list[dict], head_dim: int) -> None:
-    """Slice a plain (LoRA-merged) CausalLM in place and record the shapes in its config."""
-    for layer, kept in zip(base_model(model).model.layers, kept_structure):
-        shrink_layer(layer, kept, head_dim)
-    model.config.__dict__[CONFIG_KEY] = {"layers": layer_records(kept_structure)}
+def layer_widths(kept_structure: list[dict]) -> list[dict]:
+    widths = []
+    for kept in kept_structure:
+        heads, kv_heads, kv_map = len(kept["heads"]), len(kept["kv_heads"]), kept["kv_map"]
+        even = heads == 0 or (heads % kv_heads == 0 and kv_map == [i // (heads // kv_heads) for i in range(heads)])
+        widths.append({"num_attention_heads": heads, "num_key_value_heads": kv_heads,
+                       "intermediate_size": len(kept["channels"]), "kv_map": None if even else kv_map})
+    return widths
 
 
-def is_pruned_checkpoint(path) -> bool:
-    config = Path(path) / "config.json"
-    return config.exists() and CONFIG_KEY in json.loads(config.read_text())
+def uniform_allowed(config, widths: list[dict]) -> bool:
+    """Can these widths be written as the family's own config (same numbers in every layer, even groups)?"""
+    first = widths[0]
+    if any(w != first for w in widths) or first["kv_map"] is not None:
+        return False
+    if first["num_attention_heads"] == 0 or first["intermediate_size"] == 0:
+        return False
+    return config.model_type != "llama" or config.hidden_size % first["num_attention_heads"] == 0
+
+
+def pruned_config(config, kept_structure: list[dict]):
+    """The config of the pruned model: the family's own when the widths allow it, else heterogeneous."""
+    if config.model_type not in hf_modeling.PRUNED_CLASSES:
+        raise ATPError(f"cannot export model type '{config.model_type}'")
+    values = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+    values["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    widths = layer_widths(kept_structure)
+    if uniform_allowed(config, widths):
+        values.update({k: v for k, v in widths[0].items() if k != "kv_map"})
+        new = type(config)(**values)
+    else:
+        config_cls, model_cls = hf_modeling.PRUNED_CLASSES[config.model_type]
+        new = config_cls(**values, per_layer_config=dict(enumerate(widths)))
+        new.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.{config_cls.__name__}",
+                        "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{model_cls.__name__}"}
+    setattr(new, CONFIG_KEY, {"kept_heads": [k["heads"] for k in kept_structure]})
+    return new
+
+
+def is_heterogeneous(config) -> bool:
+    return bool(getattr(config, "is_heterogeneous", False))
+
+
+def build_pruned(model, kept_structure: list[dict]):
+    """A new, physically smaller model holding the kept weights of a plain (LoRA-merged) CausalLM."""
+    from transformers import AutoModelForCausalLM
+
+    dense = base_model(model)
+    config = pruned_config(dense.config, kept_structure)
+    state = sliced_state(dense, kept_structure, config.head_dim)
+    with torch.device("meta"):
+        if is_heterogeneous(config):
+            pruned = hf_modeling.PRUNED_CLASSES[dense.config.model_type][1](config)
+        else:
+            pruned = AutoModelForCausalLM.from_config(config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = pruned.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ATPError(f"internal error: pruned weights do not fit the pruned model: {missing[:5]} {unexpected[:5]}")
+    device = dense.model.embed_tokens.weight.device
+    with torch.device(device):
+        pruned.model.rotary_emb = type(dense.model.rotary_emb)(config=config)
+    if config.tie_word_embeddings:
+        pruned.tie_weights()
+    pruned.config.use_cache = True
+    return pruned.eval()
 
 
 def count_safetensors_params(path) -> int:
@@ -157,55 +137,38 @@ def count_safetensors_params(path) -> int:
     return total
 
 
-def load_pruned(path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None, device="cpu"):
-    """Load a pruned checkpoint written by `save_pruned`; weights are read with safetensors only."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def is_pruned_checkpoint(path) -> bool:
+    config = Path(path) / "config.json"
+    return config.exists() and CONFIG_KEY in json.loads(config.read_text())
 
+
+def load_pruned(path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None, device="cpu"):
+    """Load any checkpoint `save_pruned` wrote (uniform or heterogeneous), from safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    hf_modeling.register()
     path = Path(path)
-    config = AutoConfig.from_pretrained(path)
-    records = getattr(config, CONFIG_KEY, None) or json.loads((path / "config.json").read_text()).get(CONFIG_KEY)
-    if not records:
-        raise ATPError(f"{path} is not an atp pruned checkpoint (config.json has no '{CONFIG_KEY}')")
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    for layer, rec in zip(model.model.layers, records["layers"]):
-        kept = {
-            "heads": list(range(rec["num_heads"])),
-            "kv_heads": list(range(rec["num_kv_heads"])),
-            "kv_map": rec["kv_map"],
-            "channels": list(range(rec["intermediate_size"])),
-        }
-        shrink_layer(layer, kept, head_dim)
-    model.to_empty(device=device)
-    state = {}
-    for file in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(file), device=str(device)))
-    if not state:
+    if not any(path.glob("*.safetensors")):
         raise ATPError(f"{path} holds no .safetensors weights")
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ATPError(f"weights in {path} do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.device(device):
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                     use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise ATPError(f"could not load the pruned model in {path}: {err}") from None
+    return model.to(device).eval()
 
 
 def save_pruned(model, tokenizer, out_dir, *, overwrite: bool = False, extra_files: dict[str, str] | None = None,
                 verify=None) -> Path:
-    """Save to a temp folder beside `out_dir`, run `verify(tmp_path)` if given, then move into place."""
+    """Save to a temp folder beside `out_dir`, run `verify(tmp_path)` if given, then move into place.
+    Heterogeneous models get `modeling_atp.py` beside their weights, for trust_remote_code loading."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ATPError(f"{out_dir} already exists; pass --overwrite to replace it")
     with atomic_dir(out_dir, "the model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        if is_heterogeneous(model.config):
+            (tmp / MODELING_FILE).write_text(Path(hf_modeling.__file__).read_text())
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():

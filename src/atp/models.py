@@ -96,15 +96,10 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
     """Load (model, tokenizer) for any model argument; pruned atp exports load too."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model(name)
-    try:
-        from .export import is_pruned_checkpoint, load_pruned
+    from .hf_modeling import register
 
-        if is_pruned_checkpoint(path):
-            model = load_pruned(path, dtype=dtype, attn_implementation=attn_implementation)
-            return model, load_tokenizer(path)
-    except ImportError:
-        pass
+    register()  # heterogeneous atp exports load without remote code
+    path = resolve_model(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as err:

@@ -215,7 +215,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     from . import checkpoint
-    from .export import count_safetensors_params
+    from .export import count_safetensors_params, is_heterogeneous, layer_widths
     from .generator import DecisionGenerator
     from .masking import GateController
     from .models import load_model
@@ -417,7 +417,9 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         generator_steps=len(step_times["generator"]),
         truncated_examples=truncated,
         mean_step_seconds=(sum(step_times["lora"]) + sum(step_times["generator"])) / max(1, len(step_times["lora"])),
-        layers=[{k: v for k, v in rec.items() if k != "kv_map"} for rec in getattr(merged.config, "atp_pruning", {}).get("layers", [])],
+        layers=[{**{k: v for k, v in widths.items() if k != "kv_map"}, "kept_heads": kept["heads"]}
+                for widths, kept in zip(layer_widths(space.kept_structure(final)), space.kept_structure(final))],
+        export_format="heterogeneous" if is_heterogeneous(merged.config) else "uniform",
         total_seconds=time.time() - started,
     )
     write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
@@ -427,7 +429,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
 def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tokenizer, probe, device, out_dir):
     """Merge LoRA, slice the pruned structures out and save; before the saved folder is moved into place,
     reload it and compare its logits on `probe` with the masked model's (fp32). Returns (path, check, model)."""
-    from .export import prune_model_, save_pruned
+    from .export import build_pruned, save_pruned
     from .models import load_model
 
     with torch.no_grad():
@@ -439,7 +441,7 @@ def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tok
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
     if cfg.prune:
-        prune_model_(merged, space.kept_structure(decisions), space.head_dim)
+        merged = build_pruned(merged, space.kept_structure(decisions))
     merged = merged.float()
     check = {}
 

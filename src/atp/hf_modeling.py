@@ -1,0 +1,175 @@
+"""Pruned LLaMA, Mistral and Qwen2 models whose layers keep different numbers of heads and MLP channels.
+
+Written by atp. A heterogeneous checkpoint carries this file as `modeling_atp.py` and names it in the
+config's `auto_map`, so `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` needs only
+torch and transformers. `import atp` registers the same classes, so atp users need no remote code.
+
+Per-layer widths use transformers' `per_layer_config`: `num_attention_heads`, `num_key_value_heads`,
+`intermediate_size`, and `kv_map` (each query head's KV head) for layers whose query heads are not spread
+evenly over their KV heads. A layer may keep no heads or no MLP channels at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama import configuration_llama, modeling_llama
+from transformers.models.mistral import configuration_mistral, modeling_mistral
+from transformers.models.qwen2 import configuration_qwen2, modeling_qwen2
+
+PER_LAYER_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "kv_map")
+
+
+@contextlib.contextmanager
+def global_access(config):
+    """Let the family's own constructors read the global (dense) values of per-layer attributes."""
+    quiet = logging.getLogger("transformers.integrations.heterogeneity.configuration_utils")
+    before_level, before_access = quiet.level, config.allow_global_per_layer_attribute_access
+    quiet.setLevel(logging.ERROR)
+    config.allow_global_per_layer_attribute_access = True
+    try:
+        yield config
+    finally:
+        config.allow_global_per_layer_attribute_access = before_access
+        quiet.setLevel(before_level)
+
+
+def check_layer(config, layer_idx) -> None:
+    heads, kv_heads, kv_map = config.num_attention_heads, config.num_key_value_heads, config.kv_map
+    if min(heads, kv_heads, config.intermediate_size) < 0 or (heads == 0) != (kv_heads == 0):
+        raise ValueError(f"layer {layer_idx}: invalid widths heads={heads}, kv_heads={kv_heads}, "
+                         f"intermediate_size={config.intermediate_size}")
+    if kv_map is not None:
+        if len(kv_map) != heads or sorted(set(kv_map)) != list(range(kv_heads)):
+            raise ValueError(f"layer {layer_idx}: kv_map {kv_map} must give each of the {heads} query heads "
+                             f"one of the {kv_heads} KV heads, using each KV head")
+    elif heads and heads % kv_heads:
+        raise ValueError(f"layer {layer_idx}: {heads} query heads do not split evenly over {kv_heads} KV heads; give kv_map")
+
+
+class PrunedConfigMixin:
+    """Per-layer widths replace the family's global head-divisibility check."""
+
+    kv_map: list | None = None
+
+    def validate(self):
+        family = next(klass for klass in type(self).__mro__ if "__class_validators__" in vars(klass))
+        for validator in family.__class_validators__:
+            if validator.__name__ != "validate_architecture":
+                validator(self)
+        if self.head_dim is None:
+            raise ValueError("a pruned config needs an explicit head_dim")
+        for layer_idx in range(self.num_hidden_layers):
+            check_layer(self.per_layer_config[layer_idx] if self.is_heterogeneous else self, layer_idx)
+
+
+class PrunedAttentionMixin:
+    """The family's attention with any number of query and KV heads, including none."""
+
+    def __init__(self, config, layer_idx):
+        safe = copy.copy(config)  # the family constructor divides by these
+        safe.num_attention_heads = max(1, config.num_attention_heads)
+        safe.num_key_value_heads = max(1, config.num_key_value_heads)
+        super().__init__(safe, layer_idx)
+        self.config = config
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        kv_map = config.kv_map
+        self.num_key_value_groups = 1 if kv_map else max(1, self.num_heads) // max(1, self.num_kv_heads)
+        self.kv_map = list(kv_map or [])  # a plain list: meta-device loading leaves no buffer to fill
+        self._kv_index = {}
+        if self.num_heads == 0:
+            hidden = config.hidden_size
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(self, name, nn.Linear(hidden, 0, bias=getattr(self, name).bias is not None))
+            self.o_proj = nn.Linear(0, hidden, bias=self.o_proj.bias is not None)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        shape, head_dim = hidden_states.shape[:-1], self.head_dim
+        if self.num_heads == 0:
+            if cache is not None:  # a one-channel placeholder keeps the cache's length and batch bookkeeping
+                placeholder = hidden_states.new_zeros(shape[0], 1, shape[1], 1)
+                cache.update(placeholder, placeholder, self.layer_idx, kwargs=kwargs)
+            return self.o_proj(hidden_states.new_zeros(*shape, 0)), None
+        query = self.q_proj(hidden_states).view(*shape, self.num_heads, head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(*shape, self.num_kv_heads, head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(*shape, self.num_kv_heads, head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = self.family.apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        if self.kv_map:
+            index = self._kv_index.get(key.device)
+            if index is None:
+                index = self._kv_index[key.device] = torch.tensor(self.kv_map, dtype=torch.long, device=key.device)
+            key, value = key.index_select(1, index), value.index_select(1, index)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                          self.family.eager_attention_forward)
+        sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+        extra = {"sliding_window": sliding_window} if sliding_window is not None else {}
+        output, weights = attention(
+            self, query, key, value, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
+        )
+        return self.o_proj(output.reshape(*shape, self.num_heads * head_dim).contiguous()), weights
+
+
+class PrunedCausalLMMixin:
+    """Builds the family's model, then gives every layer its own attention and MLP widths."""
+
+    def __init__(self, config):
+        with global_access(config):
+            super().__init__(config)
+        for layer_idx, layer in enumerate(self.model.layers):
+            layer_config = config.per_layer_config[layer_idx] if config.is_heterogeneous else config
+            layer.self_attn = self.attention_class(layer_config, layer_idx)
+            layer.mlp = self.mlp_class(layer_config)
+        self.post_init()
+
+
+def _family_classes(name, model_type, config_base, family):
+    config_cls = type(f"{name}Config", (PrunedConfigMixin, config_base), {"model_type": model_type})
+    attention_cls = type(f"{name}Attention", (PrunedAttentionMixin, family.__dict__[f"{family_prefix(family)}Attention"]),
+                         {"family": family})
+    model_base = family.__dict__[f"{family_prefix(family)}ForCausalLM"]
+    model_cls = type(f"{name}ForCausalLM", (PrunedCausalLMMixin, model_base), {
+        "config_class": config_cls,
+        "attention_class": attention_cls,
+        "mlp_class": family.__dict__[f"{family_prefix(family)}MLP"],
+    })
+    return config_cls, attention_cls, model_cls
+
+
+def family_prefix(family) -> str:
+    return {modeling_llama: "Llama", modeling_mistral: "Mistral", modeling_qwen2: "Qwen2"}[family]
+
+
+AtpLlamaConfig, AtpLlamaAttention, AtpLlamaForCausalLM = _family_classes(
+    "AtpLlama", "atp_llama", configuration_llama.LlamaConfig, modeling_llama)
+AtpMistralConfig, AtpMistralAttention, AtpMistralForCausalLM = _family_classes(
+    "AtpMistral", "atp_mistral", configuration_mistral.MistralConfig, modeling_mistral)
+AtpQwen2Config, AtpQwen2Attention, AtpQwen2ForCausalLM = _family_classes(
+    "AtpQwen2", "atp_qwen2", configuration_qwen2.Qwen2Config, modeling_qwen2)
+
+# dense model_type -> (pruned config class, pruned model class)
+PRUNED_CLASSES = {
+    "llama": (AtpLlamaConfig, AtpLlamaForCausalLM),
+    "mistral": (AtpMistralConfig, AtpMistralForCausalLM),
+    "qwen2": (AtpQwen2Config, AtpQwen2ForCausalLM),
+}
+
+
+def register() -> None:
+    """Make AutoConfig / AutoModelForCausalLM know the pruned model types without remote code."""
+    for config_cls, model_cls in PRUNED_CLASSES.values():
+        try:
+            AutoConfig.register(config_cls.model_type, config_cls)
+            AutoModelForCausalLM.register(config_cls, model_cls)
+        except ValueError:  # already registered, e.g. by an earlier import under another module name
+            pass
