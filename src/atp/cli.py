@@ -20,6 +20,8 @@ HELP = {
     "prune": "--no-prune runs plain LoRA fine-tuning with the same loop (the dense + LoRA baseline)",
     "sparsity": "target fraction of prunable (decoder-block) parameters to remove, in (0, 1)",
     "mlp_block": "MLP channels per gate (kept MLP widths are multiples of it)",
+    "uniform": "keep the same widths in every layer, so the export is a plain LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM checkpoint",
+    "round_to": "keep MLP widths at multiples of this many channels (a multiple of --mlp-block), for hardware-friendly shapes",
     "max_steps": "training steps (optimizer updates)",
     "generator_every": "one generator step per this many LoRA steps",
     "generator_frac": "freeze the generator after this fraction of steps; LoRA then finishes on fixed decisions",

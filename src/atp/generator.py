@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .space import Gates, PruningSpace
+from .space import Gates, PruningSpace, ShapeRule
 
 
 class DecisionGenerator(nn.Module):
@@ -19,9 +19,11 @@ class DecisionGenerator(nn.Module):
         temperature: float = 0.4,
         offset: float = 3.0,
         seed: int = 0,
+        rule: ShapeRule | None = None,
     ):
         super().__init__()
         self.space = space
+        self.rule = rule or ShapeRule()
         self.temperature = temperature
         self.offset = offset
         self.seed = seed
@@ -53,28 +55,31 @@ class DecisionGenerator(nn.Module):
             for kind, layer_heads in self.heads.items()
         }
 
+    def hard(self, logits: Gates) -> Gates:
+        """0/1 decisions from logits, projected onto the shape rule (uniform widths, rounded widths)."""
+        return self.rule.project(self.space, {kind: (value > 0).float() for kind, value in logits.items()}, logits)
+
+    def _straight_through(self, logits: Gates) -> Gates:
+        hard = self.hard(logits)
+        soft = {kind: torch.sigmoid(value / self.temperature) for kind, value in logits.items()}
+        return {kind: hard[kind] + soft[kind] - soft[kind].detach() for kind in logits}
+
     def forward(self, step: int | None = None) -> Gates:
         """Gates for one step. `step` seeds the Gumbel noise so that every process draws the same sample."""
         logits = self.logits()
         if not self.training:
-            return {kind: (value > 0).float() for kind, value in logits.items()}
+            return self.hard(logits)
         noise_gen = None if step is None else torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        gates = {}
+        noisy = {}
         for kind, value in logits.items():
             u = torch.rand(value.shape, generator=noise_gen).clamp(1e-6, 1 - 1e-6).to(value.device)
-            soft = torch.sigmoid((value + torch.log(u) - torch.log1p(-u)) / self.temperature)
-            hard = (soft > 0.5).float()
-            gates[kind] = hard + soft - soft.detach()
-        return gates
+            noisy[kind] = value + torch.log(u) - torch.log1p(-u)
+        return self._straight_through(noisy)
 
     def deterministic_gates(self) -> Gates:
         """Noise-free straight-through gates: the eval-mode decisions forward, sigmoid gradients backward.
         The ratio loss uses these, so that the decisions that will be exported are the ones driven to the target."""
-        gates = {}
-        for kind, value in self.logits().items():
-            soft = torch.sigmoid(value / self.temperature)
-            gates[kind] = (value > 0).float() + soft - soft.detach()
-        return gates
+        return self._straight_through(self.logits())
 
     @torch.no_grad()
     def calibrate_offset(self, ratio_of, target: float, iters: int = 40) -> float:
@@ -87,8 +92,7 @@ class DecisionGenerator(nn.Module):
             span = max(float(v.abs().max()) for v in logits.values()) + 1.0
 
             def ratio_at(shift):
-                shifted = {k: (v + (shift if k in kinds_to_shift else 0.0) > 0).float() for k, v in logits.items()}
-                return float(ratio_of(shifted))
+                return float(ratio_of(self.hard({k: v + (shift if k in kinds_to_shift else 0.0) for k, v in logits.items()})))
 
             low, high = -span, span
             for _ in range(iters):
@@ -102,4 +106,4 @@ class DecisionGenerator(nn.Module):
     @torch.no_grad()
     def decisions(self) -> Gates:
         """Deterministic hard decisions, whatever the module's mode."""
-        return {kind: (value > 0).float() for kind, value in self.logits().items()}
+        return self.hard(self.logits())

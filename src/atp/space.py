@@ -77,6 +77,7 @@ class HeadMLPSpace(PruningSpace):
     o_bias: bool
     mlp_bias: bool
     mlp_block: int = 1
+    heads_must_divide_hidden: bool = False  # the family's config rejects head counts that do not divide hidden_size
 
     @classmethod
     def from_config(cls, config, mlp_block: int = 1) -> "HeadMLPSpace":
@@ -98,6 +99,7 @@ class HeadMLPSpace(PruningSpace):
             o_bias=bool(o_bias),
             mlp_bias=bool(mlp_bias),
             mlp_block=mlp_block,
+            heads_must_divide_hidden=config.model_type == "llama",
         )
 
     @property
@@ -175,3 +177,81 @@ class HeadMLPSpace(PruningSpace):
             channels = torch.nonzero(self.channel_mask(gates["mlp"][layer]) > 0.5).flatten().tolist()
             layers.append({"heads": heads, "kv_heads": kv, "kv_map": kv_map, "channels": channels})
         return layers
+
+
+@dataclass
+class ShapeRule:
+    """Constraints on the kept widths, applied to hard decisions by keeping each layer's best-scored structures.
+
+    uniform:  every layer keeps the same number of query heads, KV heads (query heads spread evenly over
+              them) and MLP channels, so the export is the family's own config (e.g. a plain LlamaConfig);
+    round_to: kept MLP widths are multiples of this many channels (a layer may also keep its full width).
+    Query/key/value widths are already multiples of head_dim, so head counts are not rounded.
+    """
+
+    uniform: bool = False
+    round_to: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.uniform or self.round_to > 0
+
+    def check(self, space: HeadMLPSpace) -> None:
+        if self.round_to < 0:
+            raise ATPError(f"--round-to must be a positive number of channels, got {self.round_to}")
+        if self.round_to and self.round_to % space.mlp_block:
+            raise ATPError(f"--round-to {self.round_to} must be a multiple of --mlp-block {space.mlp_block} "
+                           f"(MLP channels are decided in blocks of {space.mlp_block})")
+        if self.uniform and not self.head_options(space):
+            raise ATPError("--uniform: no head count splits evenly over the KV heads and divides the hidden size")
+
+    def head_options(self, space: HeadMLPSpace) -> list[tuple[int, int]]:
+        """(kept KV heads, query heads per KV head) pairs a uniform export can hold."""
+        return [
+            (groups, per_group)
+            for groups in range(1, space.num_kv_heads + 1)
+            for per_group in range(1, space.group_size + 1)
+            if not space.heads_must_divide_hidden or space.hidden_size % (groups * per_group) == 0
+        ]
+
+    def project(self, space: HeadMLPSpace, hard: Gates, scores: Gates) -> Gates:
+        """Hard 0/1 decisions that obey the rule and stay as close as possible to `hard` in kept counts."""
+        if not self.active:
+            return hard
+        return {"heads": self._project_heads(space, hard["heads"], scores["heads"]),
+                "mlp": self._project_mlp(space, hard["mlp"], scores["mlp"])}
+
+    def _project_mlp(self, space, hard, scores):
+        unit = max(1, self.round_to // space.mlp_block)  # blocks per allowed step
+        blocks = space.num_mlp_blocks
+        counts = hard.sum(dim=1).float()
+        if self.uniform:
+            counts = counts.mean().expand_as(counts)
+        counts = (torch.floor(counts / unit + 0.5) * unit).clamp(min=unit if self.uniform else 0).clamp(max=blocks)
+        if space.intermediate_size % space.mlp_block:  # a shorter last block is kept only with the full width
+            scores = scores.detach().clone()
+            scores[counts < blocks, -1] = -float("inf")
+        return _keep_top(scores, counts.long())
+
+    def _project_heads(self, space, hard, scores):
+        if not self.uniform:
+            return hard
+        grouped = hard.reshape(space.num_layers, space.num_kv_heads, space.group_size)
+        mean_heads = float(grouped.sum(dim=(1, 2)).float().mean())
+        mean_groups = float((grouped.sum(dim=2) > 0).sum(dim=1).float().mean())
+        groups, per_group = min(self.head_options(space),
+                                key=lambda o: (abs(o[0] * o[1] - mean_heads), abs(o[0] - mean_groups)))
+        by_score = scores.reshape(space.num_layers, space.num_kv_heads, space.group_size)
+        in_group = _keep_top(by_score.reshape(-1, space.group_size), torch.full((space.num_layers * space.num_kv_heads,), per_group))
+        in_group = in_group.reshape_as(by_score)
+        group_scores = (by_score * in_group).sum(dim=2) / per_group
+        keep_groups = _keep_top(group_scores, torch.full((space.num_layers,), groups))
+        return (in_group * keep_groups.unsqueeze(2)).reshape(space.num_layers, space.num_heads)
+
+
+def _keep_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row-wise 0/1 mask keeping the `counts[i]` highest scores of row i (ties go to the lower index)."""
+    order = torch.argsort(scores.detach(), dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return (ranks < counts.to(scores.device).unsqueeze(1)).float()

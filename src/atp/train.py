@@ -37,6 +37,8 @@ class ATPConfig:
     prune: bool = True  # False: plain LoRA fine-tuning with the same loop (the dense + LoRA baseline)
     sparsity: float = 0.4
     mlp_block: int = 32
+    uniform: bool = False  # every layer keeps the same widths: a plain family checkpoint (space.ShapeRule)
+    round_to: int = 0  # kept MLP widths are multiples of this many channels (0: no rounding)
     max_steps: int = 200
     batch_size: int = 4
     grad_accum: int = 1
@@ -220,7 +222,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     from .masking import GateController
     from .models import load_model
     from .regularization import group_lasso, proximal_step, ratio_loss
-    from .space import HeadMLPSpace, check_supported
+    from .space import HeadMLPSpace, ShapeRule, check_supported
 
     cfg.validate()
     AcceleratorState._reset_state()  # a second run in one process may use other precision; the process group stays
@@ -246,8 +248,10 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
                           f"sequences are truncated to {context}")
         cfg.max_length = context
     space = HeadMLPSpace.from_config(model.config, mlp_block=cfg.mlp_block)
+    rule = ShapeRule(uniform=cfg.uniform, round_to=cfg.round_to)
     if cfg.prune:
         check_reachable(space, cfg.sparsity)
+        rule.check(space)
     examples = load_training_examples(cfg)
     calib_count = max(1, int(len(examples) * cfg.calib_fraction)) if cfg.prune else 0
     train_examples, calib_examples = examples[calib_count:], examples[:calib_count]
@@ -275,7 +279,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     optimizers = {"lora": opt_lora}
     generator = controller = opt_gen = None
     if cfg.prune:
-        generator = DecisionGenerator(space, cfg.generator_hidden, cfg.temperature, cfg.offset, cfg.seed)
+        generator = DecisionGenerator(space, cfg.generator_hidden, cfg.temperature, cfg.offset, cfg.seed, rule)
         opt_gen = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, weight_decay=0.0)
         optimizers["generator"] = opt_gen
         controller = GateController(peft_model, space, mask_lora=cfg.mask_lora)
