@@ -38,6 +38,9 @@ def main():
     parser.add_argument("--limit", type=int, default=None, help="examples per task in evaluation")
     parser.add_argument("--out", default="runs/bench-engine")
     parser.add_argument("--skip-dense", action="store_true")
+    parser.add_argument("--skip-lora", action="store_true")
+    parser.add_argument("--uniform", action="store_true", help="ATP runs keep equal widths in every layer")
+    parser.add_argument("--round-to", type=int, default=0, help="ATP runs keep MLP widths at multiples of this")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,22 +52,27 @@ def main():
         "date": time.strftime("%Y-%m-%d"),
         "max_steps": args.max_steps,
         "limit": args.limit,
+        "uniform": args.uniform,
+        "round_to": args.round_to,
     }
 
     def save():
         results_path.write_text(json.dumps(results, indent=2))
 
     runs = [(f"atp-{s:g}", s) for s in args.sparsity[:1]] + [("lora", None)] + [(f"atp-{s:g}", s) for s in args.sparsity[1:]]
+    if args.skip_lora:
+        runs = [r for r in runs if r[0] != "lora"]
     for label, sparsity in runs:
         if label in results:
             continue
         cfg = ATPConfig(model=args.model, domain=args.domain, out=str(out / label), overwrite=True,
-                        max_steps=args.max_steps, prune=sparsity is not None, sparsity=sparsity or 0.4)
+                        max_steps=args.max_steps, prune=sparsity is not None, sparsity=sparsity or 0.4,
+                        uniform=args.uniform and sparsity is not None, round_to=args.round_to if sparsity else 0)
         report = train(cfg)
         metrics, seconds = evaluate(report["model_dir"], args.domain, args.limit)
         keep = ("train_seconds", "total_seconds", "mean_step_seconds", "mean_lora_step_seconds",
                 "mean_generator_step_seconds", "generator_steps", "prunable_sparsity", "model_sparsity",
-                "exported_params", "dense_params", "logits_check")
+                "exported_params", "dense_params", "logits_check", "layers")
         results[label] = {"metrics": metrics, "eval_seconds": seconds, **{k: report[k] for k in keep}}
         save()
         print(json.dumps({label: results[label]}, indent=1), flush=True)
