@@ -220,3 +220,23 @@ def test_train_round_to(tiny_model_dir, train_file, tmp_path):
     report = _run(tiny_model_dir, train_file, tmp_path / "r", round_to=8)
     assert report["logits_check"]["passed"] and abs(report["prunable_sparsity"] - 0.4) < 0.02
     assert all(layer["intermediate_size"] % 8 == 0 or layer["intermediate_size"] == 64 for layer in report["layers"])
+
+
+def test_exports_of_atp_0_1_load(tmp_path, tokenizer):
+    """atp 0.1.0 wrote widths under atp_pruning.layers in the dense family config; those folders still load."""
+    from atp.models import load_model
+
+    model = tiny_model("llama", True)
+    space = HeadMLPSpace.from_config(model.config, mlp_block=4)
+    gates = random_gates(space)
+    out = save_pruned(build_pruned(model, space.kept_structure(gates)), tokenizer, tmp_path / "m")
+    legacy = model.config.to_dict()
+    legacy["atp_pruning"] = {"layers": [
+        {"num_heads": len(k["heads"]), "num_kv_heads": len(k["kv_heads"]), "kv_map": k["kv_map"],
+         "intermediate_size": len(k["channels"]), "kept_heads": k["heads"]} for k in space.kept_structure(gates)]}
+    (out / "config.json").write_text(json.dumps(legacy))
+    (out / MODELING_FILE).unlink()
+    loaded, _ = load_model(str(out))
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, masked_logits(model, space, gates, x), rtol=0, atol=1e-5)

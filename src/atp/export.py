@@ -150,12 +150,41 @@ def load_pruned(path, dtype: torch.dtype = torch.float32, attn_implementation: s
     path = Path(path)
     if not any(path.glob("*.safetensors")):
         raise ATPError(f"{path} holds no .safetensors weights")
+    if "layers" in json.loads((path / "config.json").read_text()).get(CONFIG_KEY, {}):
+        return _load_legacy(path, dtype, attn_implementation).to(device).eval()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                      use_safetensors=True)
     except (OSError, ValueError) as err:
         raise ATPError(f"could not load the pruned model in {path}: {err}") from None
     return model.to(device).eval()
+
+
+def _load_legacy(path: Path, dtype, attn_implementation):
+    """Exports of atp 0.1.0 (widths under `atp_pruning.layers` in a family config): same weights, new config."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    dense = AutoConfig.from_pretrained(path)
+    records = json.loads((path / "config.json").read_text())[CONFIG_KEY]["layers"]
+    kept = [{"heads": r["kept_heads"], "kv_heads": list(range(r["num_kv_heads"])), "kv_map": r["kv_map"],
+             "channels": list(range(r["intermediate_size"]))} for r in records]
+    config = pruned_config(dense, kept)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = hf_modeling.PRUNED_CLASSES[dense.model_type][1](config)
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    state = {k: v.to(dtype) for k, v in state.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
 
 
 def save_pruned(model, tokenizer, out_dir, *, overwrite: bool = False, extra_files: dict[str, str] | None = None,

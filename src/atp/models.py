@@ -96,10 +96,11 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
     """Load (model, tokenizer) for any model argument; pruned atp exports load too."""
     from transformers import AutoModelForCausalLM
 
-    from .hf_modeling import register
+    from .export import is_pruned_checkpoint, load_pruned
 
-    register()  # heterogeneous atp exports load without remote code
     path = resolve_model(name)
+    if is_pruned_checkpoint(path):  # registers the pruned model types; reads exports of older atp versions too
+        return load_pruned(path, dtype=dtype, attn_implementation=attn_implementation), load_tokenizer(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except OSError as err:
