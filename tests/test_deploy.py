@@ -131,6 +131,7 @@ def test_heterogeneous_config_uses_per_layer_config(tmp_path, tokenizer):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "atp_llama" and (out / MODELING_FILE).exists()
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_atp.AtpLlamaForCausalLM"
+    assert "kv_map" in config  # every per-layer key has a global value, for generic config readers
     widths = layer_widths(space.kept_structure(gates))
     for layer, expected in enumerate(widths):
         given = {**{k: config[k] for k in expected if k in config}, **config["per_layer_config"].get(str(layer), {})}

@@ -30,7 +30,8 @@ def _sha256(path: Path) -> str:
 
 
 def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, scheduler, fingerprint: str,
-         keep: int) -> Path:
+         keep: int, decisions: tuple[dict, dict] | None = None) -> Path:
+    """decisions: (gates, info) of a run whose decisions were fixed before tuning (two-stage baselines)."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -42,6 +43,10 @@ def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, sche
         if generator is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()},
                       str(tmp / "generator.safetensors"))
+        if decisions is not None:
+            gates, info = decisions
+            (tmp / "decisions.json").write_text(json.dumps({"gates": {k: v.tolist() for k, v in gates.items()},
+                                                             "info": info}))
         torch.save(
             {
                 "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
@@ -80,6 +85,15 @@ def latest_valid(run_dir: Path) -> tuple[Path, dict] | None:
         except ATPError as err:
             print(f"atp: warning: skipping checkpoint {err}", file=sys.stderr)
     return None
+
+
+def load_decisions(path: Path, device="cpu") -> tuple[dict, dict]:
+    """The fixed decisions (gates, info) saved with a checkpoint of a two-stage baseline run."""
+    try:
+        saved = json.loads((path / "decisions.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ATPError(f"{path.name}: no readable fixed decisions ({err})") from None
+    return {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in saved["gates"].items()}, saved["info"]
 
 
 def load(path: Path, peft_model, generator, optimizers: dict, scheduler) -> int:

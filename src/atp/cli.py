@@ -1,4 +1,4 @@
-"""Command line: atp prepare | eval | prune | demo."""
+"""Command line: atp prepare | eval | prune | bench | compare | demo."""
 from __future__ import annotations
 
 import argparse
@@ -18,18 +18,23 @@ HELP = {
     "out": "run directory; the exported model lands in OUT/model",
     "overwrite": "replace an existing, non-empty run directory",
     "prune": "--no-prune runs plain LoRA fine-tuning with the same loop (the dense + LoRA baseline)",
+    "method": "atp (one-stage), or a two-stage baseline whose decisions are fixed on the pretrained model before "
+              "LoRA tuning: taylor, magnitude, activation, random, frozen-generator (see atp.baselines)",
     "sparsity": "target fraction of prunable (decoder-block) parameters to remove, in (0, 1)",
     "mlp_block": "MLP channels per gate (kept MLP widths are multiples of it)",
     "uniform": "keep the same widths in every layer, so the export is a plain LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM checkpoint",
     "round_to": "keep MLP widths at multiples of this many channels (a multiple of --mlp-block), for hardware-friendly shapes",
     "max_steps": "training steps (optimizer updates)",
     "generator_every": "one generator step per this many LoRA steps",
-    "generator_frac": "freeze the generator after this fraction of steps; LoRA then finishes on fixed decisions",
+    "generator_frac": "freeze the generator after this fraction of steps; LoRA then finishes on fixed decisions "
+                      "(1.0: the generator trains to the end and is calibrated to the target just before export)",
     "calib_fraction": "fraction of training examples held out for generator steps",
     "calib_max_length": "token length of calibration sequences for generator steps (default: max_length // 2)",
+    "calib_batches": "calibration batches for the importance scores of the taylor and activation baselines",
     "alpha": "weight of the parameter-ratio loss",
     "target_warmup": "fraction of the generator phase over which the ratio target moves from 1 to 1 - sparsity",
-    "lam": "group-lasso weight (ramped up over the generator phase)",
+    "lam": "group-lasso weight (ramped up over the generator phase); 0 turns group lasso and its proximal "
+           "step off (an ablation); not used by the two-stage baselines",
     "mask_lora": "--no-mask-lora masks only the frozen path (an ablation)",
     "mixed_precision": "no, bf16 or fp16 (accelerate)",
     "gradient_checkpointing": "recompute activations in the backward pass to save memory",
@@ -105,6 +110,12 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+
+    return run_compare(args.config, dry_run=args.dry_run, report_only=args.report_only)
+
+
 def cmd_demo(args) -> int:
     from .evaluation import evaluate_domain
     from .models import load_model
@@ -173,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(p)
     p.set_defaults(func=lambda args: run_bench_command(args))
+
+    p = sub.add_parser("compare", help="ATP vs two-stage baselines and ablations: methods x sparsities x domains "
+                                       "x seeds from one YAML config; resumable; markdown, JSON and plots",
+                       description="Runs every cell (train, then evaluate on the dev split) that has no result yet. "
+                                   "In the background: nohup atp compare --config X > compare.log 2>&1 &")
+    p.add_argument("--config", required=True, help="YAML file (keys: see atp.compare, e.g. benchmarks/compare.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    p.add_argument("--report-only", action="store_true", help="write tables and plots from finished cells, run nothing")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="prune SmolLM2 at 40%% on healthcare data and compare dense vs pruned metrics")
     p.add_argument("--model", default="smollm2-135m", help=HELP["model"])

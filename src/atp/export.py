@@ -87,7 +87,8 @@ def pruned_config(config, kept_structure: list[dict]):
         new = type(config)(**values)
     else:
         config_cls, model_cls = hf_modeling.PRUNED_CLASSES[config.model_type]
-        new = config_cls(**values, per_layer_config=dict(enumerate(widths)))
+        # kv_map's global value is written too, so that generic config readers (e.g. AutoTokenizer) parse the file
+        new = config_cls(**values, kv_map=None, per_layer_config=dict(enumerate(widths)))
         new.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.{config_cls.__name__}",
                         "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{model_cls.__name__}"}
     setattr(new, CONFIG_KEY, {"kept_heads": [k["heads"] for k in kept_structure]})

@@ -35,6 +35,7 @@ class ATPConfig:
     out: str = "runs/atp"
     overwrite: bool = False
     prune: bool = True  # False: plain LoRA fine-tuning with the same loop (the dense + LoRA baseline)
+    method: str = "atp"  # atp, or a two-stage baseline with decisions fixed before tuning (atp.baselines)
     sparsity: float = 0.4
     mlp_block: int = 32
     uniform: bool = False  # every layer keeps the same widths: a plain family checkpoint (space.ShapeRule)
@@ -56,6 +57,7 @@ class ATPConfig:
     calib_max_length: int | None = None  # token length of calibration sequences (default: max_length // 2)
     generator_frac: float = 0.6  # freeze the generator after this fraction of steps
     calib_fraction: float = 0.1
+    calib_batches: int = 8  # calibration batches for the taylor and activation importance scores
     alpha: float = 50.0  # ratio-loss weight
     target_warmup: float = 0.5  # the ratio target moves from 1 to 1 - sparsity over this fraction of the generator phase
     lam: float = 0.05  # group-lasso weight after warm-up
@@ -82,6 +84,14 @@ class ATPConfig:
             raise ATPError(f"--target-warmup must be in [0, 1], got {self.target_warmup}")
         if not 0 <= self.generator_frac <= 1:
             raise ATPError(f"--generator-frac must be in [0, 1], got {self.generator_frac}")
+        from .baselines import SCORED, check_method
+
+        check_method(self.method)
+        if self.prune and self.method in SCORED and (self.uniform or self.round_to):
+            raise ATPError(f"--uniform and --round-to apply to the generator's decisions (atp, frozen-generator), "
+                           f"not to --method {self.method}")
+        if self.calib_batches < 1:
+            raise ATPError(f"--calib-batches must be at least 1, got {self.calib_batches}")
         if not self.domain and not self.train_files:
             raise ATPError("give training data: --domain NAME or --train-file TASK=PATH")
 
@@ -301,10 +311,44 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         return peft_model(**batch, num_items_in_batch=tokens).loss * world
     freeze_at = int(cfg.generator_frac * cfg.max_steps)
     is_generator_step = lambda s: generator is not None and s <= freeze_at and (s - 1) % cfg.generator_every == 0
+    step_times = {"lora": [], "generator": []}
+    window = LogWindow()
+
+    def generator_step(step, window):
+        """Generator step on a calibration batch, LoRA frozen (gradients flow only into the generator)."""
+        t0 = time.perf_counter()
+        generator.train()
+        controller.set(gen_module(step=step))
+        with accelerator.no_sync(peft_model):  # no LoRA gradients in this step
+            task = task_loss(next(calib_iter))
+            ratio = space.remaining_ratio(gen_module.deterministic_gates())
+            r_loss = ratio_loss(ratio, target_at(cfg, step, freeze_at))
+            check_finite(step, generator_task_loss=task, ratio_loss=r_loss)
+            opt_gen.zero_grad(set_to_none=True)
+            (task + cfg.alpha * r_loss).backward(inputs=list(gen_module.parameters()))
+        if world > 1:
+            for p in gen_module.parameters():
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+        opt_gen.step()
+        window.add(generator_task_loss=task.item(), ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
+        step_times["generator"].append(time.perf_counter() - t0)
+
+    # Two-stage baselines: decisions fixed on the pretrained model before tuning (atp.baselines); a resumed
+    # run reads them from its checkpoint. No generator steps and no group lasso afterwards.
+    fixed = chosen = None
+    if cfg.prune and cfg.method != "atp":
+        if not resume:
+            fixed, chosen = choose_fixed_decisions(cfg, accelerator, peft_model, space, calib_rows, tokenizer.pad_token_id,
+                                                   generator_step, gen_module, freeze_at)
+        generator = gen_module = opt_gen = None
+        del optimizers["generator"]
     log_path = run_dir / "log.jsonl"
     first_step = 1
     if resume:
         done = checkpoint.load(found[0], accelerator.unwrap_model(peft_model), gen_module, optimizers, schedule)
+        if cfg.prune and cfg.method != "atp":
+            fixed, chosen = checkpoint.load_decisions(found[0], accelerator.device)
         accelerator.print(f"resuming {run_dir} from {found[0].name}")
         for _ in range(done * cfg.grad_accum):  # the same batches an uninterrupted run would see next
             next(train_iter)
@@ -314,32 +358,16 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         if log_path.exists() and accelerator.is_main_process:
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= done]
             log_path.write_text("".join(line + "\n" for line in kept))
-    last_decisions = decisions = gen_module.decisions() if gen_module is not None else None
+    if fixed is not None:
+        controller.set(fixed)
+    last_decisions = decisions = fixed if fixed is not None else gen_module.decisions() if gen_module is not None else None
     flips_since_log = 0
-    step_times = {"lora": [], "generator": []}
-    bar = tqdm(range(first_step, cfg.max_steps + 1), initial=first_step - 1, total=cfg.max_steps, disable=not (progress and accelerator.is_main_process), desc="atp prune" if cfg.prune else "lora")
-    window = LogWindow()
+    desc = ("atp prune" if cfg.method == "atp" else cfg.method) if cfg.prune else "lora"
+    bar = tqdm(range(first_step, cfg.max_steps + 1), initial=first_step - 1, total=cfg.max_steps, disable=not (progress and accelerator.is_main_process), desc=desc)
     peft_model.train()
     for step in bar:
-        # Generator step on a calibration batch, LoRA frozen (gradients flow only into the generator).
         if is_generator_step(step):
-            t0 = time.perf_counter()
-            generator.train()
-            controller.set(gen_module(step=step))
-            with accelerator.no_sync(peft_model):  # no LoRA gradients in this step
-                task = task_loss(next(calib_iter))
-                ratio = space.remaining_ratio(gen_module.deterministic_gates())
-                r_loss = ratio_loss(ratio, target_at(cfg, step, freeze_at))
-                check_finite(step, generator_task_loss=task, ratio_loss=r_loss)
-                opt_gen.zero_grad(set_to_none=True)
-                (task + cfg.alpha * r_loss).backward(inputs=list(gen_module.parameters()))
-            if world > 1:
-                for p in gen_module.parameters():
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
-            opt_gen.step()
-            window.add(generator_task_loss=task.item(), ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
-            step_times["generator"].append(time.perf_counter() - t0)
+            generator_step(step, window)
 
         if generator is not None and step == freeze_at + 1:
             reached = gen_module.calibrate_offset(space.remaining_ratio, target_ratio)
@@ -352,7 +380,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
             controller.set(decisions)
             flips_since_log += sum(int((decisions[k] != last_decisions[k]).sum()) for k in decisions)
             last_decisions = decisions
-        lam = lambda_at(cfg, step) if cfg.prune else 0.0
+        lam = lambda_at(cfg, step) if gen_module is not None else 0.0  # no group lasso with fixed decisions
         for micro in range(cfg.grad_accum):
             with accelerator.accumulate(peft_model):
                 task = task_loss(next(train_iter))
@@ -381,15 +409,19 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
             bar.set_postfix(loss=f"{record['task_loss']:.3f}", **({"sparsity": f"{record['prunable_sparsity']:.3f}"} if cfg.prune else {}))
         if cfg.save_every and step % cfg.save_every == 0 and accelerator.is_main_process:
             checkpoint.save(run_dir, step, accelerator.unwrap_model(peft_model), gen_module, optimizers, schedule,
-                            fingerprint(cfg), cfg.keep_checkpoints)
+                            fingerprint(cfg), cfg.keep_checkpoints, decisions=(fixed, chosen) if fixed is not None else None)
     bar.close()
+    if gen_module is not None and freeze_at >= cfg.max_steps:  # the generator trained to the end (no fixed phase)
+        reached = gen_module.calibrate_offset(space.remaining_ratio, target_ratio)
+        accelerator.print(f"generator trained to the last step; decisions calibrated to ratio {reached:.4f} for export")
     train_seconds = time.time() - started
 
     # Export: reference logits from the masked LoRA model, then merge, slice, save, reload and compare.
     accelerator.wait_for_everyone()
     report = {"config": dataclasses.asdict(cfg), "train_seconds": train_seconds, "processes": world}
-    if gen_module is not None and world > 1:
-        mine = torch.cat([v.flatten() for v in gen_module.decisions().values()]).to(accelerator.device)
+    final = fixed if fixed is not None else gen_module.decisions() if gen_module is not None else space.full_gates()
+    if cfg.prune and world > 1:
+        mine = torch.cat([v.flatten() for v in final.values()]).to(accelerator.device)
         everyone = accelerator.gather(mine.unsqueeze(0))
         if not bool((everyone == everyone[0]).all()):
             raise ATPError("pruning decisions differ between processes; the run cannot be exported consistently")
@@ -397,10 +429,12 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     if not accelerator.is_main_process:
         return report
     peft_model = accelerator.unwrap_model(peft_model, keep_fp32_wrapper=False).eval()  # fp32 reference
-    final = gen_module.decisions() if gen_module is not None else space.full_gates()
     probe = sample_texts(tokenizer, train_examples[::max(1, len(train_examples) // 4)][:4])
     with torch.no_grad():  # how far group lasso drove the LoRA weights of pruned groups towards zero
         pruned_lora_norm = float(group_lasso(peft_model, space, final)) if cfg.prune else 0.0
+    if controller is not None and not cfg.mask_lora:  # ablation: export removes both paths, so check against that
+        controller.remove()
+        controller = GateController(peft_model, space, mask_lora=True)
     model_dir, check, merged = export_checked(cfg, peft_model, controller, space, final, tokenizer, probe,
                                               accelerator.device, run_dir / "model")
     exported = count_safetensors_params(model_dir)
@@ -416,6 +450,11 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         prunable_sparsity=removed / space.prunable_params(),
         model_sparsity=removed / dense_total,
         target_sparsity=cfg.sparsity if cfg.prune else 0.0,
+        method=cfg.method if cfg.prune else "dense-lora",
+        decisions_sparsity=space.sparsity(final)["prunable_sparsity"],
+        decisions_info=chosen or {},
+        dense_shape={"num_layers": space.num_layers, "num_heads": space.num_heads,
+                     "num_kv_heads": space.num_kv_heads, "intermediate_size": space.intermediate_size},
         mean_lora_step_seconds=_mean(step_times["lora"]),
         mean_generator_step_seconds=_mean(step_times["generator"]),
         generator_steps=len(step_times["generator"]),
@@ -428,6 +467,36 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     )
     write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
     return report
+
+
+def choose_fixed_decisions(cfg: ATPConfig, accelerator, peft_model, space, calib_rows, pad_id, generator_step,
+                           gen_module, freeze_at: int):
+    """Decisions of a two-stage baseline, chosen on the pretrained model (LoRA is still zero), and a summary.
+    frozen-generator: ATP's generator phase (same steps and losses) without LoRA steps, then calibrated."""
+    from .baselines import ALLOCATION, fixed_decisions
+
+    started = time.time()
+    if cfg.method == "frozen-generator":
+        peft_model.train()
+        window = LogWindow()
+        steps = [s for s in range(1, freeze_at + 1) if (s - 1) % cfg.generator_every == 0]
+        for s in steps:
+            generator_step(s, window)
+        gen_module.calibrate_offset(space.remaining_ratio, 1 - cfg.sparsity)
+        gates = gen_module.decisions()
+        info = {"allocation": ALLOCATION[cfg.method], "generator_steps": len(steps), **window.means(),
+                "selection_seconds": round(time.time() - started, 2)}
+    else:
+        # whole batches on every process, so that every process picks the same decisions
+        source = batches(calib_rows, cfg.batch_size, pad_id, cfg.seed + 2)
+        data = [next(source)[0] for _ in range(cfg.calib_batches)]
+        gates, info = fixed_decisions(cfg.method, accelerator.unwrap_model(peft_model), space, cfg.sparsity, data,
+                                      cfg.seed, accelerator.device)
+    gates = {k: v.to(accelerator.device) for k, v in gates.items()}
+    sparsity = space.sparsity(gates)["prunable_sparsity"]
+    accelerator.print(f"{cfg.method}: decisions fixed before tuning at prunable sparsity {sparsity:.4f} "
+                      f"({info['allocation']} allocation, {info['selection_seconds']:.0f}s)")
+    return gates, info
 
 
 def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tokenizer, probe, device, out_dir):

@@ -1,0 +1,238 @@
+"""Two-stage baselines: pruning decisions fixed on the pretrained model before LoRA tuning starts.
+
+Every method returns gates in the format of `HeadMLPSpace` ({"heads": [L, H], "mlp": [L, blocks]},
+1 keep, 0 prune). Training then masks both the frozen and the LoRA path with these fixed gates, tunes
+LoRA for the full max_steps, and exports through the same physical-removal path as ATP.
+
+Groups (the same ones ATP's generator decides on):
+  query head h:  the rows of q_proj and the columns of o_proj that belong to h;
+  MLP block b:   the rows of gate_proj and up_proj and the columns of down_proj of its channels.
+Scores (higher = more important), computed on the pretrained weights (LoRA is still zero):
+  taylor      |sum over the group of w * dL/dw|: LLM-Pruner's first-order estimate of the loss change
+              when the group is removed, with dL/dw summed over `calib_batches` calibration batches.
+  magnitude   L2 norm of the group's weights.
+  activation  Wanda-sp: sum over the group's input channels of the output projection (o_proj for a
+              head, down_proj for an MLP block) of ||column||_1 * RMS of that channel's input over the
+              calibration tokens (padding excluded).
+  random      uniform noise from the run's seed (a floor).
+Allocation across layers, as each method's source does it:
+  taylor      uniform per layer (LLM-Pruner prunes every layer by the same ratio; unlike LLM-Pruner we
+              do not exempt the first and last layers, a choice it tuned for 7B models);
+  magnitude   uniform per layer (LLM-Pruner's L2 baseline and norm-based filter pruning);
+  activation  global ranking over scores standardised within each layer and kind (FLAP's adaptive
+              structure search; Wanda-sp itself is uniform per layer, which taylor and magnitude cover);
+  random      uniform per layer.
+"Uniform per layer" ranks groups within each layer and removes the k-th least important of every layer
+before the (k+1)-th of any, so per-layer counts differ by at most one group and any total is reachable.
+Heads and MLP blocks are scored in different units, so they are never ranked against each other: each
+kind removes the same fraction of its own prunable parameters (query heads with the KV heads they free;
+MLP channels), and the MLP count, the finer kind, is then set so that the exact remaining ratio from
+`space.remaining_ratio` comes closest to 1 - sparsity.
+
+frozen-generator (the loop is in train.py): ATP's generator trained on the pretrained model alone with
+the same steps, schedule and losses as ATP's generator phase (LoRA untouched), calibrated to the target
+with `calibrate_offset`, then frozen. It isolates the benefit of deciding *during* tuning.
+
+Group lasso is not used with fixed decisions: both paths of a pruned group are masked from the first
+step, so its LoRA weights get no gradient and are removed at export whatever their value.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .errors import ATPError
+from .masking import decoder_layers
+from .space import Gates, HeadMLPSpace
+
+METHODS = ("atp", "taylor", "magnitude", "activation", "random", "frozen-generator")
+SCORED = ("taylor", "magnitude", "activation", "random")  # decisions from an importance score
+ALLOCATION = {
+    "taylor": "uniform",
+    "magnitude": "uniform",
+    "activation": "global",
+    "random": "uniform",
+    "frozen-generator": "learned",
+    "atp": "learned",
+}
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ATPError(f"unknown --method '{method}'; choices: {', '.join(METHODS)}")
+
+
+def _weight(module) -> torch.Tensor:
+    """The frozen weight of a Linear, also inside a peft LoRA wrapper."""
+    return getattr(module, "base_layer", module).weight
+
+
+def _projections(layer) -> dict[str, torch.nn.Module]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return {"q": attn.q_proj, "o": attn.o_proj, "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+
+
+def _chunk_sums(values: torch.Tensor, unit: int) -> torch.Tensor:
+    """Sums of consecutive runs of `unit` entries (the last run may be shorter)."""
+    pad = (-len(values)) % unit
+    return torch.cat([values, values.new_zeros(pad)]).view(-1, unit).sum(1)
+
+
+def _group_sums(space: HeadMLPSpace, stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element statistics of one layer's q, o, gate, up, down weights, summed per head and per MLP block."""
+    heads = _chunk_sums(stats["q"].sum(1), space.head_dim) + _chunk_sums(stats["o"].sum(0), space.head_dim)
+    rows = stats["gate"].sum(1) + stats["up"].sum(1)
+    mlp = _chunk_sums(rows + stats["down"].sum(0), space.mlp_block)
+    return heads, mlp
+
+
+def _stack(per_layer: list[tuple[torch.Tensor, torch.Tensor]]) -> Gates:
+    return {"heads": torch.stack([h for h, _ in per_layer]).float().cpu(),
+            "mlp": torch.stack([m for _, m in per_layer]).float().cpu()}
+
+
+def magnitude_scores(model, space: HeadMLPSpace) -> Gates:
+    per_layer = []
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            stats = {k: _weight(m).float().pow(2) for k, m in _projections(layer).items()}
+            heads, mlp = _group_sums(space, stats)
+            per_layer.append((heads.sqrt(), mlp.sqrt()))
+    return _stack(per_layer)
+
+
+def taylor_scores(model, space: HeadMLPSpace, batches, device) -> Gates:
+    """|sum of w * dL/dw| per group, with dL/dw accumulated over the calibration batches."""
+    weights = [_weight(m) for layer in decoder_layers(model) for m in _projections(layer).values()]
+    was_training, flags = model.training, [w.requires_grad for w in weights]
+    model.eval()
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+            w.grad = None
+        for batch in batches:
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward(inputs=weights)  # gradients for these weights only, not for LoRA
+        per_layer = []
+        with torch.no_grad():
+            for layer in decoder_layers(model):
+                stats = {k: (_weight(m) * _weight(m).grad).float() for k, m in _projections(layer).items()}
+                heads, mlp = _group_sums(space, stats)
+                per_layer.append((heads.abs(), mlp.abs()))
+    finally:
+        for w, flag in zip(weights, flags):
+            w.grad = None
+            w.requires_grad_(flag)
+        model.train(was_training)
+    return _stack(per_layer)
+
+
+def activation_scores(model, space: HeadMLPSpace, batches, device) -> Gates:
+    """Wanda-sp: per input channel of o_proj / down_proj, ||weight column||_1 * RMS(input), summed per group."""
+    layers = decoder_layers(model)
+    sq_sums = {(i, k): 0.0 for i in range(len(layers)) for k in ("o", "down")}
+    count, current = [0], {}
+
+    def hook(key):
+        def record(module, args):
+            x = args[0].float()[current["mask"]]  # [real tokens, channels]
+            sq_sums[key] = sq_sums[key] + x.pow(2).sum(0)
+        return record
+
+    handles = [_projections(layer)[k].register_forward_pre_hook(hook((i, k)))
+               for i, layer in enumerate(layers) for k in ("o", "down")]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                current["mask"] = batch["attention_mask"].bool()
+                count[0] += int(current["mask"].sum())
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    per_layer = []
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            proj = _projections(layer)
+            rms = {k: (sq_sums[(i, k)] / max(1, count[0])).sqrt() for k in ("o", "down")}
+            o = _weight(proj["o"]).float().abs().sum(0) * rms["o"]
+            down = _weight(proj["down"]).float().abs().sum(0) * rms["down"]
+            per_layer.append((_chunk_sums(o, space.head_dim), _chunk_sums(down, space.mlp_block)))
+    return _stack(per_layer)
+
+
+def random_scores(space: HeadMLPSpace, seed: int) -> Gates:
+    noise = torch.Generator().manual_seed(seed * 7_919 + 17)
+    return {kind: torch.rand(shape, generator=noise) for kind, shape in space.gate_shapes.items()}
+
+
+def order(scores: torch.Tensor, allocation: str) -> torch.Tensor:
+    """Flat indices into a [layers, width] score table, least important first."""
+    layers, width = scores.shape
+    if allocation == "global":  # FLAP: standardise within each layer, then rank across layers
+        z = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-12)
+        return torch.argsort(z.flatten(), stable=True)
+    if allocation == "uniform":  # the k-th least important of every layer before any (k+1)-th
+        rank = torch.argsort(torch.argsort(scores, dim=1, stable=True), dim=1, stable=True)
+        keys = [(int(rank.flatten()[i]), float(scores.flatten()[i]), i) for i in range(layers * width)]
+        return torch.tensor([i for _, _, i in sorted(keys)], dtype=torch.long)
+    raise ATPError(f"unknown allocation '{allocation}'")
+
+
+def select(space: HeadMLPSpace, scores: Gates, sparsity: float, allocation: str) -> Gates:
+    """Prune the least important groups of each kind so that the remaining ratio of prunable parameters
+    comes closest to 1 - sparsity, every kind giving up the same fraction of its own parameters."""
+    orders = {kind: order(scores[kind], allocation) for kind in space.gate_shapes}
+    total = space.prunable_params()
+
+    def gates(counts: dict[str, int]) -> Gates:
+        out = space.full_gates()
+        for kind, n in counts.items():
+            out[kind].view(-1)[orders[kind][:n]] = 0
+        return out
+
+    def removed(counts: dict[str, int]) -> float:
+        return total * (1 - float(space.remaining_ratio(gates(counts))))
+
+    def closest(fn, target: float, most: int) -> int:
+        """The count in [0, most] whose removal fn(count) (non-decreasing) is nearest to target."""
+        low, high = 0, most
+        while low < high:  # smallest count with fn(count) >= target
+            mid = (low + high) // 2
+            low, high = (mid + 1, high) if fn(mid) < target else (low, mid)
+        return min({max(0, low - 1), low}, key=lambda n: (abs(fn(n) - target), n))
+
+    kinds = list(space.gate_shapes)  # the last kind is the finest: it closes the gap
+    most = {kind: removed({kind: len(orders[kind])}) for kind in kinds}
+    share = sparsity * total / sum(most.values())  # the same fraction from every kind
+    counts = {}
+    for kind in kinds[:-1]:
+        counts[kind] = closest(lambda n: removed({kind: n}), share * most[kind], len(orders[kind]))
+    last = kinds[-1]
+    counts[last] = closest(lambda n: removed({**counts, last: n}), sparsity * total, len(orders[last]))
+    return gates(counts)
+
+
+def fixed_decisions(method: str, model, space: HeadMLPSpace, sparsity: float, batches, seed: int,
+                    device) -> tuple[Gates, dict]:
+    """Gates for a scored two-stage method, and what was done (scores' kind, allocation, seconds)."""
+    started = time.time()
+    if method == "taylor":
+        scores = taylor_scores(model, space, batches, device)
+    elif method == "magnitude":
+        scores = magnitude_scores(model, space)
+    elif method == "activation":
+        scores = activation_scores(model, space, batches, device)
+    elif method == "random":
+        scores = random_scores(space, seed)
+    else:
+        raise ATPError(f"method '{method}' has no importance score; scored methods: {', '.join(SCORED)}")
+    gates = select(space, scores, sparsity, ALLOCATION[method])
+    info = {"allocation": ALLOCATION[method], "calibration_batches": len(batches) if method in ("taylor", "activation") else 0,
+            "selection_seconds": round(time.time() - started, 2)}
+    return gates, info

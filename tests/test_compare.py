@@ -1,0 +1,110 @@
+"""`atp compare` on a tiny model: outputs, skipping finished cells, relative performance."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from atp.cli import main
+from atp.compare import relative_performance, summarize
+from atp.errors import ATPError
+
+
+@pytest.fixture
+def tiny_compare(tmp_path, tiny_model_dir, shared_data):
+    """A healthcare data dir cut from the shared files, and a compare config on the tiny model."""
+    data = tmp_path / "data" / "healthcare"
+    data.mkdir(parents=True)
+    for name, n in (("pubmedqa_train.jsonl", 40), ("hqs_train.jsonl", 30)):
+        lines = (shared_data / "healthcare" / name).read_text().splitlines()[:n]
+        (data / name).write_text("\n".join(lines) + "\n")
+    config = yaml.safe_load((Path(__file__).parent / "compare_tiny.yaml").read_text())
+    config.update(model=str(tiny_model_dir), out=str(tmp_path / "out"), data_dir=str(tmp_path / "data"))
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, tmp_path / "out"
+
+
+def test_compare_writes_outputs_and_skips_finished_cells(tiny_compare, monkeypatch, capsys):
+    import atp.evaluation
+    import atp.train
+
+    path, out = tiny_compare
+    assert main(["compare", "--config", str(path), "--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    assert "5 cells" in listed and "taylor-s0.4-seed1" in listed and "to run" in listed
+
+    assert main(["compare", "--config", str(path)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    names = [c["name"] for c in results["cells"]]
+    assert names == ["dense", "dense-lora-seed0", "atp-s0.4-seed0", "taylor-s0.4-seed0", "taylor-s0.4-seed1"]
+    rows = {(r["method"], r["sparsity"]): r for r in results["summary"]["healthcare"]["rows"]}
+    assert rows[("dense-lora", 0.0)]["relative"][0] == pytest.approx(1.0)
+    assert rows[("taylor", 0.4)]["relative"][1] is not None  # two seeds: a std
+    assert abs(rows[("taylor", 0.4)]["measured_sparsity"][0] - 0.4) < 0.03
+    markdown = (out / "results.md").read_text()
+    assert "## healthcare" in markdown and "dense + LoRA" in markdown and "taylor" in markdown and " ± " in markdown
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    assert plots == ["healthcare_kept_s0.4.png", "healthcare_metrics.png"]
+    assert all((out / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
+
+    # A second invocation retrains and re-evaluates nothing.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("healthcare/*/result.json")}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(atp.train, "train", forbidden)
+    monkeypatch.setattr(atp.evaluation, "evaluate_domain", forbidden)
+    assert main(["compare", "--config", str(path)]) == 0
+    assert capsys.readouterr().out.count("done earlier, skipped") == 5
+    assert {p: p.stat().st_mtime_ns for p in out.glob("healthcare/*/result.json")} == stamps
+
+    # A cell trained but not evaluated (stopped during evaluation) is evaluated without retraining.
+    monkeypatch.undo()
+    monkeypatch.setattr(atp.train, "train", forbidden)
+    (out / "healthcare" / "atp-s0.4-seed0" / "result.json").unlink()
+    assert main(["compare", "--config", str(path)]) == 0
+    assert (out / "healthcare" / "atp-s0.4-seed0" / "result.json").exists()
+
+    # Changed training settings are refused instead of mixing results.
+    config = yaml.safe_load(path.read_text())
+    config["train"]["max_steps"] = 4
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ATPError, match="different settings"):
+        from atp.compare import run_compare
+        run_compare(path)
+
+
+def test_compare_config_errors(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("methods: [atp, wanda]\n")
+    assert main(["compare", "--config", str(path)]) == 2
+    assert "unknown methods ['wanda']" in capsys.readouterr().err
+    path.write_text("train: {sparsity: 0.3}\n")
+    assert main(["compare", "--config", str(path)]) == 2
+    assert "set per cell" in capsys.readouterr().err
+
+
+def result(method, sparsity, seed, pubmedqa, hqs, ppl):
+    metrics = {"pubmedqa": {"acc": pubmedqa, "acc_norm": pubmedqa, "n": 10},
+               "hqs": {"rouge1": hqs + 2, "rouge2": 1.0, "rougeL": hqs, "n": 10},
+               "pubmed_text": {"ppl": ppl, "nll": 0.0, "tokens": 100, "windows": 2, "n": 5}}
+    return {"domain": "healthcare", "method": method, "sparsity": sparsity, "seed": seed, "metrics": metrics,
+            "cell_seconds": 1.0, "report": {"prunable_sparsity": sparsity}}
+
+
+def test_relative_performance_by_hand():
+    # reference: mean of two dense-LoRA seeds -> pubmedqa 0.5, hqs rougeL 40, ppl 10
+    results = [result("dense-lora", 0.0, 0, 0.4, 30.0, 8.0), result("dense-lora", 0.0, 1, 0.6, 50.0, 12.0),
+               result("atp", 0.4, 0, 0.5, 20.0, 20.0), result("atp", 0.4, 1, 0.25, 40.0, 10.0)]
+    summary = summarize(results)["healthcare"]
+    assert summary["primary_metrics"] == {"pubmedqa": "acc_norm", "hqs": "rougeL", "pubmed_text": "ppl"}
+    atp_row = next(r for r in summary["rows"] if r["method"] == "atp")
+    # seed 0: (0.5/0.5 + 20/40 + 10/20) / 3 = 2/3; seed 1: (0.25/0.5 + 40/40 + 10/10) / 3 = 5/6
+    mean, std = atp_row["relative"]
+    assert mean == pytest.approx((2 / 3 + 5 / 6) / 2)
+    assert std == pytest.approx(abs(5 / 6 - 2 / 3) / 2 ** 0.5)
+    assert atp_row["metrics"]["hqs rougeL"][0] == pytest.approx(30.0)
+    value, ratios = relative_performance(results[2]["metrics"], {"pubmedqa": {"acc": 1.0}}, {"pubmedqa": "acc"})
+    assert value == pytest.approx(0.5) and ratios == {"pubmedqa": pytest.approx(0.5)}
