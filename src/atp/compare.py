@@ -124,15 +124,18 @@ def seeds_for(spec: dict, method: str, sparsity: float) -> list[int]:
 
 
 def cells(spec: dict) -> list[Cell]:
-    out = []
-    for domain in spec["domains"]:
+    """References first, then every method's first seed (sparsity by sparsity, both domains), then the
+    extra seeds: a run stopped early still holds a complete first-seed table for the first sparsities."""
+    refs, runs = [], []
+    for d, domain in enumerate(spec["domains"]):
         if spec["references"]:
-            out.append(Cell(domain, "dense", 0.0, None))
-            out += [Cell(domain, "dense-lora", 0.0, s) for s in seeds_for(spec, "dense-lora", 0.0)]
-        for sparsity in spec["sparsities"]:
-            for method in spec["methods"]:
-                out += [Cell(domain, method, float(sparsity), s) for s in seeds_for(spec, method, sparsity)]
-    return out
+            refs.append(Cell(domain, "dense", 0.0, None))
+            refs += [Cell(domain, "dense-lora", 0.0, s) for s in seeds_for(spec, "dense-lora", 0.0)]
+        for p, sparsity in enumerate(spec["sparsities"]):
+            for m, method in enumerate(spec["methods"]):
+                for k, seed in enumerate(seeds_for(spec, method, sparsity)):
+                    runs.append(((k > 0, p, d, m, k), Cell(domain, method, float(sparsity), seed)))
+    return refs + [cell for _, cell in sorted(runs, key=lambda item: item[0])]
 
 
 def cell_dir(spec: dict, cell: Cell) -> Path:
