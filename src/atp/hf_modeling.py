@@ -133,29 +133,24 @@ class PrunedCausalLMMixin:
         self.post_init()
 
 
-def _family_classes(name, model_type, config_base, family):
+def _family_classes(name, model_type, config_base, family, prefix):
     config_cls = type(f"{name}Config", (PrunedConfigMixin, config_base), {"model_type": model_type})
-    attention_cls = type(f"{name}Attention", (PrunedAttentionMixin, family.__dict__[f"{family_prefix(family)}Attention"]),
+    attention_cls = type(f"{name}Attention", (PrunedAttentionMixin, getattr(family, f"{prefix}Attention")),
                          {"family": family})
-    model_base = family.__dict__[f"{family_prefix(family)}ForCausalLM"]
-    model_cls = type(f"{name}ForCausalLM", (PrunedCausalLMMixin, model_base), {
+    model_cls = type(f"{name}ForCausalLM", (PrunedCausalLMMixin, getattr(family, f"{prefix}ForCausalLM")), {
         "config_class": config_cls,
         "attention_class": attention_cls,
-        "mlp_class": family.__dict__[f"{family_prefix(family)}MLP"],
+        "mlp_class": getattr(family, f"{prefix}MLP"),
     })
     return config_cls, attention_cls, model_cls
 
 
-def family_prefix(family) -> str:
-    return {modeling_llama: "Llama", modeling_mistral: "Mistral", modeling_qwen2: "Qwen2"}[family]
-
-
 AtpLlamaConfig, AtpLlamaAttention, AtpLlamaForCausalLM = _family_classes(
-    "AtpLlama", "atp_llama", configuration_llama.LlamaConfig, modeling_llama)
+    "AtpLlama", "atp_llama", configuration_llama.LlamaConfig, modeling_llama, "Llama")
 AtpMistralConfig, AtpMistralAttention, AtpMistralForCausalLM = _family_classes(
-    "AtpMistral", "atp_mistral", configuration_mistral.MistralConfig, modeling_mistral)
+    "AtpMistral", "atp_mistral", configuration_mistral.MistralConfig, modeling_mistral, "Mistral")
 AtpQwen2Config, AtpQwen2Attention, AtpQwen2ForCausalLM = _family_classes(
-    "AtpQwen2", "atp_qwen2", configuration_qwen2.Qwen2Config, modeling_qwen2)
+    "AtpQwen2", "atp_qwen2", configuration_qwen2.Qwen2Config, modeling_qwen2, "Qwen2")
 
 # dense model_type -> (pruned config class, pruned model class)
 PRUNED_CLASSES = {
