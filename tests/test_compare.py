@@ -108,3 +108,23 @@ def test_relative_performance_by_hand():
     assert atp_row["metrics"]["hqs rougeL"][0] == pytest.approx(30.0)
     value, ratios = relative_performance(results[2]["metrics"], {"pubmedqa": {"acc": 1.0}}, {"pubmedqa": "acc"})
     assert value == pytest.approx(0.5) and ratios == {"pubmedqa": pytest.approx(0.5)}
+
+
+def test_a_failed_cell_does_not_stop_the_comparison(tiny_compare, monkeypatch, capsys):
+    import atp.compare
+
+    path, out = tiny_compare
+    real = atp.compare.run_cell
+
+    def fail_atp(spec, cell, progress=True):
+        if cell.method == "atp":
+            raise ATPError("exported model does not match the masked model")
+        return real(spec, cell, progress)
+
+    monkeypatch.setattr(atp.compare, "run_cell", fail_atp)
+    assert main(["compare", "--config", str(path)]) == 1
+    printed = capsys.readouterr().out
+    assert "atp-s0.4-seed0: FAILED" in printed and "1 cell(s) failed" in printed
+    assert (out / "healthcare" / "atp-s0.4-seed0" / "error.txt").read_text().startswith("exported model")
+    names = [c["name"] for c in json.loads((out / "results.json").read_text())["cells"]]
+    assert "atp-s0.4-seed0" not in names and "taylor-s0.4-seed1" in names  # later cells still ran

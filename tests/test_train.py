@@ -85,7 +85,9 @@ def tiny_cfg(model_dir, train_file, out, **kw):
 def test_end_to_end_prune_exports_exact_model(tiny_model_dir, train_file, tmp_path):
     report = train(tiny_cfg(tiny_model_dir, train_file, tmp_path / "run"), progress=False)
     model_dir = tmp_path / "run" / "model"
-    assert report["logits_check"]["passed"] and report["logits_check"]["max_abs_logit_diff"] <= 1e-3
+    check = report["logits_check"]
+    assert check["passed"] and check["max_abs_logit_diff"] <= 1e-3
+    assert check["allowed"] == pytest.approx(check["tolerance"] * max(1.0, check["max_abs_logit"]))
     assert count_safetensors_params(model_dir) == report["exported_params"]
     assert abs(report["prunable_sparsity"] - 0.4) <= 0.03, report["prunable_sparsity"]
     loaded = load_pruned(model_dir)

@@ -471,11 +471,18 @@ def run_compare(config_path, dry_run: bool = False, report_only: bool = False, p
         print(f"{len(todo)} cells; outputs in {spec['out']}")
         return 0
     earlier = [finished(spec, cell) for cell in todo]  # refuses changed settings before anything runs
-    results = []
+    results, failed = [], []
     for i, (cell, result) in enumerate(zip(todo, earlier), 1):
         if result is None and not report_only:
             print(f"[{i}/{len(todo)}] {cell.domain} {cell.name}", flush=True)
-            result = run_cell(spec, cell, progress)
+            try:
+                result = run_cell(spec, cell, progress)
+            except ATPError as err:  # one failed cell does not stop the comparison; a rerun retries it
+                failed.append(f"{cell.domain} {cell.name}: {err}")
+                write_text_atomic(cell_dir(spec, cell) / "error.txt", f"{err}\n")
+                print(f"[{i}/{len(todo)}] {cell.domain} {cell.name}: FAILED: {err}", flush=True)
+                continue
+            (cell_dir(spec, cell) / "error.txt").unlink(missing_ok=True)
             print(f"[{i}/{len(todo)}] {cell.domain} {cell.name}: done in {result['cell_seconds']:.0f}s", flush=True)
         elif result is not None:
             print(f"[{i}/{len(todo)}] {cell.domain} {cell.name}: done earlier, skipped")
@@ -486,4 +493,7 @@ def run_compare(config_path, dry_run: bool = False, report_only: bool = False, p
     if results:
         write_outputs(spec, results)
         print(f"results: {Path(spec['out']) / 'results.md'}")
+    if failed:
+        print(f"{len(failed)} cell(s) failed (rerun the same command to retry them):\n  " + "\n  ".join(failed))
+        return 1
     return 0
