@@ -241,3 +241,23 @@ def test_exports_of_atp_0_1_load(tmp_path, tokenizer):
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, masked_logits(model, space, gates, x), rtol=0, atol=1e-5)
+
+
+def test_float64_recheck_is_exact_and_catches_wrong_slices():
+    from atp.train import float64_diff
+
+    model = tiny_model("llama", True)
+    space = HeadMLPSpace.from_config(model.config, mlp_block=4)
+    gates, other = random_gates(space, seed=0), random_gates(space, seed=5)
+    pruned = build_pruned(model, space.kept_structure(gates))
+    probe = {"input_ids": ids(), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    assert float64_diff(model, space, gates, pruned, probe) < 1e-10
+    assert float64_diff(model, space, other, pruned, probe) > 1e-3  # masks that do not match the export
+
+
+def test_export_check_falls_back_to_float64(tiny_model_dir, train_file, tmp_path):
+    report = _run(tiny_model_dir, train_file, tmp_path / "z", check_tolerance=0.0)  # fp32 alone cannot pass
+    check = report["logits_check"]
+    assert check["passed"]
+    if check["max_abs_logit_diff"] > 0:
+        assert check["float64_diff"] < 1e-6 * check["max_abs_logit"]
