@@ -41,10 +41,9 @@ import math
 import time
 from pathlib import Path
 
-import yaml
 
 from .errors import ATPError
-from .fsutil import write_text_atomic
+from .fsutil import read_yaml_mapping, write_text_atomic
 
 # method name in the config -> ATPConfig overrides
 METHODS = {
@@ -85,15 +84,7 @@ class Cell:
 
 
 def load_spec(path) -> dict:
-    try:
-        spec = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ATPError(f"could not read compare config {path}: {err}") from None
-    if not isinstance(spec, dict):
-        raise ATPError(f"compare config {path} must hold a mapping")
-    unknown = sorted(set(spec) - KEYS)
-    if unknown:
-        raise ATPError(f"compare config {path} has unknown keys {unknown}; valid keys: {sorted(KEYS)}")
+    spec = read_yaml_mapping(path, "compare config", KEYS)
     spec = {"model": "smollm2-135m", "out": "runs/compare", "domains": ["healthcare"], "sparsities": [0.4],
             "methods": ["atp"], "seeds": [0], "cell_seeds": {}, "train": {}, "eval": {}, "data_dir": None,
             "references": True, "relative_metrics": {}, **spec}

@@ -53,3 +53,19 @@ def write_text_atomic(path, text: str) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def read_yaml_mapping(path, what: str, known) -> dict:
+    """A YAML file holding a mapping whose keys are all in `known`, or an ATPError naming `what`."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ATPError(f"could not read {what} {path}: {err}") from None
+    if not isinstance(values, dict):
+        raise ATPError(f"{what} {path} must hold a mapping of option: value")
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ATPError(f"{what} {path} has unknown keys {unknown}; valid keys: {sorted(known)}")
+    return values

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from .errors import ATPError
-from .fsutil import write_text_atomic
+from .fsutil import read_yaml_mapping, write_text_atomic
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -97,17 +97,7 @@ class ATPConfig:
 
     @classmethod
     def from_yaml(cls, path) -> dict:
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ATPError(f"could not read config file {path}: {err}") from None
-        if not isinstance(values, dict):
-            raise ATPError(f"config file {path} must hold a mapping of option: value")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ATPError(f"config file {path} has unknown keys {unknown}; valid keys: {sorted(known)}")
-        return values
+        return read_yaml_mapping(path, "config file", {f.name for f in dataclasses.fields(cls)})
 
 
 def load_training_examples(cfg: ATPConfig):
