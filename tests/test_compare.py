@@ -84,6 +84,35 @@ def test_compare_config_errors(tmp_path, capsys):
     path.write_text("train: {sparsity: 0.3}\n")
     assert main(["compare", "--config", str(path)]) == 2
     assert "set per cell" in capsys.readouterr().err
+    path.write_text("variants: {taylor: {lam: 0}}\n")
+    assert main(["compare", "--config", str(path)]) == 2
+    assert "name of a built-in method" in capsys.readouterr().err
+    path.write_text("variants: {atp-x: {seed: 3}}\nmethods: [atp-x]\n")
+    assert main(["compare", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "variant 'atp-x'" in err and "['seed']" in err
+    path.write_text("variants: {atp-x: {restart_lr: true}}\nmethods: [atp-y]\n")
+    assert main(["compare", "--config", str(path)]) == 2
+    assert "unknown methods ['atp-y']" in capsys.readouterr().err
+
+
+def test_compare_variants_are_methods_with_their_own_options(tiny_compare, capsys):
+    from atp.compare import cell_config, cells, load_spec
+
+    path, out = tiny_compare
+    config = yaml.safe_load(path.read_text())
+    config.update(methods=["atp", "atp-restart", "taylor-r"], cell_seeds={},
+                  variants={"atp-restart": {"restart_lr": True, "generator_frac": 0.3},
+                            "taylor-r": {"method": "taylor", "lr": 1e-4}})
+    path.write_text(yaml.safe_dump(config))
+    spec = load_spec(path)
+    by_name = {c.name: c for c in cells(spec)}
+    assert set(by_name) == {"dense", "dense-lora-seed0", "atp-s0.4-seed0", "atp-restart-s0.4-seed0", "taylor-r-s0.4-seed0"}
+    restart = cell_config(spec, by_name["atp-restart-s0.4-seed0"])
+    assert (restart.method, restart.restart_lr, restart.generator_frac, restart.max_steps) == ("atp", True, 0.3, 3)
+    taylor = cell_config(spec, by_name["taylor-r-s0.4-seed0"])
+    assert (taylor.method, taylor.lr, taylor.sparsity) == ("taylor", 1e-4, 0.4)
+    assert not cell_config(spec, by_name["atp-s0.4-seed0"]).restart_lr
 
 
 def result(method, sparsity, seed, pubmedqa, hqs, ppl):

@@ -165,3 +165,34 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, train_file, t
     wa, wb = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("a", "b"))
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
+
+
+def test_lora_lr_restarts_when_the_generator_freezes(tiny_model_dir, train_file, tmp_path):
+    from atp.train import lora_lr_factor
+
+    cfg = tiny_cfg(tiny_model_dir, train_file, tmp_path / "run", max_steps=40, generator_frac=0.5, log_every=1,
+                   save_every=0)
+    plain = [lora_lr_factor(cfg, s, 20) for s in range(40)]
+    cfg.restart_lr = True
+    restarted = [lora_lr_factor(cfg, s, 20) for s in range(40)]
+    assert restarted[:20] == plain[:20]
+    assert plain[20] == pytest.approx(0.5)  # cosine half-way
+    assert restarted[20] == pytest.approx(1.0) and restarted[30] == pytest.approx(0.5)  # warm-up 1 step, then cosine
+    assert max(plain[21:]) < 0.5 < min(restarted[20:30])
+    train(cfg, progress=False)
+    lr = {r["step"]: r["lr"] for r in map(json.loads, open(tmp_path / "run" / "log.jsonl"))}
+    # the lr logged at a step is the one the next update uses
+    assert lr[20] == pytest.approx(cfg.lr * restarted[20]) and lr[19] == pytest.approx(cfg.lr * restarted[19])
+    assert lr[20] == pytest.approx(cfg.lr) and lr[19] < 0.6 * cfg.lr
+
+
+def test_fingerprint_ignores_later_options_at_their_default(tmp_path):
+    import dataclasses
+    import hashlib
+
+    from atp.train import NON_SEMANTIC, fingerprint
+
+    cfg = ATPConfig(out=str(tmp_path))
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC and k != "restart_lr"}
+    assert fingerprint(cfg) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert fingerprint(dataclasses.replace(cfg, restart_lr=True)) != fingerprint(cfg)

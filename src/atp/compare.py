@@ -28,6 +28,8 @@ Config keys:
   eval         limit (int, or {domain: int}; see `atp eval --limit`), batch_size, max_length, max_new_tokens
   data_dir     domain data folder (default: as `atp eval`)
   references   run dense and dense-lora per domain (default true)
+  variants     extra methods defined by ATPConfig overrides, e.g. {atp-restart: {restart_lr: true}}
+               (method atp unless `method` is given); list their names in `methods`
   relative_metrics  metric per task for relative performance, e.g. {casehold: acc}; defaults: multiple
                choice acc_norm, summarisation rougeL, perplexity ppl
 """
@@ -60,7 +62,7 @@ METHODS = {
 REFERENCES = {"dense": None, "dense-lora": {"prune": False}}
 LABELS = {"dense": "dense (no tuning)", "dense-lora": "dense + LoRA"}
 KEYS = {"model", "out", "domains", "sparsities", "methods", "seeds", "cell_seeds", "train", "eval", "data_dir",
-        "references", "relative_metrics"}
+        "references", "relative_metrics", "variants"}
 PER_CELL = {"model", "domain", "train_files", "data_dir", "out", "overwrite", "prune", "method", "sparsity", "seed"}
 EVAL_KEYS = {"limit", "batch_size", "max_length", "max_new_tokens"}
 SHOWN = ("acc", "acc_norm", "rouge1", "rouge2", "rougeL", "ppl")  # metrics in tables and plots
@@ -87,16 +89,18 @@ def load_spec(path) -> dict:
     spec = read_yaml_mapping(path, "compare config", KEYS)
     spec = {"model": "smollm2-135m", "out": "runs/compare", "domains": ["healthcare"], "sparsities": [0.4],
             "methods": ["atp"], "seeds": [0], "cell_seeds": {}, "train": {}, "eval": {}, "data_dir": None,
-            "references": True, "relative_metrics": {}, **spec}
-    bad = [m for m in spec["methods"] if m not in METHODS]
-    if bad:
-        raise ATPError(f"unknown methods {bad} in {path}; choices: {', '.join(METHODS)}")
+            "references": True, "relative_metrics": {}, "variants": {}, **spec}
     from .data import get_domain
     from .train import ATPConfig
 
+    fields = {f.name for f in dataclasses.fields(ATPConfig)}
+    spec["variants"] = check_variants(spec["variants"], fields, path)
+    known = {**METHODS, **spec["variants"]}
+    bad = [m for m in spec["methods"] if m not in known]
+    if bad:
+        raise ATPError(f"unknown methods {bad} in {path}; choices: {', '.join(known)} (or define them under `variants`)")
     for domain in spec["domains"]:
         get_domain(domain)
-    fields = {f.name for f in dataclasses.fields(ATPConfig)}
     wrong = sorted(set(spec["train"]) - (fields - PER_CELL))
     if wrong:
         raise ATPError(f"train: {wrong} cannot be set there (unknown, or set per cell by compare)")
@@ -107,6 +111,23 @@ def load_spec(path) -> dict:
         raise ATPError(f"sparsities must be in (0, 1), got {spec['sparsities']}")
     spec["out"] = str(Path(spec["out"]).resolve())
     return spec
+
+
+def check_variants(variants, fields: set[str], path) -> dict[str, dict]:
+    """`variants` from a compare config: name -> ATPConfig overrides (method atp unless given)."""
+    if not isinstance(variants, dict):
+        raise ATPError(f"variants in {path} must be a mapping of name -> training options, got {type(variants).__name__}")
+    checked = {}
+    for name, overrides in variants.items():
+        if name in METHODS or name in REFERENCES:
+            raise ATPError(f"variant '{name}' in {path} has the name of a built-in method; choose another name")
+        if not isinstance(overrides, dict):
+            raise ATPError(f"variant '{name}' in {path} must map option names to values, got {overrides!r}")
+        wrong = sorted(set(overrides) - (fields - (PER_CELL - {"method"})))
+        if wrong:
+            raise ATPError(f"variant '{name}' in {path}: {wrong} cannot be set there (unknown, or set per cell by compare)")
+        checked[str(name)] = {"method": "atp", **overrides}
+    return checked
 
 
 def seeds_for(spec: dict, method: str, sparsity: float) -> list[int]:
@@ -136,7 +157,8 @@ def cell_dir(spec: dict, cell: Cell) -> Path:
 def cell_config(spec: dict, cell: Cell):
     from .train import ATPConfig
 
-    values = {**spec["train"], **(REFERENCES["dense-lora"] if cell.method == "dense-lora" else METHODS[cell.method]),
+    method = REFERENCES["dense-lora"] if cell.method == "dense-lora" else {**METHODS, **spec["variants"]}[cell.method]
+    values = {**spec["train"], **method,
               "model": spec["model"], "domain": cell.domain, "data_dir": spec["data_dir"], "seed": cell.seed,
               "out": str(cell_dir(spec, cell) / "run"), "overwrite": True}
     if cell.method != "dense-lora":
@@ -322,6 +344,8 @@ def write_markdown(spec: dict, summary: dict, path: Path) -> None:
              f"evaluation {json.dumps(spec['eval'])}. Sparsity is over prunable (decoder-block) parameters.",
              "Relative performance = mean over tasks of run / dense + LoRA (perplexity: dense + LoRA / run), "
              "each run against the mean of the dense + LoRA seeds. Values are mean ± std over seeds.", ""]
+    lines += [f"- variant `{name}`: {json.dumps(overrides)}" for name, overrides in spec.get("variants", {}).items()]
+    lines += [""] if spec.get("variants") else []
     for domain, part in summary.items():
         rows = part["rows"]
         lines += [f"## {domain}", "",

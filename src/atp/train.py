@@ -56,6 +56,7 @@ class ATPConfig:
     generator_every: int = 2  # one generator step per this many LoRA steps
     calib_max_length: int | None = None  # token length of calibration sequences (default: max_length // 2)
     generator_frac: float = 0.6  # freeze the generator after this fraction of steps
+    restart_lr: bool = False  # the LoRA learning rate restarts (warm-up, cosine) when the generator freezes
     calib_fraction: float = 0.1
     calib_batches: int = 8  # calibration batches for the taylor and activation importance scores
     alpha: float = 50.0  # ratio-loss weight
@@ -155,6 +156,17 @@ def target_at(cfg: ATPConfig, step: int, freeze_at: int) -> float:
     return 1 - cfg.sparsity * min(1.0, step / ramp)
 
 
+def lora_lr_factor(cfg: ATPConfig, updates: int, freeze_at: int) -> float:
+    """LoRA learning-rate multiplier after `updates` optimizer updates: linear warm-up over 5% of the steps,
+    then cosine decay to 0. With restart_lr, the fixed-decision phase after the generator freezes gets
+    its own warm-up and cosine, so the recovery from the final decisions runs at the full learning rate."""
+    start, length = 0, cfg.max_steps
+    if cfg.restart_lr and 0 < freeze_at < cfg.max_steps and updates >= freeze_at:
+        start, length = freeze_at, cfg.max_steps - freeze_at
+    s = updates - start
+    return min(1.0, (s + 1) / max(1, length // 20)) * 0.5 * (1 + math.cos(math.pi * s / length))
+
+
 def lambda_at(cfg: ATPConfig, step: int) -> float:
     ramp = max(1, int(cfg.generator_frac * cfg.max_steps))
     return cfg.lam * min(1.0, step / ramp)
@@ -181,8 +193,14 @@ def prepare_run_dir(cfg: ATPConfig) -> Path:
 NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints", "gradient_checkpointing")
 
 
+# options added after runs were first recorded: left out of the fingerprint at their default, so that
+# those runs stay resumable and their compare cells stay valid
+LATER_OPTIONS = {"restart_lr": False}
+
+
 def fingerprint(cfg: ATPConfig) -> str:
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC}
+    values = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in NON_SEMANTIC and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -283,9 +301,9 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         opt_gen = torch.optim.AdamW(generator.parameters(), lr=cfg.generator_lr, weight_decay=0.0)
         optimizers["generator"] = opt_gen
         controller = GateController(peft_model, space, mask_lora=cfg.mask_lora)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt_lora, lambda s: min(1.0, (s + 1) / max(1, cfg.max_steps // 20)) * 0.5 * (1 + math.cos(math.pi * s / cfg.max_steps))
-    )
+    freeze_at = int(cfg.generator_frac * cfg.max_steps)
+    restart_at = freeze_at if (cfg.prune and cfg.method == "atp") else 0  # baselines tune fixed decisions from step 1
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt_lora, lambda s: lora_lr_factor(cfg, s, restart_at))
     peft_model, opt_lora = accelerator.prepare(peft_model, opt_lora)
     # The generator stays unwrapped and fp32 on every process: same init, same per-step noise and
     # all-reduced gradients keep its decisions identical across processes.
@@ -299,7 +317,6 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         batch, tokens = batch_and_count
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         return peft_model(**batch, num_items_in_batch=tokens).loss * world
-    freeze_at = int(cfg.generator_frac * cfg.max_steps)
     is_generator_step = lambda s: generator is not None and s <= freeze_at and (s - 1) % cfg.generator_every == 0
     step_times = {"lora": [], "generator": []}
     window = LogWindow()
