@@ -196,3 +196,12 @@ def test_fingerprint_ignores_later_options_at_their_default(tmp_path):
     old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC and k != "restart_lr"}
     assert fingerprint(cfg) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert fingerprint(dataclasses.replace(cfg, restart_lr=True)) != fingerprint(cfg)
+    # restart_lr cannot change runs without a fixed-decision phase after the generator: not fingerprinted there
+    for inert in (dict(method="taylor"), dict(prune=False), dict(generator_frac=1.0), dict(generator_frac=0.0)):
+        base = dataclasses.replace(cfg, **inert)
+        assert fingerprint(dataclasses.replace(base, restart_lr=True)) == fingerprint(base), inert
+    # a record made before the option existed reads back with the value that reproduces it
+    from atp.train import config_from_record
+
+    record = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "restart_lr"}
+    assert config_from_record(record).restart_lr is False

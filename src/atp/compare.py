@@ -197,14 +197,14 @@ def finished(spec: dict, cell: Cell) -> dict | None:
 def train_cell(cfg, progress: bool) -> dict:
     """Train a cell's run, or reuse it: a finished run is kept, an interrupted one resumes from its checkpoint."""
     from . import checkpoint
-    from .train import ATPConfig, fingerprint, train
+    from .train import config_from_record, fingerprint, train
 
     run_dir = Path(cfg.out)
     report_path = run_dir / "report.json"
     if report_path.exists():
         report = json.loads(report_path.read_text())
         try:
-            same = fingerprint(ATPConfig(**report["config"])) == fingerprint(cfg)
+            same = fingerprint(config_from_record(report["config"])) == fingerprint(cfg)
         except TypeError:
             same = False
         if same and Path(report["model_dir"]).is_dir():

@@ -193,14 +193,28 @@ def prepare_run_dir(cfg: ATPConfig) -> Path:
 NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints", "gradient_checkpointing")
 
 
-# options added after runs were first recorded: left out of the fingerprint at their default, so that
-# those runs stay resumable and their compare cells stay valid
+# options added after runs were first recorded, with the value that reproduces those runs: a recorded
+# config without them gets that value, and the fingerprint leaves them out at that value, so older runs
+# stay resumable and their compare cells stay valid
 LATER_OPTIONS = {"restart_lr": False}
 
 
+def inert_options(cfg: ATPConfig) -> set[str]:
+    """Options that cannot change what this run computes (left out of its fingerprint)."""
+    freeze_at = int(cfg.generator_frac * cfg.max_steps)
+    has_fixed_phase = cfg.prune and cfg.method == "atp" and 0 < freeze_at < cfg.max_steps
+    return set() if has_fixed_phase else {"restart_lr"}
+
+
+def config_from_record(values: dict) -> ATPConfig:
+    """An ATPConfig from a recorded config.yaml / report (older records lack the later options)."""
+    return ATPConfig(**{**LATER_OPTIONS, **values})
+
+
 def fingerprint(cfg: ATPConfig) -> str:
+    skip = set(NON_SEMANTIC) | inert_options(cfg)
     values = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in NON_SEMANTIC and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
+              if k not in skip and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -209,7 +223,7 @@ def resume_config(run_dir, overrides: dict) -> ATPConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise ATPError(f"--resume {run_dir}: no config.yaml there; is it an atp run directory?")
-    recorded = ATPConfig.from_yaml(path)
+    recorded = {**LATER_OPTIONS, **ATPConfig.from_yaml(path)}
     changed = sorted(k for k, v in overrides.items() if k not in NON_SEMANTIC and k in recorded and recorded[k] != v)
     if changed:
         detail = ", ".join(f"{k}: {recorded[k]!r} -> {overrides[k]!r}" for k in changed)
