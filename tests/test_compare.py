@@ -71,6 +71,11 @@ def test_compare_writes_outputs_and_skips_finished_cells(tiny_compare, monkeypat
     config = yaml.safe_load(path.read_text())
     config["train"]["max_steps"] = 4
     path.write_text(yaml.safe_dump(config))
+    (out / "healthcare" / "atp-s0.4-seed0" / "result.json").unlink()
+    capsys.readouterr()
+    assert main(["compare", "--config", str(path), "--dry-run"]) == 0
+    assert "atp-s0.4-seed0                     to run (an earlier run with other settings there is replaced)" \
+        in capsys.readouterr().out
     with pytest.raises(ATPError, match="different settings"):
         from atp.compare import run_compare
         run_compare(path)
@@ -112,7 +117,7 @@ def test_compare_variants_are_methods_with_their_own_options(tiny_compare, capsy
     assert (restart.method, restart.restart_lr, restart.generator_frac, restart.max_steps) == ("atp", True, 0.3, 3)
     taylor = cell_config(spec, by_name["taylor-r-s0.4-seed0"])
     assert (taylor.method, taylor.lr, taylor.sparsity) == ("taylor", 1e-4, 0.4)
-    assert not cell_config(spec, by_name["atp-s0.4-seed0"]).restart_lr
+    assert cell_config(spec, by_name["atp-s0.4-seed0"]).restart_lr  # the default
 
 
 def result(method, sparsity, seed, pubmedqa, hqs, ppl):

@@ -171,7 +171,7 @@ def test_lora_lr_restarts_when_the_generator_freezes(tiny_model_dir, train_file,
     from atp.train import lora_lr_factor
 
     cfg = tiny_cfg(tiny_model_dir, train_file, tmp_path / "run", max_steps=40, generator_frac=0.5, log_every=1,
-                   save_every=0)
+                   save_every=0, restart_lr=False)
     plain = [lora_lr_factor(cfg, s, 20) for s in range(40)]
     cfg.restart_lr = True
     restarted = [lora_lr_factor(cfg, s, 20) for s in range(40)]
@@ -192,7 +192,7 @@ def test_fingerprint_ignores_later_options_at_their_default(tmp_path):
 
     from atp.train import NON_SEMANTIC, fingerprint
 
-    cfg = ATPConfig(out=str(tmp_path))
+    cfg = ATPConfig(out=str(tmp_path), restart_lr=False)
     old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC and k != "restart_lr"}
     assert fingerprint(cfg) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert fingerprint(dataclasses.replace(cfg, restart_lr=True)) != fingerprint(cfg)

@@ -29,7 +29,7 @@ HELP = {
     "generator_frac": "freeze the generator after this fraction of steps; LoRA then finishes on fixed decisions "
                       "(1.0: the generator trains to the end and is calibrated to the target just before export)",
     "restart_lr": "restart the LoRA learning-rate schedule (warm-up, cosine) when the generator freezes, so the "
-                  "fixed-decision phase recovers at the full learning rate",
+                  "fixed-decision phase recovers at the full learning rate (--no-restart-lr: one cosine over the run)",
     "calib_fraction": "fraction of training examples held out for generator steps",
     "calib_max_length": "token length of calibration sequences for generator steps (default: max_length // 2)",
     "calib_batches": "calibration batches for the importance scores of the taylor and activation baselines",

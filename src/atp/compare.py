@@ -28,7 +28,7 @@ Config keys:
   eval         limit (int, or {domain: int}; see `atp eval --limit`), batch_size, max_length, max_new_tokens
   data_dir     domain data folder (default: as `atp eval`)
   references   run dense and dense-lora per domain (default true)
-  variants     extra methods defined by ATPConfig overrides, e.g. {atp-restart: {restart_lr: true}}
+  variants     extra methods defined by ATPConfig overrides, e.g. {atp-continue: {restart_lr: false}}
                (method atp unless `method` is given); list their names in `methods`
   relative_metrics  metric per task for relative performance, e.g. {casehold: acc}; defaults: multiple
                choice acc_norm, summarisation rougeL, perplexity ppl
@@ -468,13 +468,21 @@ def write_outputs(spec: dict, results: list[dict], plots: bool = True) -> dict:
 def cell_status(spec: dict, cell: Cell) -> str:
     from . import checkpoint
 
+    from .train import config_from_record, fingerprint
+
     folder = cell_dir(spec, cell)
     if (folder / "result.json").exists():
         return "done"
-    if (folder / "run" / "report.json").exists():
+    if cell.method == "dense":
+        return "to run"
+    wanted = fingerprint(cell_config(spec, cell))
+    report = folder / "run" / "report.json"
+    if report.exists() and fingerprint(config_from_record(json.loads(report.read_text())["config"])) == wanted:
         return "trained, not evaluated"
     found = checkpoint.latest_valid(folder / "run") if (folder / "run" / "checkpoints").is_dir() else None
-    return f"resumes from {found[0].name}" if found else "to run"
+    if found and found[1]["fingerprint"] == wanted:
+        return f"resumes from {found[0].name}"
+    return "to run (an earlier run with other settings there is replaced)" if found or report.exists() else "to run"
 
 
 def run_compare(config_path, dry_run: bool = False, report_only: bool = False, progress: bool = True) -> int:

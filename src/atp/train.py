@@ -56,7 +56,7 @@ class ATPConfig:
     generator_every: int = 2  # one generator step per this many LoRA steps
     calib_max_length: int | None = None  # token length of calibration sequences (default: max_length // 2)
     generator_frac: float = 0.6  # freeze the generator after this fraction of steps
-    restart_lr: bool = False  # the LoRA learning rate restarts (warm-up, cosine) when the generator freezes
+    restart_lr: bool = True  # the LoRA learning rate restarts (warm-up, cosine) when the generator freezes
     calib_fraction: float = 0.1
     calib_batches: int = 8  # calibration batches for the taylor and activation importance scores
     alpha: float = 50.0  # ratio-loss weight
