@@ -81,7 +81,13 @@ def test_multiple_choice_matches_manual_log_likelihoods(tokenizer):
     metrics = multiple_choice(model, tokenizer, task, MEDNLI, batch_size=3, max_length=40)
     acc = sum(max(range(3), key=lambda k: s[k]) == g for s, _, g in scores) / 3
     acc_norm = sum(max(range(3), key=lambda k: s[k] / c[k]) == g for s, c, g in scores) / 3
-    assert metrics == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": 3}
+    picks = [max(range(3), key=lambda k: s[k] / c[k]) for s, c, _ in scores]
+    golds = [g for _, _, g in scores]
+    majority = max(golds.count(g) for g in golds) / 3
+    same = max(picks.count(p) for p in picks) / 3
+    assert metrics == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "majority": pytest.approx(majority),
+                       "same_answer": pytest.approx(same), "n": 3}
+    assert 1 / 3 <= majority <= 1 and 1 / 3 <= same <= 1
 
 
 def test_multiple_choice_on_shared_rows_is_batch_independent(shared_data, tokenizer):

@@ -65,7 +65,7 @@ KEYS = {"model", "out", "domains", "sparsities", "methods", "seeds", "cell_seeds
         "references", "relative_metrics", "variants"}
 PER_CELL = {"model", "domain", "train_files", "data_dir", "out", "overwrite", "prune", "method", "sparsity", "seed"}
 EVAL_KEYS = {"limit", "batch_size", "max_length", "max_new_tokens"}
-SHOWN = ("acc", "acc_norm", "rouge1", "rouge2", "rougeL", "ppl")  # metrics in tables and plots
+SHOWN = ("acc", "acc_norm", "same_answer", "rouge1", "rouge2", "rougeL", "ppl")  # metrics in tables and plots
 PRIMARY = {"multiple_choice": "acc_norm", "summarization": "rougeL", "perplexity": "ppl"}
 
 
@@ -292,7 +292,8 @@ def mean_metrics(results: list[dict]) -> dict:
     out = {}
     for task, metrics in results[0]["metrics"].items():
         out[task] = {m: sum(r["metrics"][task][m] for r in results) / len(results)
-                     for m, v in metrics.items() if isinstance(v, (int, float))}
+                     for m, v in metrics.items()
+                     if isinstance(v, (int, float)) and all(m in r["metrics"][task] for r in results)}
     return out
 
 
@@ -310,18 +311,23 @@ def summarize(results: list[dict], relative_metrics: dict | None = None) -> dict
             row = {"method": key[0], "sparsity": key[1], "seeds": [r["seed"] for r in group], "metrics": {}}
             for task, metrics in group[0]["metrics"].items():
                 for metric in metrics:
-                    if metric in SHOWN:
-                        row["metrics"][f"{task} {metric}"] = mean_std([r["metrics"][task][metric] for r in group])
+                    values = [r["metrics"][task][metric] for r in group if metric in r["metrics"][task]]
+                    if metric in SHOWN and values:
+                        row["metrics"][f"{task} {metric}"] = mean_std(values)
             if reference is not None:
-                rel = [relative_performance(r["metrics"], reference, primary)[0] for r in group]
-                rel = [v for v in rel if v is not None]
+                scored = [relative_performance(r["metrics"], reference, primary) for r in group]
+                rel = [v for v, _ in scored if v is not None]
                 row["relative"] = mean_std(rel) if rel else None
+                row["ratios"] = {task: mean_std([ratios[task] for _, ratios in scored if task in ratios])
+                                 for task in primary if any(task in ratios for _, ratios in scored)}
             measured = [r["report"]["prunable_sparsity"] for r in group if "prunable_sparsity" in r["report"]]
             row["measured_sparsity"] = mean_std(measured) if measured else (0.0, None)
             row["train_seconds"] = mean_std([r["report"].get("train_seconds", 0.0) for r in group])
             row["cell_seconds"] = mean_std([r["cell_seconds"] for r in group])
             rows.append(row)
-        summary[domain] = {"primary_metrics": primary, "reference_seeds": [r["seed"] for r in refs], "rows": rows}
+        majority = {task: m["majority"] for r in mine for task, m in r["metrics"].items() if "majority" in m}
+        summary[domain] = {"primary_metrics": primary, "reference_seeds": [r["seed"] for r in refs], "rows": rows,
+                           "majority": majority}
     return summary
 
 
@@ -360,12 +366,18 @@ def write_markdown(spec: dict, summary: dict, path: Path) -> None:
                 row = next((r for r in rows if r["method"] == method and r["sparsity"] == s), None)
                 entries.append(_fmt(row.get("relative")) if row else "")
             lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(entries) + " |")
+        if part.get("majority"):
+            lines += ["", "Always giving the most common answer scores " + ", ".join(
+                f"{task} {value:.3f}" for task, value in part["majority"].items())
+                + " (same_answer: share of records given the model's most frequent answer)."]
         columns = list(dict.fromkeys(c for r in rows for c in r["metrics"]))
+        tasks = list(part["primary_metrics"])
         lines += ["", "| method | sparsity | seeds | measured sparsity | " + " | ".join(columns)
-                  + " | relative | train s | cell s |",
-                  "|---|---|---|---|" + "---|" * (len(columns) + 3)]
+                  + " | " + "".join(f"{t} ratio | " for t in tasks) + "relative | train s | cell s |",
+                  "|---|---|---|---|" + "---|" * (len(columns) + len(tasks) + 3)]
         for r in rows:
             values = [_fmt(r["metrics"].get(c), _digits(c)) for c in columns]
+            values += [_fmt(r.get("ratios", {}).get(t)) for t in tasks]
             lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['sparsity']:g} | {len(r['seeds'])} | "
                          f"{_fmt(r['measured_sparsity'], 4)} | " + " | ".join(values)
                          + f" | {_fmt(r.get('relative'))} | {_fmt(r['train_seconds'], 0)} | {_fmt(r['cell_seconds'], 0)} |")

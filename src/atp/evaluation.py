@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import time
+from collections import Counter
 from contextlib import contextmanager
 
 import torch
@@ -176,12 +177,17 @@ def _argmax(values):
 
 
 def multiple_choice(model, tokenizer, task, records, batch_size: int = 4, max_length: int = 512) -> dict:
-    """acc: option with the highest summed log-likelihood; acc_norm: highest mean log-likelihood per token."""
+    """acc: option with the highest summed log-likelihood; acc_norm: highest mean log-likelihood per token.
+    majority: accuracy of always giving the most common gold answer of these records; same_answer: share
+    of records that get the model's most frequent acc_norm answer (1.0: one answer for everything)."""
     scores = option_scores(model, tokenizer, task, records, batch_size, max_length)
     acc = sum(_argmax(s) == gold for s, _, gold in scores)
-    acc_norm = sum(_argmax([x / n for x, n in zip(s, counts)]) == gold for s, counts, gold in scores)
+    picks = [_argmax([x / n for x, n in zip(s, counts)]) for s, counts, _ in scores]
+    acc_norm = sum(pick == gold for pick, (_, _, gold) in zip(picks, scores))
     n = len(scores)
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
+    majority = Counter(gold for _, _, gold in scores).most_common(1)[0][1]
+    same = Counter(picks).most_common(1)[0][1]
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "majority": majority / n, "same_answer": same / n, "n": n}
 
 
 # ----------------------------------------------------------------------------- summarization
