@@ -44,6 +44,8 @@ def test_compare_writes_outputs_and_skips_finished_cells(tiny_compare, monkeypat
     assert abs(rows[("taylor", 0.4)]["measured_sparsity"][0] - 0.4) < 0.03
     markdown = (out / "results.md").read_text()
     assert "## healthcare" in markdown and "dense + LoRA" in markdown and "taylor" in markdown and " ± " in markdown
+    assert "| pubmedqa ratio | hqs ratio |" in markdown and "Always giving the most common answer scores pubmedqa" in markdown
+    assert rows[("dense-lora", 0.0)]["ratios"]["hqs"][0] == pytest.approx(1.0)
     plots = sorted(p.name for p in (out / "plots").iterdir())
     assert plots == ["healthcare_kept_s0.4.png", "healthcare_metrics.png"]
     assert all((out / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
