@@ -1,4 +1,5 @@
-"""One-stage ATP training: LoRA steps and generator steps alternate, then LoRA finishes on fixed decisions.
+"""One-stage ATP training: LoRA steps and generator steps alternate, then LoRA finishes on fixed decisions
+(with its learning-rate schedule restarted, unless restart_lr is off).
 
     LoRA step       (generator frozen):  task loss + lambda_t * group lasso(LoRA of pruned groups)
     generator step  (LoRA frozen, calibration batch): task loss + alpha * ratio loss(r, 1 - sparsity)
