@@ -45,6 +45,9 @@ def test_compare_writes_outputs_and_skips_finished_cells(tiny_compare, monkeypat
     markdown = (out / "results.md").read_text()
     assert "## healthcare" in markdown and "dense + LoRA" in markdown and "taylor" in markdown and " ± " in markdown
     assert "| pubmedqa ratio | hqs ratio |" in markdown and "Always giving the most common answer scores pubmedqa" in markdown
+    dev = [json.loads(line) for line in (out.parent / "data" / "healthcare" / "pubmedqa_train.jsonl").read_text().splitlines()]
+    golds = [r["final_decision"] for r in dev[-8:][:2]]  # dev: the last 20% of 40 records; eval limit 2
+    assert results["summary"]["healthcare"]["majority"] == {"pubmedqa": max(golds.count(g) for g in golds) / 2}
     ratios = rows[("dense-lora", 0.0)]["ratios"]
     assert ratios and all(value == pytest.approx(1.0) for value, _ in ratios.values()), ratios
     plots = sorted(p.name for p in (out / "plots").iterdir())
@@ -143,6 +146,16 @@ def test_relative_performance_by_hand():
     assert mean == pytest.approx((2 / 3 + 5 / 6) / 2)
     assert std == pytest.approx(abs(5 / 6 - 2 / 3) / 2 ** 0.5)
     assert atp_row["metrics"]["hqs rougeL"][0] == pytest.approx(30.0)
+    assert summary["at_chance"] == [] and "relative_above_chance" not in atp_row
+    # pubmedqa at chance: dense + LoRA (0.5) does not beat always answering the majority class (0.6)
+    summary = summarize(results, majority={"healthcare": {"pubmedqa": 0.6}})["healthcare"]
+    assert summary["at_chance"] == ["pubmedqa"]
+    atp_row = next(r for r in summary["rows"] if r["method"] == "atp")
+    # seed 0: (20/40 + 10/20) / 2 = 0.5; seed 1: (40/40 + 10/10) / 2 = 1
+    assert atp_row["relative_above_chance"][0] == pytest.approx(0.75)
+    assert atp_row["relative"][0] == pytest.approx((2 / 3 + 5 / 6) / 2)  # unchanged
+    assert summarize(results, majority={"healthcare": {"pubmedqa": 0.5}})["healthcare"]["at_chance"] == ["pubmedqa"]
+    assert summarize(results, majority={"healthcare": {"pubmedqa": 0.45}})["healthcare"]["at_chance"] == []
     value, ratios = relative_performance(results[2]["metrics"], {"pubmedqa": {"acc": 1.0}}, {"pubmedqa": "acc"})
     assert value == pytest.approx(0.5) and ratios == {"pubmedqa": pytest.approx(0.5)}
 

@@ -297,14 +297,23 @@ def mean_metrics(results: list[dict]) -> dict:
     return out
 
 
-def summarize(results: list[dict], relative_metrics: dict | None = None) -> dict:
-    """Per domain: rows (method, sparsity) with mean/std of every metric over seeds and relative performance."""
+def summarize(results: list[dict], relative_metrics: dict | None = None, majority: dict | None = None) -> dict:
+    """Per domain: rows (method, sparsity) with mean/std of every metric over seeds and relative performance.
+
+    majority: {domain: {task: accuracy of always giving the most common answer}}. A multiple-choice task
+    on which dense + LoRA does not beat that is at chance for this model: rows also get
+    `relative_above_chance`, the relative performance over the other tasks."""
     summary = {}
     for domain in dict.fromkeys(r["domain"] for r in results):
         mine = [r for r in results if r["domain"] == domain]
         refs = [r for r in mine if r["method"] == "dense-lora"]
         reference = mean_metrics(refs) if refs else None
         primary = primary_metrics(mine[0]["metrics"], relative_metrics)
+        levels = (majority or {}).get(domain) or {
+            task: m["majority"] for r in mine for task, m in r["metrics"].items() if "majority" in m}
+        at_chance = [t for t, m in primary.items() if reference is not None and t in levels and t in reference
+                     and m in ("acc", "acc_norm") and reference[t][m] <= levels[t]]
+        informative = {t: m for t, m in primary.items() if t not in at_chance}
         rows = []
         for key in dict.fromkeys((r["method"], r["sparsity"]) for r in mine):
             group = [r for r in mine if (r["method"], r["sparsity"]) == key]
@@ -320,14 +329,17 @@ def summarize(results: list[dict], relative_metrics: dict | None = None) -> dict
                 row["relative"] = mean_std(rel) if rel else None
                 row["ratios"] = {task: mean_std([ratios[task] for _, ratios in scored if task in ratios])
                                  for task in primary if any(task in ratios for _, ratios in scored)}
+                if at_chance and informative:
+                    rel = [relative_performance(r["metrics"], reference, informative)[0] for r in group]
+                    rel = [v for v in rel if v is not None]
+                    row["relative_above_chance"] = mean_std(rel) if rel else None
             measured = [r["report"]["prunable_sparsity"] for r in group if "prunable_sparsity" in r["report"]]
             row["measured_sparsity"] = mean_std(measured) if measured else (0.0, None)
             row["train_seconds"] = mean_std([r["report"].get("train_seconds", 0.0) for r in group])
             row["cell_seconds"] = mean_std([r["cell_seconds"] for r in group])
             rows.append(row)
-        majority = {task: m["majority"] for r in mine for task, m in r["metrics"].items() if "majority" in m}
         summary[domain] = {"primary_metrics": primary, "reference_seeds": [r["seed"] for r in refs], "rows": rows,
-                           "majority": majority}
+                           "majority": levels, "at_chance": at_chance}
     return summary
 
 
@@ -344,6 +356,17 @@ def _digits(column: str) -> int:
     return 2 if column.endswith("ppl") else 1 if "rouge" in column else 3
 
 
+def _relative_table(rows: list[dict], sparsities: list[float], key: str) -> list[str]:
+    lines = ["| method | " + " | ".join(f"sparsity {s:g}" for s in sparsities) + " |", "|---|" + "---|" * len(sparsities)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        entries = []
+        for s in sparsities:
+            row = next((r for r in rows if r["method"] == method and r["sparsity"] == s), None)
+            entries.append(_fmt(row.get(key)) if row else "")
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(entries) + " |")
+    return lines
+
+
 def write_markdown(spec: dict, summary: dict, path: Path) -> None:
     lines = ["# atp compare", "",
              f"Model `{spec['model']}`; training overrides {json.dumps(spec['train'])}; "
@@ -358,18 +381,15 @@ def write_markdown(spec: dict, summary: dict, path: Path) -> None:
                   "Relative performance on " + ", ".join(f"{t} {m}" for t, m in part["primary_metrics"].items())
                   + f" (dense + LoRA seeds {part['reference_seeds']}):", ""]
         sparsities = sorted({r["sparsity"] for r in rows})
-        lines += ["| method | " + " | ".join(f"sparsity {s:g}" for s in sparsities) + " |",
-                  "|---|" + "---|" * len(sparsities)]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            entries = []
-            for s in sparsities:
-                row = next((r for r in rows if r["method"] == method and r["sparsity"] == s), None)
-                entries.append(_fmt(row.get("relative")) if row else "")
-            lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(entries) + " |")
+        lines += _relative_table(rows, sparsities, "relative")
         if part.get("majority"):
             lines += ["", "Always giving the most common answer scores " + ", ".join(
                 f"{task} {value:.3f}" for task, value in part["majority"].items())
                 + " (same_answer: share of records given the model's most frequent answer)."]
+        if part.get("at_chance"):
+            lines += ["", f"Dense + LoRA does not beat that on {', '.join(part['at_chance'])}: at this model's scale "
+                      "the task measures answer bias, not skill. Relative performance without it:", ""]
+            lines += _relative_table(rows, sparsities, "relative_above_chance")
         columns = list(dict.fromkeys(c for r in rows for c in r["metrics"]))
         tasks = list(part["primary_metrics"])
         lines += ["", "| method | sparsity | seeds | measured sparsity | " + " | ".join(columns)
@@ -467,9 +487,16 @@ def _kept_heatmaps(plt, domain: str, results: list[dict], folder: Path) -> list[
     return written
 
 
+def chance_levels(spec: dict, domains) -> dict:
+    """{domain: {multiple-choice task: majority-class accuracy}} on the records each cell evaluates."""
+    from .evaluation import majority_levels
+
+    return {d: majority_levels(d, spec["data_dir"], eval_settings(spec, d)["limit"]) for d in domains}
+
+
 def write_outputs(spec: dict, results: list[dict], plots: bool = True) -> dict:
     out = Path(spec["out"])
-    summary = summarize(results, spec["relative_metrics"])
+    summary = summarize(results, spec["relative_metrics"], chance_levels(spec, {r["domain"] for r in results}))
     write_text_atomic(out / "results.json", json.dumps({"config": spec, "summary": summary, "cells": results}, indent=2))
     write_markdown(spec, summary, out / "results.md")
     if plots:

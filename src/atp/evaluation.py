@@ -252,6 +252,26 @@ def summarization(model, tokenizer, task, records, batch_size: int = 4, max_new_
 
 # ----------------------------------------------------------------------------- tasks and domains
 
+def evaluated_records(task, records: list, limit: int | None) -> list:
+    """The records `evaluate` scores: limit None: the task's eval_cap; 0: all; N: the first N."""
+    cap = task.eval_cap if limit is None else (limit or None)
+    records = records[:cap] if cap else records
+    if not records:
+        raise ATPError(f"task {task.name}: no records to evaluate")
+    return records
+
+
+def majority_levels(domain: str, data_dir=None, limit: int | None = None) -> dict[str, float]:
+    """Per multiple-choice task of a domain's dev split: the accuracy of always giving the most common
+    gold answer on the records `evaluate_domain` scores (no model needed)."""
+    levels = {}
+    for task, records in load_domain(domain, data_dir):
+        if task.kind == "multiple_choice":
+            golds = [task.choices(r)[2] for r in evaluated_records(task, split(records, "dev"), limit)]
+            levels.setdefault(task.name, Counter(golds).most_common(1)[0][1] / len(golds))
+    return levels
+
+
 def evaluate(model, tokenizer, tasks_with_records, limit: int | None = None, batch_size: int = 4,
              max_length: int = 512, max_new_tokens: int = 48) -> dict:
     """{task name: metrics}.
@@ -260,10 +280,7 @@ def evaluate(model, tokenizer, tasks_with_records, limit: int | None = None, bat
     """
     results = {}
     for task, records in tasks_with_records:
-        cap = task.eval_cap if limit is None else (limit or None)
-        records = records[:cap] if cap else records
-        if not records:
-            raise ATPError(f"task {task.name}: no records to evaluate")
+        records = evaluated_records(task, records, limit)
         if task.kind == "perplexity":
             metrics = perplexity(model, tokenizer, [task.text(r) for r in records], max_length, batch_size)
             metrics["n"] = len(records)
