@@ -466,7 +466,7 @@ def _kept_heatmaps(plt, domain: str, results: list[dict], folder: Path) -> list[
                 chosen[r["method"]] = r
         if not chosen:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.45 * len(chosen)), squeeze=False)
+        fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.45 * len(chosen)), squeeze=False, sharey=True)
         for ax, (kind, title) in zip(axes.flat, (("heads", "query heads kept"), ("mlp", "MLP channels kept"))):
             table = []
             for r in chosen.values():
@@ -476,7 +476,7 @@ def _kept_heatmaps(plt, domain: str, results: list[dict], folder: Path) -> list[
                 else:
                     table.append([rec["intermediate_size"] / dense["intermediate_size"] for rec in r["report"]["layers"]])
             image = ax.imshow(table, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-            ax.set_yticks(range(len(chosen)), list(chosen))
+            ax.set_yticks(range(len(chosen)), list(chosen))  # shared: labels on the left panel only
             ax.set_xticks(range(0, len(table[0]), max(1, len(table[0]) // 10)))
             ax.set_xlabel("layer")
             ax.set_title(f"{domain}, sparsity {sparsity:g}: {title}")
