@@ -438,7 +438,7 @@ def write_plots(summary: dict, results: list[dict], folder: Path) -> list[Path]:
                     continue
                 xs = [p[0] + 0.002 * (k - len(methods) / 2) for p in points]  # a small shift keeps error bars apart
                 ax.errorbar(xs, [p[1][0] for p in points], yerr=[p[1][1] or 0 for p in points], marker="o",
-                            capsize=3, label=method)
+                            capsize=3, label=method, color=f"C{k % 10}")  # one colour per method in every panel
             ax.set_title(column + (" (log scale)" if column.endswith("ppl") else ""))
             if column.endswith("ppl"):
                 ax.set_yscale("log")
