@@ -178,3 +178,16 @@ def test_a_failed_cell_does_not_stop_the_comparison(tiny_compare, monkeypatch, c
     assert (out / "healthcare" / "atp-s0.4-seed0" / "error.txt").read_text().startswith("exported model")
     names = [c["name"] for c in json.loads((out / "results.json").read_text())["cells"]]
     assert "atp-s0.4-seed0" not in names and "taylor-s0.4-seed1" in names  # later cells still ran
+
+
+def test_cell_order_first_seeds_then_rounds_of_extra_seeds():
+    from atp.compare import cells
+
+    spec = {"domains": ["healthcare", "legal"], "references": True, "sparsities": [0.4, 0.5],
+            "methods": ["atp", "taylor"], "seeds": [0], "cell_seeds": {"atp@0.4": [0, 1, 2], "taylor@0.4": [0, 1, 2]}}
+    names = [f"{c.domain[0]}:{c.name}" for c in cells(spec)]
+    assert names[:4] == ["h:dense", "h:dense-lora-seed0", "l:dense", "l:dense-lora-seed0"]
+    assert names[4:12] == ["h:atp-s0.4-seed0", "h:taylor-s0.4-seed0", "l:atp-s0.4-seed0", "l:taylor-s0.4-seed0",
+                           "h:atp-s0.5-seed0", "h:taylor-s0.5-seed0", "l:atp-s0.5-seed0", "l:taylor-s0.5-seed0"]
+    assert names[12:] == ["h:atp-s0.4-seed1", "h:taylor-s0.4-seed1", "l:atp-s0.4-seed1", "l:taylor-s0.4-seed1",
+                          "h:atp-s0.4-seed2", "h:taylor-s0.4-seed2", "l:atp-s0.4-seed2", "l:taylor-s0.4-seed2"]

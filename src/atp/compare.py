@@ -137,7 +137,8 @@ def seeds_for(spec: dict, method: str, sparsity: float) -> list[int]:
 
 def cells(spec: dict) -> list[Cell]:
     """References first, then every method's first seed (sparsity by sparsity, both domains), then the
-    extra seeds: a run stopped early still holds a complete first-seed table for the first sparsities."""
+    extra seeds, each round of seeds for all methods before the next: a run stopped early still holds
+    a complete first-seed table for the first sparsities, and as many seeds for one method as another."""
     refs, runs = [], []
     for d, domain in enumerate(spec["domains"]):
         if spec["references"]:
@@ -146,7 +147,7 @@ def cells(spec: dict) -> list[Cell]:
         for p, sparsity in enumerate(spec["sparsities"]):
             for m, method in enumerate(spec["methods"]):
                 for k, seed in enumerate(seeds_for(spec, method, sparsity)):
-                    runs.append(((k > 0, p, d, m, k), Cell(domain, method, float(sparsity), seed)))
+                    runs.append(((k > 0, k, p, d, m), Cell(domain, method, float(sparsity), seed)))
     return refs + [cell for _, cell in sorted(runs, key=lambda item: item[0])]
 
 
