@@ -319,8 +319,8 @@ def summarize(results: list[dict], relative_metrics: dict | None = None, majorit
         for key in dict.fromkeys((r["method"], r["sparsity"]) for r in mine):
             group = [r for r in mine if (r["method"], r["sparsity"]) == key]
             row = {"method": key[0], "sparsity": key[1], "seeds": [r["seed"] for r in group], "metrics": {}}
-            for task, metrics in group[0]["metrics"].items():
-                for metric in metrics:
+            for task in group[0]["metrics"]:
+                for metric in dict.fromkeys(m for r in group for m in r["metrics"][task]):  # older cells may lack some
                     values = [r["metrics"][task][metric] for r in group if metric in r["metrics"][task]]
                     if metric in SHOWN and values:
                         row["metrics"][f"{task} {metric}"] = mean_std(values)
