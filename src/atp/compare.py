@@ -195,27 +195,39 @@ def finished(spec: dict, cell: Cell) -> dict | None:
     return result
 
 
-def train_cell(cfg, progress: bool) -> dict:
-    """Train a cell's run, or reuse it: a finished run is kept, an interrupted one resumes from its checkpoint."""
+def run_state(cfg) -> tuple[str, object]:
+    """What cfg.out holds for this config: ("trained", report), ("resumable", checkpoint name),
+    ("other", None) when a run with other settings is there, or ("empty", None)."""
     from . import checkpoint
-    from .train import config_from_record, fingerprint, train
+    from .train import config_from_record, fingerprint
 
-    run_dir = Path(cfg.out)
+    run_dir, wanted = Path(cfg.out), fingerprint(cfg)
     report_path = run_dir / "report.json"
-    if report_path.exists():
-        report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text()) if report_path.exists() else None
+    if report is not None:
         try:
-            same = fingerprint(config_from_record(report["config"])) == fingerprint(cfg)
+            same = fingerprint(config_from_record(report["config"])) == wanted
         except TypeError:
             same = False
         if same and Path(report["model_dir"]).is_dir():
-            print(f"  trained already: {run_dir}")
-            return report
+            return "trained", report
     found = checkpoint.latest_valid(run_dir) if (run_dir / "checkpoints").is_dir() else None
-    if found is not None and found[1]["fingerprint"] == fingerprint(cfg):
-        print(f"  resuming {run_dir} from {found[0].name}")
-        return train(cfg, progress=progress, resume=True)
-    return train(cfg, progress=progress)
+    if found is not None and found[1]["fingerprint"] == wanted:
+        return "resumable", found[0].name
+    return ("other", None) if found is not None or report is not None else ("empty", None)
+
+
+def train_cell(cfg, progress: bool) -> dict:
+    """Train a cell's run, or reuse it: a finished run is kept, an interrupted one resumes from its checkpoint."""
+    from .train import train
+
+    state, detail = run_state(cfg)
+    if state == "trained":
+        print(f"  trained already: {cfg.out}")
+        return detail
+    if state == "resumable":
+        print(f"  resuming {cfg.out} from {detail}")
+    return train(cfg, progress=progress, resume=state == "resumable")
 
 
 REPORT_FIELDS = ("method", "target_sparsity", "prunable_sparsity", "model_sparsity", "decisions_sparsity",
@@ -310,8 +322,7 @@ def summarize(results: list[dict], relative_metrics: dict | None = None, majorit
         refs = [r for r in mine if r["method"] == "dense-lora"]
         reference = mean_metrics(refs) if refs else None
         primary = primary_metrics(mine[0]["metrics"], relative_metrics)
-        levels = (majority or {}).get(domain) or {
-            task: m["majority"] for r in mine for task, m in r["metrics"].items() if "majority" in m}
+        levels = (majority or {}).get(domain, {})
         at_chance = [t for t, m in primary.items() if reference is not None and t in levels and t in reference
                      and m in ("acc", "acc_norm") and reference[t][m] <= levels[t]]
         informative = {t: m for t, m in primary.items() if t not in at_chance}
@@ -506,23 +517,13 @@ def write_outputs(spec: dict, results: list[dict], plots: bool = True) -> dict:
 
 
 def cell_status(spec: dict, cell: Cell) -> str:
-    from . import checkpoint
-
-    from .train import config_from_record, fingerprint
-
-    folder = cell_dir(spec, cell)
-    if (folder / "result.json").exists():
+    if (cell_dir(spec, cell) / "result.json").exists():
         return "done"
     if cell.method == "dense":
         return "to run"
-    wanted = fingerprint(cell_config(spec, cell))
-    report = folder / "run" / "report.json"
-    if report.exists() and fingerprint(config_from_record(json.loads(report.read_text())["config"])) == wanted:
-        return "trained, not evaluated"
-    found = checkpoint.latest_valid(folder / "run") if (folder / "run" / "checkpoints").is_dir() else None
-    if found and found[1]["fingerprint"] == wanted:
-        return f"resumes from {found[0].name}"
-    return "to run (an earlier run with other settings there is replaced)" if found or report.exists() else "to run"
+    state, detail = run_state(cell_config(spec, cell))
+    return {"trained": "trained, not evaluated", "resumable": f"resumes from {detail}",
+            "other": "to run (an earlier run with other settings there is replaced)"}.get(state, "to run")
 
 
 def run_compare(config_path, dry_run: bool = False, report_only: bool = False, progress: bool = True) -> int:

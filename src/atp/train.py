@@ -200,11 +200,16 @@ NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints
 LATER_OPTIONS = {"restart_lr": False}
 
 
+def fixed_phase_start(cfg: ATPConfig) -> int:
+    """The step after which ATP's LoRA tunes fixed decisions; 0 when a run has no such phase after
+    generator steps (baselines fix their decisions before step 1; generator_frac 0 or 1)."""
+    freeze_at = int(cfg.generator_frac * cfg.max_steps)
+    return freeze_at if cfg.prune and cfg.method == "atp" and 0 < freeze_at < cfg.max_steps else 0
+
+
 def inert_options(cfg: ATPConfig) -> set[str]:
     """Options that cannot change what this run computes (left out of its fingerprint)."""
-    freeze_at = int(cfg.generator_frac * cfg.max_steps)
-    has_fixed_phase = cfg.prune and cfg.method == "atp" and 0 < freeze_at < cfg.max_steps
-    return set() if has_fixed_phase else {"restart_lr"}
+    return set() if fixed_phase_start(cfg) else {"restart_lr"}
 
 
 def config_from_record(values: dict) -> ATPConfig:
@@ -317,7 +322,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         optimizers["generator"] = opt_gen
         controller = GateController(peft_model, space, mask_lora=cfg.mask_lora)
     freeze_at = int(cfg.generator_frac * cfg.max_steps)
-    restart_at = freeze_at if (cfg.prune and cfg.method == "atp") else 0  # baselines tune fixed decisions from step 1
+    restart_at = fixed_phase_start(cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt_lora, lambda s: lora_lr_factor(cfg, s, restart_at))
     peft_model, opt_lora = accelerator.prepare(peft_model, opt_lora)
     # The generator stays unwrapped and fp32 on every process: same init, same per-step noise and
