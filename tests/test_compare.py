@@ -105,6 +105,13 @@ def test_compare_config_errors(tmp_path, capsys):
     path.write_text("variants: {atp-x: {restart_lr: true}}\nmethods: [atp-y]\n")
     assert main(["compare", "--config", str(path)]) == 2
     assert "unknown methods ['atp-y']" in capsys.readouterr().err
+    for key in ("atp@0.45", "taylor", "dense-lora@0.4"):  # no such sparsity; method not listed; references have none
+        path.write_text(f"sparsities: [0.4]\nmethods: [atp]\ncell_seeds: {{'{key}': [0, 1]}}\n")
+        assert main(["compare", "--config", str(path)]) == 2
+        assert f"cell_seeds key '{key}'" in capsys.readouterr().err
+    path.write_text("cell_seeds: {atp: 3}\n")
+    assert main(["compare", "--config", str(path)]) == 2
+    assert "list of integer seeds" in capsys.readouterr().err
 
 
 def test_compare_variants_are_methods_with_their_own_options(tiny_compare, capsys):
@@ -186,6 +193,8 @@ def test_cell_order_first_seeds_then_rounds_of_extra_seeds():
     spec = {"domains": ["healthcare", "legal"], "references": True, "sparsities": [0.4, 0.5],
             "methods": ["atp", "taylor"], "seeds": [0], "cell_seeds": {"atp@0.4": [0, 1, 2], "taylor@0.4": [0, 1, 2]}}
     names = [f"{c.domain[0]}:{c.name}" for c in cells(spec)]
+    skipped = [c.name for c in cells({**spec, "cell_seeds": {"taylor@0.5": []}})]
+    assert "taylor-s0.5-seed0" not in skipped and "taylor-s0.4-seed0" in skipped and "atp-s0.5-seed0" in skipped
     assert names[:4] == ["h:dense", "h:dense-lora-seed0", "l:dense", "l:dense-lora-seed0"]
     assert names[4:12] == ["h:atp-s0.4-seed0", "h:taylor-s0.4-seed0", "l:atp-s0.4-seed0", "l:taylor-s0.4-seed0",
                            "h:atp-s0.5-seed0", "h:taylor-s0.5-seed0", "l:atp-s0.5-seed0", "l:taylor-s0.5-seed0"]

@@ -23,7 +23,8 @@ Config keys:
   methods      ATPConfig methods (atp, taylor, magnitude, activation, random, frozen-generator) and the
                ATP ablations atp-no-lasso, atp-no-mask-lora, atp-no-final-phase
   seeds        default seeds of every cell, e.g. [0]
-  cell_seeds   optional overrides: {"atp@0.4": [0, 1, 2], "dense-lora": [0, 1, 2]} (method@sparsity or method)
+  cell_seeds   optional overrides: {"atp@0.4": [0, 1, 2], "dense-lora": [0, 1, 2]} (method@sparsity or method;
+               [] skips those cells)
   train        ATPConfig overrides for every training run (max_steps, batch_size, max_length, ...)
   eval         limit (int, or {domain: int}; see `atp eval --limit`), batch_size, max_length, max_new_tokens
   data_dir     domain data folder (default: as `atp eval`)
@@ -109,8 +110,26 @@ def load_spec(path) -> dict:
         raise ATPError(f"eval: unknown keys {wrong}; valid: {sorted(EVAL_KEYS)}")
     if not all(0 < s < 1 for s in spec["sparsities"]):
         raise ATPError(f"sparsities must be in (0, 1), got {spec['sparsities']}")
+    check_cell_seeds(spec, path)
     spec["out"] = str(Path(spec["out"]).resolve())
     return spec
+
+
+def check_cell_seeds(spec: dict, path) -> None:
+    """Each key names a listed method (or dense-lora), optionally @ a listed sparsity; each value is a
+    list of int seeds, [] to skip that cell."""
+    if not isinstance(spec["cell_seeds"], dict):
+        raise ATPError(f"cell_seeds in {path} must map method or method@sparsity to a list of seeds")
+    methods = set(spec["methods"]) | {"dense-lora"}
+    sparsities = {f"{s:g}" for s in spec["sparsities"]}
+    for key, seeds in spec["cell_seeds"].items():
+        method, _, sparsity = str(key).partition("@")
+        if method not in methods or (sparsity and (method == "dense-lora" or sparsity not in sparsities)):
+            raise ATPError(f"cell_seeds key '{key}' in {path} matches no cell; use a method from `methods` "
+                           f"({', '.join(sorted(methods))}), optionally @ one of the sparsities {sorted(sparsities)}")
+        if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ATPError(f"cell_seeds['{key}'] in {path} must be a list of integer seeds ([] skips the cell), "
+                           f"got {seeds!r}")
 
 
 def check_variants(variants, fields: set[str], path) -> dict[str, dict]:
