@@ -450,14 +450,17 @@ def write_plots(summary: dict, results: list[dict], folder: Path) -> list[Path]:
     written = []
     for domain, part in summary.items():
         rows = part["rows"]
-        columns = list(dict.fromkeys(c for r in rows for c in r["metrics"])) + ["relative performance"]
+        derived = {"relative performance": "relative"}
+        if any(r.get("relative_above_chance") for r in rows):
+            derived["relative, tasks at chance left out"] = "relative_above_chance"
+        columns = list(dict.fromkeys(c for r in rows for c in r["metrics"])) + list(derived)
         ncols = min(3, len(columns))
         nrows = math.ceil(len(columns) / ncols)
         fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
         methods = list(dict.fromkeys(r["method"] for r in rows))
         sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0})
         for ax, column in zip(axes.flat, columns):
-            get = (lambda r: r.get("relative")) if column == "relative performance" else (lambda r: r["metrics"].get(column))
+            get = (lambda r: r.get(derived[column])) if column in derived else (lambda r: r["metrics"].get(column))
             for k, method in enumerate(methods):
                 points = sorted((r["sparsity"], get(r)) for r in rows if r["method"] == method and get(r) is not None)
                 if not points:
@@ -478,9 +481,9 @@ def write_plots(summary: dict, results: list[dict], folder: Path) -> list[Path]:
             ax.set_xlabel("sparsity (prunable parameters)")
         for ax in list(axes.flat)[len(columns):]:
             ax.axis("off")
-        fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower right", fontsize=8)
+        fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="center right", fontsize=8)
         fig.suptitle(f"{domain}: metrics against sparsity")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))  # the legend's column stays clear of the panels
         written.append(folder / f"{domain}_metrics.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
