@@ -116,6 +116,25 @@ def test_cli_errors(tiny_model_dir, train_file, tmp_path, capsys):
     assert "neither" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("temperature", 0.0, "--temperature must be greater than 0"),
+    ("temperature", -0.4, "--temperature must be greater than 0"),
+    ("generator_lr", 0.0, "--generator-lr must be greater than 0"),
+    ("lr", -1e-4, "--lr must be greater than 0"),
+    ("alpha", -1.0, "--alpha must be at least 0"),
+    ("lam", -0.1, "--lam must be at least 0"),
+    ("lora_dropout", 1.0, r"--lora-dropout must be in \[0, 1\)"),
+    ("log_every", 0, "--log-every must be at least 1"),
+    ("keep_checkpoints", 0, "--keep-checkpoints must be at least 1"),
+    ("calib_max_length", 0, "--calib-max-length must be at least 1"),
+    ("check_tolerance", 0.0, "--check-tolerance must be greater than 0"),
+])
+def test_config_rejects_out_of_range_values(name, value, message):
+    ATPConfig().validate()
+    with pytest.raises(ATPError, match=message):
+        ATPConfig(**{name: value}).validate()
+
+
 def test_unsupported_model_rejected(tmp_path, tokenizer, train_file):
     from transformers import GPT2Config, GPT2LMHeadModel
 

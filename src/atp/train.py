@@ -77,9 +77,23 @@ class ATPConfig:
     def validate(self) -> None:
         if self.prune and not 0 < self.sparsity < 1:
             raise ATPError(f"--sparsity must be strictly between 0 and 1 (a fraction of prunable parameters), got {self.sparsity}")
-        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lora_r", "generator_every", "mlp_block"):
+        def flag(name):
+            return f"--{name.replace('_', '-')}"
+
+        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lora_r", "generator_every", "mlp_block",
+                     "generator_hidden", "log_every", "keep_checkpoints", "calib_batches"):
             if getattr(self, name) < 1:
-                raise ATPError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ATPError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.calib_max_length is not None and self.calib_max_length < 1:
+            raise ATPError(f"--calib-max-length must be at least 1, got {self.calib_max_length}")
+        for name in ("lr", "generator_lr", "temperature", "lora_alpha", "check_tolerance"):
+            if not getattr(self, name) > 0:
+                raise ATPError(f"{flag(name)} must be greater than 0, got {getattr(self, name)}")
+        for name in ("alpha", "lam", "save_every"):
+            if not getattr(self, name) >= 0:
+                raise ATPError(f"{flag(name)} must be at least 0, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ATPError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 < self.calib_fraction < 1:
             raise ATPError(f"--calib-fraction must be in (0, 1), got {self.calib_fraction}")
         if not 0 <= self.target_warmup <= 1:
@@ -92,8 +106,6 @@ class ATPConfig:
         if self.prune and self.method in SCORED and (self.uniform or self.round_to):
             raise ATPError(f"--uniform and --round-to apply to the generator's decisions (atp, frozen-generator), "
                            f"not to --method {self.method}")
-        if self.calib_batches < 1:
-            raise ATPError(f"--calib-batches must be at least 1, got {self.calib_batches}")
         if not self.domain and not self.train_files:
             raise ATPError("give training data: --domain NAME or --train-file TASK=PATH")
 
