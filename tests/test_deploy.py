@@ -97,7 +97,9 @@ def test_generator_decisions_obey_the_rule_and_hit_the_target(rule):
     gen.train()
     sampled = gen(step=5)
     if rule.uniform:  # training samples obey the rule too, and gradients still reach the generator
-        check_uniform(space, {k: v.detach() for k, v in sampled.items()})
+        hard = {k: v.detach().round() for k, v in sampled.items()}  # straight-through: 0/1 up to float rounding
+        assert all(torch.allclose(sampled[k].detach(), hard[k], atol=1e-6) for k in hard)
+        check_uniform(space, hard)
     sum(v.sum() for v in sampled.values()).backward()
     assert gen.inputs.grad is not None and gen.inputs.grad.abs().sum() > 0
 

@@ -19,10 +19,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.mark.parametrize("target", [0.6, 0.5])
 def test_ratio_loss_reaches_target_within_one_percent(target):
+    # At the default temperature and generator_lr, the ratio loss alone moves gates that start at the
+    # offset (logit 3); at temperature 0.4 their gradient is too small to move them in 300 steps.
     space = HeadMLPSpace.from_config(tiny_model("llama", True).config, mlp_block=1)
     gen = DecisionGenerator(space, seed=0).train()
-    opt = torch.optim.Adam(gen.parameters(), lr=2e-2)
-    for step in range(150):
+    opt = torch.optim.Adam(gen.parameters(), lr=ATPConfig().generator_lr)
+    for step in range(300):
         loss = ratio_loss(space.remaining_ratio(gen.deterministic_gates()), target)
         opt.zero_grad()
         loss.backward()
@@ -127,7 +129,7 @@ def test_cli_errors(tiny_model_dir, train_file, tmp_path, capsys):
     ("log_every", 0, "--log-every must be at least 1"),
     ("keep_checkpoints", 0, "--keep-checkpoints must be at least 1"),
     ("calib_max_length", 0, "--calib-max-length must be at least 1"),
-    ("check_tolerance", 0.0, "--check-tolerance must be greater than 0"),
+    ("check_tolerance", -1e-3, "--check-tolerance must be at least 0"),
 ])
 def test_config_rejects_out_of_range_values(name, value, message):
     ATPConfig().validate()

@@ -16,7 +16,7 @@ class DecisionGenerator(nn.Module):
         self,
         space: PruningSpace,
         hidden: int = 64,
-        temperature: float = 0.4,
+        temperature: float = 1.0,
         offset: float = 3.0,
         seed: int = 0,
         rule: ShapeRule | None = None,
