@@ -52,7 +52,7 @@ class ATPConfig:
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     generator_lr: float = 1e-2
     generator_hidden: int = 64
-    temperature: float = 1.0  # Gumbel-sigmoid temperature of the straight-through gradient (0.4 before 2026-11-29: docs/benchmarks.md)
+    temperature: float = 1.0  # shapes only the straight-through gradient (0.4 before 041ec9a; docs/benchmarks.md)
     offset: float = 3.0
     generator_every: int = 2  # one generator step per this many LoRA steps
     calib_max_length: int | None = None  # token length of calibration sequences (default: max_length // 2)
@@ -85,7 +85,7 @@ class ATPConfig:
             if getattr(self, name) < 1:
                 raise ATPError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.calib_max_length is not None and self.calib_max_length < 1:
-            raise ATPError(f"--calib-max-length must be at least 1, got {self.calib_max_length}")
+            raise ATPError(f"{flag('calib_max_length')} must be at least 1, got {self.calib_max_length}")
         for name in ("lr", "generator_lr", "temperature", "lora_alpha"):
             if not getattr(self, name) > 0:
                 raise ATPError(f"{flag(name)} must be greater than 0, got {getattr(self, name)}")
