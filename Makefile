@@ -22,4 +22,5 @@ demo: $(STAMP)
 	$(BIN)/atp demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q tests

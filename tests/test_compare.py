@@ -1,4 +1,5 @@
 """`atp compare` on a tiny model: outputs, skipping finished cells, relative performance."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -6,8 +7,9 @@ import pytest
 import yaml
 
 from atp.cli import main
-from atp.compare import relative_performance, summarize
+from atp.compare import CompareSpec, cell_config, cells
 from atp.errors import ATPError
+from atp.report import relative_performance, summarize
 
 
 @pytest.fixture
@@ -44,8 +46,10 @@ def test_compare_writes_outputs_and_skips_finished_cells(tiny_compare, monkeypat
     assert abs(rows[("taylor", 0.4)]["measured_sparsity"][0] - 0.4) < 0.03
     markdown = (out / "results.md").read_text()
     assert "## healthcare" in markdown and "dense + LoRA" in markdown and "taylor" in markdown and " ± " in markdown
-    assert "| pubmedqa ratio | hqs ratio |" in markdown and "Always giving the most common answer scores pubmedqa" in markdown
-    dev = [json.loads(line) for line in (out.parent / "data" / "healthcare" / "pubmedqa_train.jsonl").read_text().splitlines()]
+    assert "| pubmedqa ratio | hqs ratio |" in markdown
+    assert "Always giving the most common answer scores pubmedqa" in markdown
+    dev_file = out.parent / "data" / "healthcare" / "pubmedqa_train.jsonl"
+    dev = [json.loads(line) for line in dev_file.read_text().splitlines()]
     golds = [r["final_decision"] for r in dev[-8:][:2]]  # dev: the last 20% of 40 records; eval limit 2
     assert results["summary"]["healthcare"]["majority"] == {"pubmedqa": max(golds.count(g) for g in golds) / 2}
     ratios = rows[("dense-lora", 0.0)]["ratios"]
@@ -112,20 +116,30 @@ def test_compare_config_errors(tmp_path, capsys):
     path.write_text("cell_seeds: {atp: 3}\n")
     assert main(["compare", "--config", str(path)]) == 2
     assert "list of integer seeds" in capsys.readouterr().err
+    # a wrong type is named instead of ending in a TypeError (or iterating over a string)
+    for text, message in (("sparsities: 0.4", "sparsities in {} must be a list such as [0.4, 0.5], got 0.4"),
+                          ("domains: healthcare", "domains in {} must be a list such as [healthcare, legal], got "
+                                                  "'healthcare'"),
+                          ("seeds: [0, true]", "seeds in {} must be a list such as [0, 1], got [0, True]"),
+                          ("train: [max_steps]", "train in {} must be a mapping of option: value, got ['max_steps']"),
+                          ("references: maybe", "references in {} must be true or false, got 'maybe'"),
+                          ("wanda: 1", "compare config {} has unknown keys ['wanda']; valid keys: ")):
+        path.write_text(text + "\n")
+        assert main(["compare", "--config", str(path)]) == 2
+        assert message.format(path) in capsys.readouterr().err
 
 
 def test_compare_variants_are_methods_with_their_own_options(tiny_compare, capsys):
-    from atp.compare import cell_config, cells, load_spec
-
     path, out = tiny_compare
     config = yaml.safe_load(path.read_text())
     config.update(methods=["atp", "atp-restart", "taylor-r"], cell_seeds={},
                   variants={"atp-restart": {"restart_lr": True, "generator_frac": 0.3},
                             "taylor-r": {"method": "taylor", "lr": 1e-4}})
     path.write_text(yaml.safe_dump(config))
-    spec = load_spec(path)
+    spec = CompareSpec.load(path)
     by_name = {c.name: c for c in cells(spec)}
-    assert set(by_name) == {"dense", "dense-lora-seed0", "atp-s0.4-seed0", "atp-restart-s0.4-seed0", "taylor-r-s0.4-seed0"}
+    assert set(by_name) == {"dense", "dense-lora-seed0", "atp-s0.4-seed0", "atp-restart-s0.4-seed0",
+                            "taylor-r-s0.4-seed0"}
     restart = cell_config(spec, by_name["atp-restart-s0.4-seed0"])
     assert (restart.method, restart.restart_lr, restart.generator_frac, restart.max_steps) == ("atp", True, 0.3, 3)
     taylor = cell_config(spec, by_name["taylor-r-s0.4-seed0"])
@@ -188,12 +202,10 @@ def test_a_failed_cell_does_not_stop_the_comparison(tiny_compare, monkeypatch, c
 
 
 def test_cell_order_first_seeds_then_rounds_of_extra_seeds():
-    from atp.compare import cells
-
-    spec = {"domains": ["healthcare", "legal"], "references": True, "sparsities": [0.4, 0.5],
-            "methods": ["atp", "taylor"], "seeds": [0], "cell_seeds": {"atp@0.4": [0, 1, 2], "taylor@0.4": [0, 1, 2]}}
+    spec = CompareSpec(domains=["healthcare", "legal"], sparsities=[0.4, 0.5], methods=["atp", "taylor"],
+                       cell_seeds={"atp@0.4": [0, 1, 2], "taylor@0.4": [0, 1, 2]})
     names = [f"{c.domain[0]}:{c.name}" for c in cells(spec)]
-    skipped = [c.name for c in cells({**spec, "cell_seeds": {"taylor@0.5": []}})]
+    skipped = [c.name for c in cells(dataclasses.replace(spec, cell_seeds={"taylor@0.5": []}))]
     assert "taylor-s0.5-seed0" not in skipped and "taylor-s0.4-seed0" in skipped and "atp-s0.5-seed0" in skipped
     assert names[:4] == ["h:dense", "h:dense-lora-seed0", "l:dense", "l:dense-lora-seed0"]
     assert names[4:12] == ["h:atp-s0.4-seed0", "h:taylor-s0.4-seed0", "l:atp-s0.4-seed0", "l:taylor-s0.4-seed0",

@@ -5,8 +5,21 @@ import pytest
 import torch
 
 from atp import data
-from atp.data import (DOMAINS, TASKS, Example, collate, domain_examples, get_domain, get_task, load_domain, pad,
-                      read_jsonl, resolve_data_dir, split, tokenize_example)
+from atp.data import (
+    DOMAINS,
+    TASKS,
+    Example,
+    collate,
+    domain_examples,
+    get_domain,
+    get_task,
+    load_domain,
+    pad,
+    read_jsonl,
+    resolve_data_dir,
+    split,
+    tokenize_example,
+)
 from atp.errors import ATPError
 
 

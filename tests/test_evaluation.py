@@ -8,8 +8,19 @@ import torch.nn.functional as F
 
 from atp.data import SummarizationTask, Task, get_task
 from atp.errors import ATPError
-from atp.evaluation import (add_eval_arguments, evaluate, evaluate_domain, format_table, generate, multiple_choice,
-                            option_scores, perplexity, rouge, run_eval_command, summarization)
+from atp.evaluation import (
+    add_eval_arguments,
+    evaluate,
+    evaluate_domain,
+    format_table,
+    generate,
+    multiple_choice,
+    option_scores,
+    perplexity,
+    rouge,
+    run_eval_command,
+    summarization,
+)
 from conftest import tiny_model
 
 TEXTS = ["The patient was treated with aspirin.", "The court held that the statute applies.",
@@ -85,8 +96,8 @@ def test_multiple_choice_matches_manual_log_likelihoods(tokenizer):
     golds = [g for _, _, g in scores]
     majority = max(golds.count(g) for g in golds) / 3
     same = max(picks.count(p) for p in picks) / 3
-    assert metrics == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "majority": pytest.approx(majority),
-                       "same_answer": pytest.approx(same), "n": 3}
+    assert metrics == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm),
+                       "majority": pytest.approx(majority), "same_answer": pytest.approx(same), "n": 3}
     assert 1 / 3 <= majority <= 1 and 1 / 3 <= same <= 1
 
 

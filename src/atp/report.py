@@ -1,0 +1,286 @@
+"""The report of `atp compare`: per-domain summary over seeds, relative performance, results.md,
+results.json and the plots (matplotlib, the `plots` extra).
+
+Relative performance of a run = mean over tasks of run / dense-LoRA on one metric per task (perplexity
+inverted: dense-LoRA / run). Every run of a domain is divided by the same reference: the mean of the
+dense-LoRA seeds. Mean and std over seeds are reported where several seeds ran.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .fsutil import write_text_atomic
+
+if TYPE_CHECKING:
+    from .compare import CompareSpec
+
+LABELS = {"dense": "dense (no tuning)", "dense-lora": "dense + LoRA"}  # the reference runs
+SHOWN = ("acc", "acc_norm", "same_answer", "rouge1", "rouge2", "rougeL", "ppl")  # metrics in tables and plots
+PRIMARY = {"multiple_choice": "acc_norm", "summarization": "rougeL", "perplexity": "ppl"}
+
+
+# ----------------------------------------------------------------------------- summary
+
+def primary_metrics(tasks, overrides: dict | None = None) -> dict[str, str]:
+    """Task -> the metric relative performance uses for it."""
+    from .data import TASKS
+
+    chosen = {}
+    for task in tasks:
+        base = task.split("#")[0]
+        if base in (overrides or {}):
+            chosen[task] = overrides[base]
+        elif base in TASKS:
+            chosen[task] = PRIMARY[TASKS[base].kind]
+    return chosen
+
+
+def relative_performance(metrics: dict, reference: dict, primary: dict[str, str]) -> tuple[float | None, dict]:
+    """Mean over tasks of run / reference on each task's primary metric (perplexity: reference / run).
+    A task whose reference score is 0 has no ratio and is left out; None when no task has one."""
+    ratios = {}
+    for task, metric in primary.items():
+        if task in metrics and task in reference:
+            run, ref = metrics[task][metric], reference[task][metric]
+            if metric == "ppl":
+                ratios[task] = ref / run
+            elif ref != 0:
+                ratios[task] = run / ref
+    return (sum(ratios.values()) / len(ratios) if ratios else None), ratios
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def mean_metrics(results: list[dict]) -> dict:
+    """{task: {metric: mean over results}}."""
+    out = {}
+    for task, metrics in results[0]["metrics"].items():
+        out[task] = {m: sum(r["metrics"][task][m] for r in results) / len(results)
+                     for m, v in metrics.items()
+                     if isinstance(v, (int, float)) and all(m in r["metrics"][task] for r in results)}
+    return out
+
+
+def summarize(results: list[dict], relative_metrics: dict | None = None, majority: dict | None = None) -> dict:
+    """Per domain: rows (method, sparsity) with mean/std of every metric over seeds and relative performance.
+
+    majority: {domain: {task: accuracy of always giving the most common answer}}. A multiple-choice task
+    on which dense + LoRA does not beat that is at chance for this model: rows also get
+    `relative_above_chance`, the relative performance over the other tasks."""
+    summary = {}
+    for domain in dict.fromkeys(r["domain"] for r in results):
+        mine = [r for r in results if r["domain"] == domain]
+        refs = [r for r in mine if r["method"] == "dense-lora"]
+        reference = mean_metrics(refs) if refs else None
+        primary = primary_metrics(mine[0]["metrics"], relative_metrics)
+        levels = (majority or {}).get(domain, {})
+        at_chance = [t for t, m in primary.items() if reference is not None and t in levels and t in reference
+                     and m in ("acc", "acc_norm") and reference[t][m] <= levels[t]]
+        informative = {t: m for t, m in primary.items() if t not in at_chance}
+        rows = []
+        for key in dict.fromkeys((r["method"], r["sparsity"]) for r in mine):
+            group = [r for r in mine if (r["method"], r["sparsity"]) == key]
+            row = {"method": key[0], "sparsity": key[1], "seeds": [r["seed"] for r in group], "metrics": {}}
+            for task in group[0]["metrics"]:
+                for metric in dict.fromkeys(m for r in group for m in r["metrics"][task]):  # older cells may lack some
+                    values = [r["metrics"][task][metric] for r in group if metric in r["metrics"][task]]
+                    if metric in SHOWN and values:
+                        row["metrics"][f"{task} {metric}"] = mean_std(values)
+            if reference is not None:
+                scored = [relative_performance(r["metrics"], reference, primary) for r in group]
+                rel = [v for v, _ in scored if v is not None]
+                row["relative"] = mean_std(rel) if rel else None
+                row["ratios"] = {task: mean_std([ratios[task] for _, ratios in scored if task in ratios])
+                                 for task in primary if any(task in ratios for _, ratios in scored)}
+                if at_chance and informative:
+                    rel = [relative_performance(r["metrics"], reference, informative)[0] for r in group]
+                    rel = [v for v in rel if v is not None]
+                    row["relative_above_chance"] = mean_std(rel) if rel else None
+            measured = [r["report"]["prunable_sparsity"] for r in group if "prunable_sparsity" in r["report"]]
+            row["measured_sparsity"] = mean_std(measured) if measured else (0.0, None)
+            row["train_seconds"] = mean_std([r["report"].get("train_seconds", 0.0) for r in group])
+            row["cell_seconds"] = mean_std([r["cell_seconds"] for r in group])
+            rows.append(row)
+        summary[domain] = {"primary_metrics": primary, "reference_seeds": [r["seed"] for r in refs], "rows": rows,
+                           "majority": levels, "at_chance": at_chance}
+    return summary
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _fmt(value: tuple[float, float | None] | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    mean, std = value
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _digits(column: str) -> int:
+    return 2 if column.endswith("ppl") else 1 if "rouge" in column else 3
+
+
+def _relative_table(rows: list[dict], sparsities: list[float], key: str) -> list[str]:
+    lines = ["| method | " + " | ".join(f"sparsity {s:g}" for s in sparsities) + " |",
+             "|---|" + "---|" * len(sparsities)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        entries = []
+        for s in sparsities:
+            row = next((r for r in rows if r["method"] == method and r["sparsity"] == s), None)
+            entries.append(_fmt(row.get(key)) if row else "")
+        lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(entries) + " |")
+    return lines
+
+
+def write_markdown(spec: CompareSpec, summary: dict, path: Path) -> None:
+    lines = ["# atp compare", "",
+             f"Model `{spec.model}`; training overrides {json.dumps(spec.train)}; "
+             f"evaluation {json.dumps(spec.eval)}. Sparsity is over prunable (decoder-block) parameters.",
+             "Relative performance = mean over tasks of run / dense + LoRA (perplexity: dense + LoRA / run), "
+             "each run against the mean of the dense + LoRA seeds. Values are mean ± std over seeds.", ""]
+    lines += [f"- variant `{name}`: {json.dumps(overrides)}" for name, overrides in spec.variants.items()]
+    lines += [""] if spec.variants else []
+    for domain, part in summary.items():
+        rows = part["rows"]
+        lines += [f"## {domain}", "",
+                  "Relative performance on " + ", ".join(f"{t} {m}" for t, m in part["primary_metrics"].items())
+                  + f" (dense + LoRA seeds {part['reference_seeds']}):", ""]
+        sparsities = sorted({r["sparsity"] for r in rows})
+        lines += _relative_table(rows, sparsities, "relative")
+        if part.get("majority"):
+            lines += ["", "Always giving the most common answer scores " + ", ".join(
+                f"{task} {value:.3f}" for task, value in part["majority"].items())
+                + " (same_answer: share of records given the model's most frequent answer)."]
+        if part.get("at_chance"):
+            lines += ["", f"Dense + LoRA does not beat that on {', '.join(part['at_chance'])}: at this model's scale "
+                      "the task measures answer bias, not skill. Relative performance without it:", ""]
+            lines += _relative_table(rows, sparsities, "relative_above_chance")
+        columns = list(dict.fromkeys(c for r in rows for c in r["metrics"]))
+        tasks = list(part["primary_metrics"])
+        lines += ["", "| method | sparsity | seeds | measured sparsity | " + " | ".join(columns)
+                  + " | " + "".join(f"{t} ratio | " for t in tasks) + "relative | train s | cell s |",
+                  "|---|---|---|---|" + "---|" * (len(columns) + len(tasks) + 3)]
+        for r in rows:
+            values = [_fmt(r["metrics"].get(c), _digits(c)) for c in columns]
+            values += [_fmt(r.get("ratios", {}).get(t)) for t in tasks]
+            lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r['sparsity']:g} | {len(r['seeds'])} | "
+                         f"{_fmt(r['measured_sparsity'], 4)} | " + " | ".join(values)
+                         + f" | {_fmt(r.get('relative'))} | {_fmt(r['train_seconds'], 0)} | "
+                         f"{_fmt(r['cell_seconds'], 0)} |")
+        lines.append("")
+    write_text_atomic(path, "\n".join(lines))
+
+
+def write_plots(summary: dict, results: list[dict], folder: Path) -> list[Path]:
+    """Each metric against sparsity (one line per method) and per-layer kept fractions, per domain."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed (pip install 'atp-llm[plots]'); no plots written")
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for domain, part in summary.items():
+        rows = part["rows"]
+        derived = {"relative performance": "relative"}
+        if any(r.get("relative_above_chance") for r in rows):
+            derived["relative, tasks at chance left out"] = "relative_above_chance"
+        columns = list(dict.fromkeys(c for r in rows for c in r["metrics"])) + list(derived)
+        ncols = min(3, len(columns))
+        nrows = math.ceil(len(columns) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        sparsities = sorted({r["sparsity"] for r in rows if r["sparsity"] > 0})
+        for ax, column in zip(axes.flat, columns):
+            values = [r.get(derived[column]) if column in derived else r["metrics"].get(column) for r in rows]
+            for k, method in enumerate(methods):
+                points = sorted((r["sparsity"], v) for r, v in zip(rows, values)
+                                if r["method"] == method and v is not None)
+                if not points:
+                    continue
+                if method in LABELS:  # a reference: a horizontal line
+                    style = "--" if method == "dense-lora" else ":"
+                    ax.axhline(points[0][1][0], linestyle=style, color="gray" if method == "dense" else "black",
+                               label=LABELS[method])
+                    continue
+                xs = [p[0] + 0.002 * (k - len(methods) / 2) for p in points]  # a small shift keeps error bars apart
+                ax.errorbar(xs, [p[1][0] for p in points], yerr=[p[1][1] or 0 for p in points], marker="o",
+                            capsize=3, label=method, color=f"C{k % 10}")  # one colour per method in every panel
+            ax.set_title(column + (" (log scale)" if column.endswith("ppl") else ""))
+            if column.endswith("ppl"):
+                ax.set_yscale("log")
+            ax.set_xticks(sparsities)
+            ax.set_xlim(min(sparsities, default=0) - 0.05, max(sparsities, default=0) + 0.05)
+            ax.set_xlabel("sparsity (prunable parameters)")
+        for ax in list(axes.flat)[len(columns):]:
+            ax.axis("off")
+        fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="center right", fontsize=8)
+        fig.suptitle(f"{domain}: metrics against sparsity")
+        fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))  # the legend's column stays clear of the panels
+        written.append(folder / f"{domain}_metrics.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+        written += _kept_heatmaps(plt, domain, [r for r in results if r["domain"] == domain], folder)
+    return written
+
+
+def _kept_heatmaps(plt, domain: str, results: list[dict], folder: Path) -> list[Path]:
+    written = []
+    for sparsity in sorted({r["sparsity"] for r in results if r["sparsity"] > 0}):
+        chosen = {}  # method -> the result of its first seed
+        for r in sorted(results, key=lambda r: r["seed"] or 0):
+            if r["sparsity"] == sparsity and r["report"].get("layers") and r["method"] not in chosen:
+                chosen[r["method"]] = r
+        if not chosen:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.45 * len(chosen)), squeeze=False, sharey=True)
+        for ax, (kind, title) in zip(axes.flat, (("heads", "query heads kept"), ("mlp", "MLP channels kept"))):
+            table = []
+            for r in chosen.values():
+                dense = r["report"]["dense_shape"]
+                if kind == "heads":
+                    table.append([len(rec["kept_heads"]) / dense["num_heads"] for rec in r["report"]["layers"]])
+                else:
+                    table.append([rec["intermediate_size"] / dense["intermediate_size"]
+                                  for rec in r["report"]["layers"]])
+            image = ax.imshow(table, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+            ax.set_yticks(range(len(chosen)), list(chosen))  # shared: labels on the left panel only
+            ax.set_xticks(range(0, len(table[0]), max(1, len(table[0]) // 10)))
+            ax.set_xlabel("layer")
+            ax.set_title(f"{domain}, sparsity {sparsity:g}: {title}")
+        fig.colorbar(image, ax=axes.ravel().tolist(), label="kept fraction")
+        written.append(folder / f"{domain}_kept_s{sparsity:g}.png")
+        fig.savefig(written[-1], dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return written
+
+
+def chance_levels(spec: CompareSpec, domains) -> dict:
+    """{domain: {multiple-choice task: majority-class accuracy}} on the records each cell evaluates."""
+    from .evaluation import majority_levels
+
+    return {d: majority_levels(d, spec.data_dir, spec.eval_settings(d)["limit"]) for d in domains}
+
+
+def write_outputs(spec: CompareSpec, results: list[dict], plots: bool = True) -> dict:
+    """OUT/results.json (config, summary, cells), OUT/results.md and, with plots, PNGs under OUT/plots."""
+    out = Path(spec.out)
+    summary = summarize(results, spec.relative_metrics, chance_levels(spec, {r["domain"] for r in results}))
+    record = {"config": dataclasses.asdict(spec), "summary": summary, "cells": results}
+    write_text_atomic(out / "results.json", json.dumps(record, indent=2))
+    write_markdown(spec, summary, out / "results.md")
+    if plots:
+        write_plots(summary, results, out / "plots")
+    return summary
+
