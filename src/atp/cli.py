@@ -10,6 +10,7 @@ import typing
 
 from .errors import ATPError
 
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
     """One flag per config field, its help from the field's metadata; defaults stay None so that a YAML
     file's values are not overridden."""
@@ -88,8 +89,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .evaluation import evaluate_domain
     from .config import ATPConfig
+    from .evaluation import evaluate_domain
     from .models import load_model
     from .train import train
 

@@ -33,7 +33,13 @@ from .config import (  # noqa: F401  (compare.py, cli.py and tests import these 
     resume_config,
 )
 from .errors import ATPError
-from .export import build_pruned, count_safetensors_params, is_heterogeneous, layer_widths, save_pruned
+from .export import (
+    build_pruned,
+    count_safetensors_params,
+    is_heterogeneous,
+    layer_widths,
+    save_pruned,
+)
 from .fsutil import write_text_atomic
 from .generator import DecisionGenerator
 from .masking import GateController
@@ -118,6 +124,7 @@ class PruneRecipe:
         self.decisions, self.flips = None, 0  # the decisions in the masks; how many changed since the last log line
 
     def run(self) -> dict:
+        """Set up, resume if asked, train, export; returns the report (other processes: its first fields only)."""
         self.setup()
         first_step = self.load_checkpoint() if self.resume else 1
         self.train_loop(first_step)
@@ -137,6 +144,8 @@ class PruneRecipe:
     # set-up
 
     def setup(self) -> None:
+        """Accelerator and seed, run directory, model, data, LoRA and generator; two-stage baselines fix their
+        decisions here."""
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
@@ -306,6 +315,7 @@ class PruneRecipe:
     # the loop
 
     def train_loop(self, first_step: int) -> None:
+        """Steps first_step .. max_steps; the schedule says which phase each step is in."""
         from tqdm.auto import tqdm
 
         cfg, schedule = self.cfg, self.schedule
@@ -458,31 +468,31 @@ class PruneRecipe:
         dense_total = space.total_params()
         removed = dense_total - exported
         kept = space.kept_structure(final)
-        return dict(
-            logits_check=check,
-            pruned_lora_group_norm_sum=pruned_lora_norm,
-            model_dir=str(model_dir),
-            exported_params=exported,
-            dense_params=dense_total,
-            prunable_params=space.prunable_params(),
-            prunable_sparsity=removed / space.prunable_params(),
-            model_sparsity=removed / dense_total,
-            target_sparsity=cfg.sparsity if cfg.prune else 0.0,
-            method=cfg.method if cfg.prune else "dense-lora",
-            decisions_sparsity=space.sparsity(final)["prunable_sparsity"],
-            decisions_info=self.chosen or {},
-            dense_shape={"num_layers": space.num_layers, "num_heads": space.num_heads,
-                         "num_kv_heads": space.num_kv_heads, "intermediate_size": space.intermediate_size},
-            mean_lora_step_seconds=_mean(times["lora"]),
-            mean_generator_step_seconds=_mean(times["generator"]),
-            generator_steps=len(times["generator"]),
-            truncated_examples=self.truncated,
-            mean_step_seconds=(sum(times["lora"]) + sum(times["generator"])) / max(1, len(times["lora"])),
-            layers=[{**{k: v for k, v in widths.items() if k != "kv_map"}, "kept_heads": layer["heads"]}
-                    for widths, layer in zip(layer_widths(kept), kept)],
-            export_format="heterogeneous" if is_heterogeneous(merged.config) else "uniform",
-            total_seconds=time.time() - self.started,
-        )
+        return {
+            "logits_check": check,
+            "pruned_lora_group_norm_sum": pruned_lora_norm,
+            "model_dir": str(model_dir),
+            "exported_params": exported,
+            "dense_params": dense_total,
+            "prunable_params": space.prunable_params(),
+            "prunable_sparsity": removed / space.prunable_params(),
+            "model_sparsity": removed / dense_total,
+            "target_sparsity": cfg.sparsity if cfg.prune else 0.0,
+            "method": cfg.method if cfg.prune else "dense-lora",
+            "decisions_sparsity": space.sparsity(final)["prunable_sparsity"],
+            "decisions_info": self.chosen or {},
+            "dense_shape": {"num_layers": space.num_layers, "num_heads": space.num_heads,
+                            "num_kv_heads": space.num_kv_heads, "intermediate_size": space.intermediate_size},
+            "mean_lora_step_seconds": _mean(times["lora"]),
+            "mean_generator_step_seconds": _mean(times["generator"]),
+            "generator_steps": len(times["generator"]),
+            "truncated_examples": self.truncated,
+            "mean_step_seconds": (sum(times["lora"]) + sum(times["generator"])) / max(1, len(times["lora"])),
+            "layers": [{**{k: v for k, v in widths.items() if k != "kv_map"}, "kept_heads": layer["heads"]}
+                       for widths, layer in zip(layer_widths(kept), kept)],
+            "export_format": "heterogeneous" if is_heterogeneous(merged.config) else "uniform",
+            "total_seconds": time.time() - self.started,
+        }
 
 
 def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tokenizer, probe, device, out_dir):
