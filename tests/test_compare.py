@@ -47,6 +47,8 @@ def test_compare_writes_outputs_and_skips_finished_cells(tiny_compare, monkeypat
     markdown = (out / "results.md").read_text()
     assert "## healthcare" in markdown and "dense + LoRA" in markdown and "taylor" in markdown and " ± " in markdown
     assert "| pubmedqa ratio | hqs ratio |" in markdown
+    assert "pubmed_text ppl@32" in markdown  # perplexity at the extra (training-length) window
+    assert "| 0.4 | taylor | relative (informative tasks) | 1 |" in markdown  # atp - taylor on their common seed
     assert "Always giving the most common answer scores pubmedqa" in markdown
     dev_file = out.parent / "data" / "healthcare" / "pubmedqa_train.jsonl"
     dev = [json.loads(line) for line in dev_file.read_text().splitlines()]
@@ -179,6 +181,31 @@ def test_relative_performance_by_hand():
     assert summarize(results, majority={"healthcare": {"pubmedqa": 0.45}})["healthcare"]["at_chance"] == []
     value, ratios = relative_performance(results[2]["metrics"], {"pubmedqa": {"acc": 1.0}}, {"pubmedqa": "acc"})
     assert value == pytest.approx(0.5) and ratios == {"pubmedqa": pytest.approx(0.5)}
+
+
+def test_paired_differences_come_from_per_record_values():
+    def cell(method, seed, correct, rouge, nll):
+        return {"domain": "healthcare", "method": method, "sparsity": 0.4 if method != "dense-lora" else 0.0,
+                "seed": seed, "cell_seconds": 1.0, "report": {},
+                "metrics": {"pubmedqa": {"acc_norm": sum(correct) / len(correct), "per_record": {"acc_norm": correct}},
+                            "hqs": {"rougeL": sum(rouge) / len(rouge), "per_record": {"rougeL": rouge}},
+                            "pubmed_text": {"ppl": 2.718281828 ** (sum(nll) / (10 * len(nll))),
+                                            "per_record": {"nll": nll, "tokens": [10] * len(nll)}}}}
+    good, bad = [1.0] * 30 + [0.0] * 10, [1.0] * 10 + [0.0] * 30
+    results = [cell("dense-lora", 0, good, [40.0] * 40, [20.0] * 40),
+               cell("atp", 0, good, [30.0, 32.0] * 20, [25.0] * 40), cell("atp", 1, good, [31.0] * 40, [25.0] * 40),
+               cell("taylor", 0, bad, [30.0, 32.0] * 20, [30.0] * 40), cell("taylor", 1, bad, [31.0] * 40, [30.0] * 40),
+               cell("random", 0, good, [30.0, 32.0] * 20, [25.0] * 40)]
+    diffs = {(d["b"], d["measure"]): d for d in summarize(results)["healthcare"]["differences"]}
+    accuracy = diffs[("taylor", "pubmedqa acc_norm")]
+    assert accuracy["diff"] == pytest.approx(0.5) and accuracy["low"] > 0.3 and accuracy["seeds"] == [0, 1]
+    rouge = diffs[("taylor", "hqs rougeL")]
+    assert rouge["diff"] == 0.0 and rouge["verdict"] == "tie"  # identical per-record values
+    ppl = diffs[("taylor", "pubmed_text ppl")]  # exp(2.5) - exp(3.0), lower is better
+    assert ppl["diff"] == pytest.approx(2.718281828 ** 2.5 - 2.718281828 ** 3.0) and ppl["high"] < 0
+    assert not ppl["higher_is_better"] and diffs[("random", "pubmedqa acc_norm")]["seeds"] == [0]
+    # relative: mean of (acc ratio, rouge ratio, ppl ratio) against dense + LoRA; taylor lower on two of three
+    assert diffs[("taylor", "relative (informative tasks)")]["low"] > 0
 
 
 def test_a_failed_cell_does_not_stop_the_comparison(tiny_compare, monkeypatch, capsys):

@@ -64,6 +64,9 @@ def test_perplexity_windows_are_non_overlapping(tokenizer):
     assert out["tokens"] == n - out["windows"] - (n % 8 == 1)
     same = perplexity(model, tokenizer, TEXTS, window=8, batch_size=1)
     assert same["nll"] == pytest.approx(out["nll"], rel=1e-5)
+    per_window = out["per_record"]  # one (summed NLL, tokens) row per window, for bootstrap intervals
+    assert len(per_window["nll"]) == out["windows"] and sum(per_window["tokens"]) == out["tokens"]
+    assert sum(per_window["nll"]) / out["tokens"] == pytest.approx(out["nll"], rel=1e-6)
     with pytest.raises(ATPError, match="no text"):
         perplexity(model, tokenizer, [], window=8)
 
@@ -97,7 +100,9 @@ def test_multiple_choice_matches_manual_log_likelihoods(tokenizer):
     majority = max(golds.count(g) for g in golds) / 3
     same = max(picks.count(p) for p in picks) / 3
     assert metrics == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm),
-                       "majority": pytest.approx(majority), "same_answer": pytest.approx(same), "n": 3}
+                       "majority": pytest.approx(majority), "same_answer": pytest.approx(same), "n": 3,
+                       "per_record": {"acc": [float(max(range(3), key=lambda k: s[k]) == g) for s, _, g in scores],
+                                      "acc_norm": [float(p == g) for p, g in zip(picks, golds)]}}
     assert 1 / 3 <= majority <= 1 and 1 / 3 <= same <= 1
 
 
@@ -115,7 +120,8 @@ def test_multiple_choice_on_shared_rows_is_batch_independent(shared_data, tokeni
 
 def test_rouge_of_identical_strings_is_100():
     out = rouge(["Who manufactures cetirizine?"], ["Who manufactures cetirizine?"])
-    assert out == {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0, "n": 1}
+    assert out == {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0, "n": 1,
+                   "per_record": {"rouge1": [100.0], "rouge2": [100.0], "rougeL": [100.0]}}
     assert rouge(["aspirin"], ["statute"])["rouge1"] == 0.0
 
 

@@ -40,7 +40,7 @@ METHODS = {
 }
 REFERENCES = {"dense": None, "dense-lora": {"prune": False}}
 PER_CELL = {"model", "domain", "train_files", "data_dir", "out", "overwrite", "prune", "method", "sparsity", "seed"}
-EVAL_DEFAULTS = {"limit": None, "batch_size": 4, "max_length": 512, "max_new_tokens": 48}
+EVAL_DEFAULTS = {"limit": None, "batch_size": 4, "max_length": 512, "max_new_tokens": 48, "ppl_windows": []}
 LISTS = {"domains": (str, "[healthcare, legal]"), "sparsities": ((int, float), "[0.4, 0.5]"),
          "methods": (str, "[atp, taylor]"), "seeds": (int, "[0, 1]")}  # list keys: item type, example
 SCALARS = {"model": (str, "a string"), "out": (str, "a string"), "data_dir": ((str, type(None)), "a folder"),

@@ -91,18 +91,20 @@ def perplexity(model, tokenizer, texts: list[str], window: int = 512, batch_size
     if not windows:
         raise ATPError("perplexity: no text to score")
     device, pad_id = _device(model), _pad_id(tokenizer)
-    total_nll, total_tokens = 0.0, 0
+    window_nll, window_tokens = [], []
     with _inference(model):
         for rows in _batches(list(range(len(windows))), batch_size, "perplexity"):
             ids, mask = pad([windows[r] for r in rows], pad_id)
             labels = ids.masked_fill(mask == 0, -100)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             shifted = labels[:, 1:].to(device)
-            total_nll += F.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100,
-                                         reduction="sum").item()
-            total_tokens += int((shifted != -100).sum())
-    nll = total_nll / total_tokens
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "windows": len(windows)}
+            per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100, reduction="none")
+            window_nll += per_token.sum(dim=1).tolist()
+            window_tokens += (shifted != -100).sum(dim=1).tolist()
+    total_tokens = sum(window_tokens)
+    nll = sum(window_nll) / total_tokens
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "windows": len(windows),
+            "per_record": {"nll": window_nll, "tokens": window_tokens}}
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -173,7 +175,10 @@ def multiple_choice(model, tokenizer, task, records, batch_size: int = 4, max_le
     n = len(scores)
     majority = Counter(gold for _, _, gold in scores).most_common(1)[0][1]
     same = Counter(picks).most_common(1)[0][1]
-    return {"acc": acc / n, "acc_norm": acc_norm / n, "majority": majority / n, "same_answer": same / n, "n": n}
+    per_record = {"acc": [float(_argmax(s) == gold) for s, _, gold in scores],
+                  "acc_norm": [float(pick == gold) for pick, (_, _, gold) in zip(picks, scores)]}
+    return {"acc": acc / n, "acc_norm": acc_norm / n, "majority": majority / n, "same_answer": same / n, "n": n,
+            "per_record": per_record}
 
 
 # ----------------------------------------------------------------------------- summarization
@@ -220,13 +225,13 @@ def rouge(predictions: list[str], references: list[str]) -> dict:
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    per_record = {"rouge1": [], "rouge2": [], "rougeL": []}
     for pred, ref in zip(predictions, references):
         scores = scorer.score(ref, pred)
-        for key in totals:
-            totals[key] += scores[key].fmeasure
+        for key, values in per_record.items():
+            values.append(100 * scores[key].fmeasure)
     n = len(predictions)
-    return {key: 100 * value / n for key, value in totals.items()} | {"n": n}
+    return {key: sum(values) / n for key, values in per_record.items()} | {"n": n, "per_record": per_record}
 
 
 def summarization(model, tokenizer, task, records, batch_size: int = 4, max_new_tokens: int = 48,
@@ -258,17 +263,21 @@ def majority_levels(domain: str, data_dir=None, limit: int | None = None) -> dic
     return levels
 
 
-def _multiple_choice_task(model, tokenizer, task, records, batch_size, max_length, max_new_tokens) -> dict:
+def _multiple_choice_task(model, tokenizer, task, records, batch_size, max_length, **_) -> dict:
     return multiple_choice(model, tokenizer, task, records, batch_size, max_length)
 
 
-def _summarization_task(model, tokenizer, task, records, batch_size, max_length, max_new_tokens) -> dict:
+def _summarization_task(model, tokenizer, task, records, batch_size, max_length, max_new_tokens, **_) -> dict:
     return summarization(model, tokenizer, task, records, batch_size, max_new_tokens, max_length)
 
 
-def _perplexity_task(model, tokenizer, task, records, batch_size, max_length, max_new_tokens) -> dict:
+def _perplexity_task(model, tokenizer, task, records, batch_size, max_length, ppl_windows=(), **_) -> dict:
+    """Perplexity at max_length windows; also ppl@W for each W in ppl_windows (e.g. the training length)."""
     texts = [task.text(r) for r in records]
-    return {**perplexity(model, tokenizer, texts, max_length, batch_size), "n": len(records)}
+    metrics = {**perplexity(model, tokenizer, texts, max_length, batch_size), "n": len(records)}
+    for window in ppl_windows:
+        metrics[f"ppl@{window}"] = perplexity(model, tokenizer, texts, window, batch_size)["ppl"]
+    return metrics
 
 
 # task kind -> its metrics on (model, tokenizer, task, records, batch_size, max_length, max_new_tokens)
@@ -277,10 +286,11 @@ EVALUATORS = {"multiple_choice": _multiple_choice_task, "summarization": _summar
 
 
 def evaluate(model, tokenizer, tasks_with_records, limit: int | None = None, batch_size: int = 4,
-             max_length: int = 512, max_new_tokens: int = 48) -> dict:
-    """{task name: metrics}.
+             max_length: int = 512, max_new_tokens: int = 48, ppl_windows=()) -> dict:
+    """{task name: metrics}. Each task's metrics hold `per_record` values too (for paired bootstrap intervals).
 
     limit None: each task's eval_cap (set for summarization tasks only); 0: all records; N: the first N.
+    ppl_windows: extra perplexity window lengths, reported as ppl@W (e.g. the training length).
     """
     tasks_with_records = list(tasks_with_records)
     for task, _ in tasks_with_records:  # before any (slow) scoring
@@ -290,7 +300,8 @@ def evaluate(model, tokenizer, tasks_with_records, limit: int | None = None, bat
     results = {}
     for task, records in tasks_with_records:
         records = evaluated_records(task, records, limit)
-        metrics = EVALUATORS[task.kind](model, tokenizer, task, records, batch_size, max_length, max_new_tokens)
+        metrics = EVALUATORS[task.kind](model, tokenizer, task, records, batch_size, max_length,
+                                        max_new_tokens=max_new_tokens, ppl_windows=tuple(ppl_windows))
         key, k = task.name, 2
         while key in results:  # the same task twice (two files)
             key, k = f"{task.name}#{k}", k + 1
@@ -309,6 +320,8 @@ def format_table(results: dict) -> str:
     rows = [("task", "metric", "value")]
     for task, metrics in results.items():
         for metric, value in metrics.items():
+            if isinstance(value, (dict, list)):  # per-record values
+                continue
             if isinstance(value, float):
                 value = f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
             rows.append((task, metric, str(value)))

@@ -93,7 +93,7 @@ def summarize(results: list[dict], relative_metrics: dict | None = None, majorit
             for task in group[0]["metrics"]:
                 for metric in dict.fromkeys(m for r in group for m in r["metrics"][task]):  # older cells may lack some
                     values = [r["metrics"][task][metric] for r in group if metric in r["metrics"][task]]
-                    if metric in SHOWN and values:
+                    if (metric in SHOWN or metric.startswith("ppl@")) and values:
                         row["metrics"][f"{task} {metric}"] = mean_std(values)
             if reference is not None:
                 scored = [relative_performance(r["metrics"], reference, primary) for r in group]
@@ -111,8 +111,76 @@ def summarize(results: list[dict], relative_metrics: dict | None = None, majorit
             row["cell_seconds"] = mean_std([r["cell_seconds"] for r in group])
             rows.append(row)
         summary[domain] = {"primary_metrics": primary, "reference_seeds": [r["seed"] for r in refs], "rows": rows,
-                           "majority": levels, "at_chance": at_chance}
+                           "majority": levels, "at_chance": at_chance,
+                           "differences": differences(mine, reference, primary, informative) if reference else []}
     return summary
+
+
+# ----------------------------------------------------------------------------- paired differences
+
+BASE = "atp"  # every other pruned method of a sparsity is compared with this one
+
+
+def _task_rows(metrics: dict, task: str, metric: str):
+    """One cell's per-record rows for a task's primary metric: (NLL, tokens) for perplexity, else the values."""
+    values = metrics[task].get("per_record")
+    if not values:
+        return None
+    return list(zip(values["nll"], values["tokens"])) if metric == "ppl" else values.get(metric)
+
+
+def _task_statistic(task: str, metric: str):
+    from .stats import mean_of, perplexity_of
+
+    return perplexity_of(task) if metric == "ppl" else mean_of(task)
+
+
+def _relative_statistic(reference: dict, chosen: dict[str, str]):
+    """Relative performance (as relative_performance) from resampled per-record rows."""
+    parts = {task: (_task_statistic(task, metric), reference[task][metric], metric == "ppl")
+             for task, metric in chosen.items() if reference[task][metric] != 0}
+
+    def statistic(rows) -> float:
+        ratios = [ref / stat(rows) if inverted else stat(rows) / ref for stat, ref, inverted in parts.values()]
+        return sum(ratios) / len(ratios)
+    return statistic
+
+
+def differences(results: list[dict], reference: dict, primary: dict[str, str], informative: dict[str, str],
+                resamples: int = 1000) -> list[dict]:
+    """BASE minus each other pruned method at each sparsity, on the seeds both ran, with 95% paired bootstrap
+    intervals over seeds and records: relative performance on the informative tasks (those above chance),
+    and each task's primary metric."""
+    from .stats import bootstrap_difference
+
+    out = []
+    pruned = [r for r in results if r["method"] not in LABELS]
+    for sparsity in dict.fromkeys(r["sparsity"] for r in pruned):
+        at = [r for r in pruned if r["sparsity"] == sparsity]
+        base = {r["seed"]: r for r in at if r["method"] == BASE}
+        for method in dict.fromkeys(r["method"] for r in at if r["method"] != BASE):
+            other = {r["seed"]: r for r in at if r["method"] == method}
+            seeds = sorted(set(base) & set(other))
+            tasks = {t: m for t, m in primary.items() if t in reference
+                     and all(_task_rows(c["metrics"], t, m) for s in seeds for c in (base[s], other[s]))}
+            if not seeds or not tasks:
+                continue
+            per_seed = {name: {t: [_task_rows(cells[s]["metrics"], t, m) for s in seeds] for t, m in tasks.items()}
+                        for name, cells in (("a", base), ("b", other))}
+            measures = {"relative (informative tasks)": ({t: m for t, m in informative.items() if t in tasks}, True)}
+            measures.update({f"{t} {m}": ({t: m}, False) for t, m in tasks.items()})
+            for label, (chosen, relative) in measures.items():
+                if not chosen:
+                    continue
+                task, metric = next(iter(chosen.items()))
+                stat = _relative_statistic(reference, chosen) if relative else _task_statistic(task, metric)
+                a = {t: per_seed["a"][t] for t in chosen}
+                b = {t: per_seed["b"][t] for t in chosen}
+                result = bootstrap_difference(a, b, stat, resamples=resamples)
+                out.append({"sparsity": sparsity, "a": BASE, "b": method, "measure": label, "seeds": seeds,
+                            **{k: result[k] for k in ("diff", "low", "high", "verdict")},
+                            "higher_is_better": relative or metric != "ppl"})
+    return out
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -175,6 +243,17 @@ def write_markdown(spec: CompareSpec, summary: dict, path: Path) -> None:
                          f"{_fmt(r['measured_sparsity'], 4)} | " + " | ".join(values)
                          + f" | {_fmt(r.get('relative'))} | {_fmt(r['train_seconds'], 0)} | "
                          f"{_fmt(r['cell_seconds'], 0)} |")
+        if part.get("differences"):
+            lines += ["", f"Paired differences, {BASE} minus each method on the seeds both ran, with 95% bootstrap "
+                      "intervals over seeds and records (higher is better except for perplexity; "
+                      "an interval that contains 0 is a tie):", "",
+                      "| sparsity | method | measure | seeds | difference | 95% interval | verdict |",
+                      "|---|---|---|---|---|---|---|"]
+            for d in part["differences"]:
+                better = (d["low"] > 0) == d["higher_is_better"]
+                verdict = "tie" if d["verdict"] == "tie" else f"{BASE} {'better' if better else 'worse'}"
+                lines.append(f"| {d['sparsity']:g} | {d['b']} | {d['measure']} | {len(d['seeds'])} | {d['diff']:+.3f} | "
+                             f"[{d['low']:+.3f}, {d['high']:+.3f}] | {verdict} |")
         lines.append("")
     write_text_atomic(path, "\n".join(lines))
 
