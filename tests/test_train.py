@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
 from peft import LoraConfig, get_peft_model
 
 from atp.cli import main
@@ -15,6 +14,7 @@ from atp.regularization import group_lasso, group_sq_norms, proximal_step, ratio
 from atp.schedule import Schedule
 from atp.space import HeadMLPSpace
 from atp.train import ATPConfig, fingerprint, train
+from conftest import tiny_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
