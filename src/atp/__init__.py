@@ -5,7 +5,7 @@ exports load with `AutoModelForCausalLM.from_pretrained(path)` and no remote cod
 """
 from .errors import ATPError
 from .export import load_pruned
-from .hf_modeling import register as _register
+from .arch import register as _register
 
 __version__ = "0.1.0"
 __all__ = ["ATPError", "__version__", "load_pruned"]

@@ -9,6 +9,7 @@ import time
 import typing
 
 from .errors import ATPError
+from .kinds import KINDS
 
 HELP = {
     "model": "embedded name (smollm2-135m), local HF folder, or hub id",
@@ -22,6 +23,8 @@ HELP = {
               "LoRA tuning: taylor, magnitude, activation, random, frozen-generator (see atp.baselines)",
     "sparsity": "target fraction of prunable (decoder-block) parameters to remove, in (0, 1)",
     "mlp_block": "MLP channels per gate (kept MLP widths are multiples of it)",
+    "space": "what to prune (repeat the flag for several): "
+             + "; ".join(f"{name}: {kind.description}" for name, kind in KINDS.items()),
     "uniform": "keep the same widths in every layer, so the export is a plain LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM checkpoint",
     "round_to": "keep MLP widths at multiples of this many channels (a multiple of --mlp-block), for hardware-friendly shapes",
     "max_steps": "training steps (optimizer updates)",

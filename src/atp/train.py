@@ -39,6 +39,7 @@ class ATPConfig:
     method: str = "atp"  # atp, or a two-stage baseline with decisions fixed before tuning (atp.baselines)
     sparsity: float = 0.4
     mlp_block: int = 32
+    space: list[str] = field(default_factory=lambda: ["heads", "mlp"])  # gate kinds to prune (atp.kinds.KINDS)
     uniform: bool = False  # every layer keeps the same widths: a plain family checkpoint (space.ShapeRule)
     round_to: int = 0  # kept MLP widths are multiples of this many channels (0: no rounding)
     max_steps: int = 200
@@ -101,8 +102,10 @@ class ATPConfig:
         if not 0 <= self.generator_frac <= 1:
             raise ATPError(f"--generator-frac must be in [0, 1], got {self.generator_frac}")
         from .baselines import SCORED, check_method
+        from .kinds import check_kinds
 
         check_method(self.method)
+        check_kinds(self.space)
         if self.prune and self.method in SCORED and (self.uniform or self.round_to):
             raise ATPError(f"--uniform and --round-to apply to the generator's decisions (atp, frozen-generator), "
                            f"not to --method {self.method}")
@@ -209,7 +212,7 @@ NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints
 # options added after runs were first recorded, with the value that reproduces those runs: a recorded
 # config without them gets that value, and the fingerprint leaves them out at that value, so older runs
 # stay resumable and their compare cells stay valid
-LATER_OPTIONS = {"restart_lr": False}
+LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"]}
 
 
 def fixed_phase_start(cfg: ATPConfig) -> int:
@@ -272,7 +275,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     from .masking import GateController
     from .models import load_model
     from .regularization import group_lasso, proximal_step, ratio_loss
-    from .space import HeadMLPSpace, ShapeRule, check_supported
+    from .space import PruningSpace, ShapeRule, check_supported
 
     cfg.validate()
     AcceleratorState._reset_state()  # a second run in one process may use other precision; the process group stays
@@ -297,7 +300,7 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         accelerator.print(f"note: --max-length {cfg.max_length} exceeds the model's context of {context} tokens; "
                           f"sequences are truncated to {context}")
         cfg.max_length = context
-    space = HeadMLPSpace.from_config(model.config, mlp_block=cfg.mlp_block)
+    space = PruningSpace.from_config(model.config, mlp_block=cfg.mlp_block, kinds=cfg.space)
     rule = ShapeRule(uniform=cfg.uniform, round_to=cfg.round_to)
     if cfg.prune:
         check_reachable(space, cfg.sparsity)
@@ -571,9 +574,10 @@ def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tok
         allowed = cfg.check_tolerance * scale
         check.update(max_abs_logit_diff=diff, max_abs_logit=scale, tolerance=cfg.check_tolerance, allowed=allowed,
                      passed=diff <= allowed)
-        if diff > allowed and cfg.prune and space.total_params() <= FLOAT64_RECHECK_MAX_PARAMS:
+        if diff > allowed and cfg.prune and space.exact and space.total_params() <= FLOAT64_RECHECK_MAX_PARAMS:
             # Damaged models can carry huge hidden states (1e4 seen), where fp32 rounding alone exceeds the
-            # tolerance. Slicing is exact, so in float64 the masked dense model and the export must agree.
+            # tolerance. Slicing is exact, so in float64 the masked dense model and the export must agree
+            # (for exact gate kinds only: a non-exact kind's masked model is not the export).
             exact = float64_diff(dense, space, decisions, loaded, probe)
             check.update(float64_diff=exact, passed=exact <= 1e-6 * scale)
         if not check["passed"]:
