@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of every supported family (atp.arch), a tokenizer trained here, slices of ../shared/data."""
+"""Shared fixtures: tiny random models of every family in atp.arch, a tokenizer trained here, ../shared/data slices."""
 from __future__ import annotations
 
 import json

@@ -20,8 +20,8 @@ class Arch:
     model_type: str
     label: str  # models of the family, for messages
     config_class: str  # in transformers
-    modeling: str  # transformers module whose <prefix>Attention / <prefix>MLP / <prefix>ForCausalLM the pruned model subclasses
-    prefix: str
+    modeling: str  # transformers module with <prefix>Attention, <prefix>MLP, <prefix>ForCausalLM:
+    prefix: str  # the classes the pruned heterogeneous model subclasses
     biases: Callable  # config -> (q/k/v bias, o_proj bias, MLP bias), read from the config where the family has a flag
     heads_divide_hidden: bool = False  # the family's config rejects head counts that do not divide hidden_size
     head_norms: tuple[str, ...] = ()  # norms inside attention over head_dim, shared by all heads (Qwen3 q_norm, k_norm)

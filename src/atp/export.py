@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import hf_modeling
-from .arch import ARCHS, arch_for, register
+from .arch import ARCHS, arch_for, check_supported, register
 from .errors import ATPError
 from .fsutil import atomic_dir
 from .kinds import KINDS
@@ -157,6 +157,7 @@ def _load_legacy(path: Path, dtype, attn_implementation):
     from transformers import AutoConfig
 
     dense = AutoConfig.from_pretrained(path)
+    arch = check_supported(dense)
     records = json.loads((path / "config.json").read_text())[CONFIG_KEY]["layers"]
     kept = [{"heads": r["kept_heads"], "kv_heads": list(range(r["num_kv_heads"])), "kv_map": r["kv_map"],
              "channels": list(range(r["intermediate_size"]))} for r in records]
@@ -164,7 +165,7 @@ def _load_legacy(path: Path, dtype, attn_implementation):
     if attn_implementation:
         config._attn_implementation = attn_implementation
     with torch.device("meta"):
-        model = ARCHS[dense.model_type].pruned_classes[1](config)
+        model = arch.pruned_classes[1](config)
     state = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(file)))

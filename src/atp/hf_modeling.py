@@ -17,8 +17,8 @@ import importlib
 import logging
 
 import torch
-from torch import nn
 import transformers
+from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 

@@ -195,7 +195,8 @@ class HeadKind(GateKind):
         groups, per_group = min(rule.head_options(space),
                                 key=lambda o: (abs(o[0] * o[1] - mean_heads), abs(o[0] - mean_groups)))
         by_score = scores.reshape(space.num_layers, space.num_kv_heads, per_kv)
-        in_group = keep_top(by_score.reshape(-1, per_kv), torch.full((space.num_layers * space.num_kv_heads,), per_group))
+        groups_in_model = space.num_layers * space.num_kv_heads
+        in_group = keep_top(by_score.reshape(-1, per_kv), torch.full((groups_in_model,), per_group))
         in_group = in_group.reshape_as(by_score)
         group_scores = (by_score * in_group).sum(dim=2) / per_group
         keep_groups = keep_top(group_scores, torch.full((space.num_layers,), groups))

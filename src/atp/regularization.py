@@ -31,12 +31,14 @@ def _lora_pieces(model, space: PruningSpace):
                     continue
                 for adapter in adapters.values():
                     weight = adapter.weight
-                    yield index, group, weight, axis, torch.arange(weight.shape[axis], device=weight.device) // units[group]
+                    index_in_group = torch.arange(weight.shape[axis], device=weight.device)
+                    yield index, group, weight, axis, index_in_group // units[group]
 
 
 def _pruned(space: PruningSpace, gates: Gates) -> dict[str, torch.Tensor]:
     """1 where the group is pruned, per group, shaped [layers, groups]."""
-    return {group: value for kind in space.kind_objects for group, value in kind.pruned(space, gates[kind.name]).items()}
+    return {group: pruned for kind in space.kind_objects
+            for group, pruned in kind.pruned(space, gates[kind.name]).items()}
 
 
 def group_sq_norms(model, space: PruningSpace) -> dict[str, torch.Tensor]:

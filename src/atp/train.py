@@ -582,6 +582,8 @@ def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tok
             check.update(float64_diff=exact, passed=exact <= 1e-6 * scale)
         if not check["passed"]:
             exact = f"; in float64 {check['float64_diff']:.3g}" if "float64_diff" in check else ""
+            if not space.exact:
+                exact = "; no float64 recheck: the pruning space is not exact (its masks are not physical removal)"
             raise ATPError(f"exported model does not match the masked model: max |logit diff| {diff:.3g} > "
                            f"{allowed:.3g} ({cfg.check_tolerance:g} x the largest |logit|, {scale:.3g}){exact}")
 
