@@ -74,8 +74,8 @@ def train_file(tmp_path, shared_data):
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    """A small byte-level BPE tokenizer trained on a few texts (shared data when present)."""
+def tokenizer_dir(tmp_path_factory):
+    """A small byte-level BPE tokenizer trained once on a few texts (shared data when present), saved."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -98,7 +98,16 @@ def tokenizer(tmp_path_factory):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     out = tmp_path_factory.mktemp("tokenizer")
     fast.save_pretrained(out)
-    return fast
+    return out
+
+
+@pytest.fixture
+def tokenizer(tokenizer_dir):
+    """A fresh copy per test: calling a fast tokenizer with padding leaves padding state in its backend,
+    which would leak into tokenizers that later tests save."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
 
 
 @pytest.fixture
