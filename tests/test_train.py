@@ -12,7 +12,7 @@ from atp.export import count_safetensors_params, load_pruned
 from atp.generator import DecisionGenerator
 from atp.regularization import group_lasso, group_sq_norms, proximal_step, ratio_loss
 from atp.schedule import Schedule
-from atp.space import HeadMLPSpace
+from atp.space import PruningSpace
 from atp.train import ATPConfig, fingerprint, train
 from conftest import tiny_model
 
@@ -23,7 +23,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def test_ratio_loss_reaches_target_within_one_percent(target):
     # At the default temperature and generator_lr, the ratio loss alone moves gates that start at the
     # offset (logit 3); at temperature 0.4 their gradient is too small to move them in 300 steps.
-    space = HeadMLPSpace.from_config(tiny_model("llama", True).config, mlp_block=1)
+    space = PruningSpace.from_config(tiny_model("llama", True).config, mlp_block=1)
     gen = DecisionGenerator(space, seed=0).train()
     opt = torch.optim.Adam(gen.parameters(), lr=ATPConfig().generator_lr)
     for step in range(300):
@@ -36,7 +36,7 @@ def test_ratio_loss_reaches_target_within_one_percent(target):
 
 
 def test_offset_calibration_hits_target():
-    space = HeadMLPSpace.from_config(tiny_model("llama", True).config, mlp_block=1)
+    space = PruningSpace.from_config(tiny_model("llama", True).config, mlp_block=1)
     gen = DecisionGenerator(space, seed=3)
     with torch.no_grad():
         for p in gen.parameters():
@@ -53,7 +53,7 @@ def test_group_lasso_and_proximal_zero_pruned_lora():
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.1)
-    space = HeadMLPSpace.from_config(model.config, mlp_block=4)
+    space = PruningSpace.from_config(model.config, mlp_block=4)
     gates = space.full_gates()
     gates["heads"][0, :3] = 0  # heads 0-2: KV head 0 fully pruned (group size 3)
     gates["mlp"][1, 2:5] = 0
@@ -264,7 +264,8 @@ def test_fingerprint_ignores_later_options_at_their_default(tmp_path):
     from atp.train import NON_SEMANTIC
 
     cfg = ATPConfig(out=str(tmp_path), restart_lr=False)
-    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC and k != "restart_lr"}
+    later = ("restart_lr", "space")  # options added after the first runs: absent from their fingerprints
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC and k not in later}
     assert fingerprint(cfg) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert fingerprint(dataclasses.replace(cfg, restart_lr=True)) != fingerprint(cfg)
     # restart_lr cannot change runs without a fixed-decision phase after the generator: not fingerprinted there

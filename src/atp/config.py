@@ -11,9 +11,14 @@ from pathlib import Path
 
 from .errors import ATPError
 from .fsutil import read_yaml_mapping
+from .kinds import KINDS
 from .schedule import Schedule
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+_space_help = "what to prune (repeat the flag for several): " + "; ".join(
+    f"{name}: {kind.description}" for name, kind in KINDS.items())
 
 
 @dataclass
@@ -34,6 +39,7 @@ class ATPConfig:
     sparsity: float = field(default=0.4, metadata={
         "help": "target fraction of prunable (decoder-block) parameters to remove, in (0, 1)"})
     mlp_block: int = field(default=32, metadata={"help": "MLP channels per gate (kept MLP widths are multiples of it)"})
+    space: list[str] = field(default_factory=lambda: ["heads", "mlp"], metadata={"help": _space_help})
     uniform: bool = field(default=False, metadata={
         "help": "keep the same widths in every layer, so the export is a plain LlamaForCausalLM / Qwen2ForCausalLM "
                 "/ MistralForCausalLM checkpoint"})
@@ -113,8 +119,10 @@ class ATPConfig:
         if not 0 <= self.generator_frac <= 1:
             raise ATPError(f"--generator-frac must be in [0, 1], got {self.generator_frac}")
         from .baselines import SCORED, check_method
+        from .kinds import check_kinds
 
         check_method(self.method)
+        check_kinds(self.space)
         if self.prune and self.method in SCORED and (self.uniform or self.round_to):
             raise ATPError(f"--uniform and --round-to apply to the generator's decisions (atp, frozen-generator), "
                            f"not to --method {self.method}")
@@ -154,7 +162,7 @@ NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints
 # options added after runs were first recorded, with the value that reproduces those runs: a recorded
 # config without them gets that value, and the fingerprint leaves them out at that value, so older runs
 # stay resumable and their compare cells stay valid
-LATER_OPTIONS = {"restart_lr": False}
+LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"]}
 
 
 def inert_options(cfg: ATPConfig) -> set[str]:

@@ -45,7 +45,7 @@ from .generator import DecisionGenerator
 from .masking import GateController
 from .models import load_model
 from .schedule import Schedule
-from .space import HeadMLPSpace, ShapeRule, check_supported
+from .space import PruningSpace, ShapeRule, check_supported
 
 
 def load_training_examples(cfg: ATPConfig):
@@ -194,7 +194,7 @@ class PruneRecipe:
             self.accelerator.print(f"note: --max-length {cfg.max_length} exceeds the model's context of {context} "
                                    f"tokens; sequences are truncated to {context}")
             cfg.max_length = context
-        self.space = HeadMLPSpace.from_config(self.model.config, mlp_block=cfg.mlp_block)
+        self.space = PruningSpace.from_config(self.model.config, mlp_block=cfg.mlp_block, kinds=cfg.space)
         self.rule = ShapeRule(uniform=cfg.uniform, round_to=cfg.round_to)
         if cfg.prune:
             check_reachable(self.space, cfg.sparsity)
@@ -527,13 +527,16 @@ def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, che
     allowed = cfg.check_tolerance * scale
     check.update(max_abs_logit_diff=diff, max_abs_logit=scale, tolerance=cfg.check_tolerance, allowed=allowed,
                  passed=diff <= allowed)
-    if diff > allowed and cfg.prune and space.total_params() <= FLOAT64_RECHECK_MAX_PARAMS:
+    if diff > allowed and cfg.prune and space.exact and space.total_params() <= FLOAT64_RECHECK_MAX_PARAMS:
         # Damaged models can carry huge hidden states (1e4 seen), where fp32 rounding alone exceeds the
-        # tolerance. Slicing is exact, so in float64 the masked dense model and the export must agree.
+        # tolerance. Slicing is exact, so in float64 the masked dense model and the export must agree
+        # (for exact gate kinds only: a non-exact kind's masked model is not the export).
         exact = float64_diff(dense, space, decisions, loaded, probe)
         check.update(float64_diff=exact, passed=exact <= 1e-6 * scale)
     if not check["passed"]:
         exact = f"; in float64 {check['float64_diff']:.3g}" if "float64_diff" in check else ""
+        if not space.exact:
+            exact = "; no float64 recheck: the pruning space is not exact (its masks are not physical removal)"
         raise ATPError(f"exported model does not match the masked model: max |logit diff| {diff:.3g} > "
                        f"{allowed:.3g} ({cfg.check_tolerance:g} x the largest |logit|, {scale:.3g}){exact}")
 
