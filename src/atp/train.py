@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from .errors import ATPError
-from .fsutil import read_yaml_mapping, write_text_atomic
+from .fsutil import clean_stale_temps, read_yaml_mapping, write_text_atomic
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -288,6 +288,8 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
     elif accelerator.is_main_process:
         prepare_run_dir(cfg)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    if accelerator.is_main_process:
+        clean_stale_temps(run_dir)  # temp folders of an earlier run that was killed (an export, a checkpoint)
     started = time.time()
 
     model, tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
