@@ -50,6 +50,7 @@ def small_checkpoint_parts():
 
 def save_checkpoint(run_dir, step, parts):
     peft_model, generator, optimizers, schedule = parts
+    run_dir.mkdir(parents=True, exist_ok=True)  # a run's folder exists before its first checkpoint
     return checkpoint.save(run_dir, step, peft_model, generator, optimizers, schedule, "fp", keep=5)
 
 
