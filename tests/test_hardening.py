@@ -338,11 +338,15 @@ def test_device_checks_shared_by_eval_and_bench(command, tiny_model_dir, tmp_pat
     assert "use --device cpu" in capsys.readouterr().err
 
 
-def test_option_value_checks(monkeypatch):
+def test_option_value_checks(tiny_model_dir, monkeypatch):
     import transformers.utils
+
+    from atp.models import load_model
 
     with pytest.raises(ATPError, match="--attn-implementation must be one of eager, .*sdpa.*got 'flash'"):
         validation.attn_implementation("flash")
+    with pytest.raises(ATPError, match="--attn-implementation must be one of"):  # every load checks it (prune too)
+        load_model(str(tiny_model_dir), attn_implementation="flash")
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
     with pytest.raises(ATPError, match="--attn-implementation flash_attention_2 needs the flash-attn package"):
         validation.attn_implementation("flash_attention_2")

@@ -185,6 +185,9 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
 
     from safetensors import SafetensorError
 
+    from .validation import attn_implementation as check_attn
+
+    check_attn(attn_implementation)
     with rng_untouched():  # loading must not shift the seeded random streams of the run that follows
         path = resolve_model(name)
         local = Path(path).is_dir()
