@@ -173,7 +173,10 @@ def load_pruned(path, dtype: torch.dtype = torch.float32, attn_implementation: s
     path = Path(path)
     check_weights(path)
     if "layers" in read_config(path).get(CONFIG_KEY, {}):
-        return _load_legacy(path, dtype, attn_implementation).to(device).eval()
+        try:
+            return _load_legacy(path, dtype, attn_implementation).to(device).eval()
+        except RuntimeError as err:  # strict load_state_dict: the widths in config.json do not fit the weights
+            raise ATPError(f"the weights in {path} do not fit its config.json: {str(err).splitlines()[0]}") from None
     verify_modeling_file(path)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,

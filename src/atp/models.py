@@ -163,7 +163,7 @@ def load_tokenizer(name_or_path: str):
 
     folder = Path(name_or_path)
     if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
-        raise ATPError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES[::3])}); copy the tokenizer "
+        raise ATPError(f"{folder} has no tokenizer (tokenizer.json or tokenizer_config.json); copy the tokenizer "
                        "files of the original model into it")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
