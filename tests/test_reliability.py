@@ -166,7 +166,7 @@ def test_disk_full_during_export_leaves_nothing_half_written(tmp_path, tokenizer
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(model, "save_pretrained", full_disk)
-    with pytest.raises(ATPError, match="No space left on device"):
+    with pytest.raises(ATPError, match="no space left on device while writing the model to"):
         save_pruned(model, tokenizer, out, overwrite=True)
     assert (out / "config.json").read_text() == "previous export"
     assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["model"]
@@ -216,7 +216,7 @@ def test_permission_error_during_export(tmp_path, tokenizer, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkdtemp", denied)
-    with pytest.raises(ATPError, match="cannot write the model to .*Permission denied"):
+    with pytest.raises(ATPError, match="cannot write the model to .*permission denied"):
         save_pruned(tiny_model("llama", True), tokenizer, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

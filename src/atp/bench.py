@@ -60,6 +60,8 @@ def decode_seconds(model, prompt_length: int, new_tokens: int, vocab: int, devic
 def benchmark(models: dict, *, repeats: int = 5, prefill_length: int = 512, batches=(1, 8), new_tokens: int = 128,
               decode_prompt: int = 32, warmup: int = 1) -> dict:
     """models: {label: model}, all on one device. Returns per-model medians and ratios to the first model."""
+    if min(repeats, prefill_length, new_tokens, decode_prompt, *batches) < 1:
+        raise ATPError("repeats, prefill length, new tokens, decode prompt and batch sizes must all be at least 1")
     labels = list(models)
     first = models[labels[0]]
     device = next(first.parameters()).device
@@ -69,6 +71,9 @@ def benchmark(models: dict, *, repeats: int = 5, prefill_length: int = 512, batc
         context = getattr(model.config, "max_position_embeddings", None)
         if context and prefill_length > context:
             raise ATPError(f"prefill length {prefill_length} exceeds the model's context of {context}")
+        if context and decode_prompt + new_tokens > context:
+            raise ATPError(f"{decode_prompt} prompt tokens + {new_tokens} new tokens exceed the model's context "
+                           f"of {context}; lower --new-tokens")
     timings = {label: {f"prefill_b{b}": [] for b in batches} | {"decode": []} for label in labels}
     peaks = {label: 0 for label in labels}
     for round_index in range(warmup + repeats):
@@ -146,13 +151,16 @@ def add_bench_arguments(parser):
 def run_bench_command(args) -> int:
     import json
 
-    from .fsutil import write_text_atomic
+    from . import validation
+    from .fsutil import check_writable_file, write_text_atomic
     from .models import load_model
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for name in ("repeats", "prefill_length", "new_tokens"):
+        validation.at_least(getattr(args, name), 1, name)
+    device = validation.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if args.repeats < 1:
-        raise ATPError("--repeats must be at least 1")
+    if args.out:
+        check_writable_file(args.out, "--out")
     models = {}
     for name in args.model:
         model, _ = load_model(name, dtype=dtype, attn_implementation="sdpa")

@@ -19,6 +19,7 @@ from .errors import ATPError
 from .fsutil import atomic_dir
 
 MANIFEST = "manifest.json"
+REQUIRED = ("lora.safetensors", "state.pt")  # in every checkpoint; generator and decisions files depend on the run
 
 
 def _sha256(path: Path) -> str:
@@ -35,14 +36,18 @@ def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, sche
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    lora = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
+    gen = {k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()} if generator is not None else {}
+    for what, tensors in (("LoRA weight", lora), ("generator weight", gen)):
+        for name, value in tensors.items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise ATPError(f"refusing to save the checkpoint of step {step}: {what} {name} holds NaN or Inf "
+                               "values; the run diverged (the checkpoints so far are kept)")
     root = run_dir / "checkpoints"
-    root.mkdir(exist_ok=True)
     with atomic_dir(root / f"step-{step:06d}", f"the checkpoint of step {step}") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()},
-                  str(tmp / "lora.safetensors"))
+        save_file(lora, str(tmp / "lora.safetensors"))
         if generator is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()},
-                      str(tmp / "generator.safetensors"))
+            save_file(gen, str(tmp / "generator.safetensors"))
         if decisions is not None:
             gates, info = decisions
             (tmp / "decisions.json").write_text(json.dumps({"gates": {k: v.tolist() for k, v in gates.items()},
@@ -66,10 +71,20 @@ def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, sche
 def verify(path: Path) -> dict:
     """The manifest of an intact checkpoint; ATPError saying what is wrong otherwise."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ATPError(f"{path.name}: unreadable manifest ({err})") from None
-    for name, digest in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ATPError(f"{path.name}: the manifest has no list of files and their checksums")
+    absent = [name for name in REQUIRED if name not in files]
+    if absent:
+        raise ATPError(f"{path.name}: the manifest does not cover {', '.join(absent)}")
+    if not isinstance(manifest.get("step"), int) or not isinstance(manifest.get("fingerprint"), str):
+        raise ATPError(f"{path.name}: the manifest has no step or config fingerprint")
+    for name, digest in files.items():
+        if "/" in name or name.startswith("."):
+            raise ATPError(f"{path.name}: the manifest names an odd file {name!r}")
         if not (path / name).exists():
             raise ATPError(f"{path.name}: {name} is missing")
         if _sha256(path / name) != digest:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import os
 import sys
 import time
 import typing
@@ -185,17 +187,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR)
+
+
+def user_error(err: BaseException) -> str | None:
+    """The message for an error that bad input or a bad environment causes (a full disk, an unwritable
+    folder, a binary or absurdly nested input), or None for a bug, which keeps its traceback.
+    Set ATP_TRACEBACK=1 to see the traceback of these too."""
+    from .fsutil import describe_write_error, is_torch_write_failure
+
+    if isinstance(err, ATPError):
+        return str(err)
+    if is_torch_write_failure(err):
+        return describe_write_error(err, None)
+    if isinstance(err, OSError):
+        if err.errno in WRITE_ERRNOS:  # atp writes far more than it reads outside its checked inputs
+            return describe_write_error(err, err.filename)
+        return f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+    if isinstance(err, UnicodeDecodeError):
+        return f"an input file is not UTF-8 text ({err.reason} at byte {err.start})"
+    if isinstance(err, RecursionError):
+        return "an input is nested too deeply to read (Python's recursion limit)"
+    return None
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ATPError as err:
-        print(f"atp: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("atp: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        message = user_error(err)
+        if message is None or (os.environ.get("ATP_TRACEBACK") and not isinstance(err, ATPError)):
+            raise
+        print(f"atp: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

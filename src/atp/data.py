@@ -48,6 +48,10 @@ def _read_numbered(path) -> list[tuple[int, dict]]:
             last = i == len(lines)  # no newline after it: the writer probably stopped mid-line
             hint = " (the last line looks truncated)" if last else ""
             raise ATPError(f"{path}:{i}: malformed JSON: {err.msg} at column {err.colno}{hint}") from None
+        except RecursionError:
+            raise ATPError(f"{path}:{i}: the JSON is nested too deeply to read") from None
+        except ValueError as err:  # e.g. an integer with more digits than Python converts
+            raise ATPError(f"{path}:{i}: unreadable JSON value: {err}") from None
         if not isinstance(obj, dict):
             raise ATPError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
         rows.append((i, obj))

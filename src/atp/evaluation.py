@@ -381,23 +381,23 @@ def _eval_inputs(args) -> list[tuple]:
 
 
 def run_eval_command(args) -> int:
+    from . import validation
+    from .fsutil import check_writable_file
     from .models import load_model
 
     for flag in ("batch_size", "max_length", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            raise ATPError(f"--{flag.replace('_', '-')} must be at least 1")
+        validation.at_least(getattr(args, flag), 1, flag)
     if args.limit is not None and args.limit < 0:
         raise ATPError("--limit must be 0 (no cap) or more")
     if args.max_new_tokens >= args.max_length:
         raise ATPError("--max-new-tokens must be smaller than --max-length")
+    device = str(validation.device(args.device))
+    if args.out:  # before the evaluation, not after it
+        check_writable_file(args.out, "--out")
     start = time.time()
     inputs = _eval_inputs(args)  # data errors come before the (slow) model load
     model, tokenizer = load_model(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model.to(device)
-    except (RuntimeError, AssertionError) as err:
-        raise ATPError(f"cannot use device {device}: {err}") from None
+    model.to(device)
     limit = 0 if args.limit is None and args.data else args.limit  # a file given with --data is read whole
     results = evaluate(model, tokenizer, [(t, r) for t, r, _ in inputs], limit=limit,
                        batch_size=args.batch_size, max_length=args.max_length, max_new_tokens=args.max_new_tokens)

@@ -9,6 +9,7 @@ The result is a normal HF folder (safetensors, config, tokenizer):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -133,21 +134,47 @@ def is_pruned_checkpoint(path) -> bool:
     return config.exists() and CONFIG_KEY in json.loads(config.read_text())
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def verify_modeling_file(path) -> None:
+    """The shipped modeling_atp.py (run by trust_remote_code loading) must be the file the export recorded."""
+    path = Path(path)
+    recorded = json.loads((path / "config.json").read_text()).get(CONFIG_KEY, {}).get("modeling_sha256")
+    shipped = path / MODELING_FILE
+    if recorded is None or not shipped.exists():  # older exports record none; without the file nothing runs
+        return
+    actual = hashlib.sha256(shipped.read_bytes()).hexdigest()
+    if actual != recorded:
+        raise ATPError(f"{shipped} is not the file atp exported (SHA-256 {actual[:16]}..., recorded "
+                       f"{recorded[:16]}... in config.json); loading with trust_remote_code=True would run it. "
+                       "Restore it from the original export, or re-export the model")
+
+
 def load_pruned(path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None, device="cpu"):
     """Load any checkpoint `save_pruned` wrote (uniform or heterogeneous), from safetensors only."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
+
+    from .models import check_loaded, check_weights, read_config
 
     register()
     path = Path(path)
-    if not any(path.glob("*.safetensors")):
-        raise ATPError(f"{path} holds no .safetensors weights")
-    if "layers" in json.loads((path / "config.json").read_text()).get(CONFIG_KEY, {}):
-        return _load_legacy(path, dtype, attn_implementation).to(device).eval()
+    check_weights(path)
+    if "layers" in read_config(path).get(CONFIG_KEY, {}):
+        try:
+            return _load_legacy(path, dtype, attn_implementation).to(device).eval()
+        except RuntimeError as err:  # strict load_state_dict: the widths in config.json do not fit the weights
+            raise ATPError(f"the weights in {path} do not fit its config.json: {str(err).splitlines()[0]}") from None
+    verify_modeling_file(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                                     use_safetensors=True)
-    except (OSError, ValueError) as err:
-        raise ATPError(f"could not load the pruned model in {path}: {err}") from None
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                           use_safetensors=True, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise ATPError(f"could not load the pruned model in {path}: {str(err).splitlines()[0]}") from None
+    check_loaded(model, info, path)
     return model.to(device).eval()
 
 
@@ -187,11 +214,15 @@ def save_pruned(model, tokenizer, out_dir, *, overwrite: bool = False, extra_fil
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ATPError(f"{out_dir} already exists; pass --overwrite to replace it")
+    modeling = None
+    if is_heterogeneous(model.config):  # atp.hf_modeling plus the line defining this family's classes
+        modeling = Path(hf_modeling.__file__).read_text() + arch_for(model.config).modeling_footer()
+    if modeling is not None:  # recorded so that loaders can check the code trust_remote_code runs
+        setattr(model.config, CONFIG_KEY, {**getattr(model.config, CONFIG_KEY, {}), "modeling_sha256": _sha256(modeling)})
     with atomic_dir(out_dir, "the model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if is_heterogeneous(model.config):
-            source = Path(hf_modeling.__file__).read_text() + arch_for(model.config).modeling_footer()
-            (tmp / MODELING_FILE).write_text(source)
+        if modeling is not None:
+            (tmp / MODELING_FILE).write_bytes(modeling.encode("utf-8"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():

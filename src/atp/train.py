@@ -40,7 +40,7 @@ from .export import (
     layer_widths,
     save_pruned,
 )
-from .fsutil import write_text_atomic
+from .fsutil import clean_stale_temps, write_text_atomic
 from .generator import DecisionGenerator
 from .masking import GateController
 from .models import load_model
@@ -183,6 +183,8 @@ class PruneRecipe:
         elif self.accelerator.is_main_process:
             prepare_run_dir(self.cfg)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
+        if self.accelerator.is_main_process:
+            clean_stale_temps(self.run_dir)  # temp folders of an earlier run that was killed (an export, a checkpoint)
 
     def setup_model(self) -> None:
         """Model and tokenizer, and the pruning space read from the model's config."""
