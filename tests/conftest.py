@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama/Qwen2/Mistral models, a tokenizer trained here, slices of ../shared/data."""
+"""Shared fixtures: tiny random models of every family in atp.arch, a tokenizer trained here, ../shared/data slices."""
 from __future__ import annotations
 
 import json
@@ -8,24 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from atp.arch import ARCHS
+
 # Tiny models gain nothing from threads, and oversubscribed cores make them far slower.
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ATP_DATA_DIR", REPO.parent / "shared" / "data"))
 
-# family -> (config class name, extra kwargs)
-FAMILIES = {
-    "llama": ("LlamaConfig", {}),
-    "qwen2": ("Qwen2Config", {}),
-    "mistral": ("MistralConfig", {"sliding_window": None}),
-}
+FAMILIES = list(ARCHS)  # every family in atp's architecture table
+EXTRA = {"mistral": {"sliding_window": None}}  # per family, beyond the shared tiny sizes
 
 
 def tiny_config(family: str = "llama", gqa: bool = True, vocab_size: int = 512, **overrides):
-    import transformers
-
-    cls_name, extra = FAMILIES[family]
     kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=48,
@@ -40,9 +35,9 @@ def tiny_config(family: str = "llama", gqa: bool = True, vocab_size: int = 512, 
         bos_token_id=1,
         eos_token_id=2,
     )
-    kwargs.update(extra)
+    kwargs.update(EXTRA.get(family, {}))
     kwargs.update(overrides)
-    return getattr(transformers, cls_name)(**kwargs)
+    return ARCHS[family].config_cls()(**kwargs)
 
 
 def tiny_model(family: str = "llama", gqa: bool = True, seed: int = 0, attn: str = "eager", **overrides):
@@ -79,8 +74,8 @@ def train_file(tmp_path, shared_data):
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    """A small byte-level BPE tokenizer trained on a few texts (shared data when present)."""
+def tokenizer_dir(tmp_path_factory):
+    """A small byte-level BPE tokenizer trained once on a few texts (shared data when present), saved."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -103,7 +98,16 @@ def tokenizer(tmp_path_factory):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     out = tmp_path_factory.mktemp("tokenizer")
     fast.save_pretrained(out)
-    return fast
+    return out
+
+
+@pytest.fixture
+def tokenizer(tokenizer_dir):
+    """A fresh copy per test: calling a fast tokenizer with padding leaves padding state in its backend,
+    which would leak into tokenizers that later tests save."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
 
 
 @pytest.fixture

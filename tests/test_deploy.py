@@ -10,15 +10,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from atp.arch import ARCHS
 from atp.errors import ATPError
 from atp.export import MODELING_FILE, build_pruned, layer_widths, load_pruned, save_pruned
 from atp.generator import DecisionGenerator
 from atp.space import HeadMLPSpace, ShapeRule
 from atp.train import ATPConfig, train
-from conftest import tiny_model
+from conftest import FAMILIES, tiny_model
 from test_engine import ids, masked_logits, random_gates, with_lora
 
-FAMILY_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+FAMILY_CLASS = {family: f"{arch.prefix}ForCausalLM" for family, arch in ARCHS.items()}
 
 
 def scores_for(space, seed=3):
@@ -27,7 +28,7 @@ def scores_for(space, seed=3):
 
 
 def check_uniform(space, gates):
-    heads = gates["heads"].reshape(space.num_layers, space.num_kv_heads, space.group_size)
+    heads = gates["heads"].reshape(space.num_layers, space.num_kv_heads, space.heads_per_kv)
     per_group = heads.sum(dim=2)
     kept_groups = per_group[per_group > 0]
     assert torch.all(kept_groups == kept_groups[0]), "query heads per KV head differ"
@@ -104,7 +105,7 @@ def test_generator_decisions_obey_the_rule_and_hit_the_target(rule):
     assert gen.inputs.grad is not None and gen.inputs.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_uniform_export_is_the_family_checkpoint(family, tmp_path, tokenizer):
     model = with_lora(tiny_model(family, True))
     space = HeadMLPSpace.from_config(model.config, mlp_block=4)
@@ -169,7 +170,7 @@ LOAD_WITHOUT_ATP = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_heterogeneous_export_loads_with_remote_code_alone(family, tmp_path, tokenizer):
     """A subprocess that never imports atp loads the export with trust_remote_code, generates with the KV cache,
     runs sdpa, and takes LoRA from peft."""

@@ -10,9 +10,9 @@ from atp.export import build_pruned, count_safetensors_params, load_pruned, save
 from atp.generator import DecisionGenerator
 from atp.masking import GateController
 from atp.space import HeadMLPSpace
-from conftest import tiny_model
+from conftest import FAMILIES, tiny_model
 
-CASES = [("llama", True), ("llama", False), ("qwen2", True), ("mistral", True), ("mistral", False)]
+CASES = [(family, gqa) for family in FAMILIES for gqa in (True, False)]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -20,7 +20,7 @@ def random_gates(space, seed=0, keep=0.6):
     g = torch.Generator().manual_seed(seed)
     gates = {k: (torch.rand(shape, generator=g) < keep).float() for k, shape in space.gate_shapes.items()}
     gates["heads"][0] = 1.0  # one full layer
-    gates["heads"][1, : space.group_size] = 0.0  # a whole KV group gone
+    gates["heads"][1, : space.heads_per_kv] = 0.0  # a whole KV group gone
     return gates
 
 
@@ -171,7 +171,7 @@ def test_save_refuses_existing_dir(tmp_path, tokenizer):
 def test_unsupported_architecture_named():
     from transformers import GPT2Config
 
-    with pytest.raises(ATPError, match="supported families: llama, mistral, qwen2"):
+    with pytest.raises(ATPError, match="supported families: llama, mistral, qwen2, qwen3"):
         HeadMLPSpace.from_config(GPT2Config())
 
 

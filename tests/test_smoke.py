@@ -1,9 +1,9 @@
 
-from conftest import tiny_model
+from conftest import FAMILIES, tiny_model
 
 
 def test_tiny_models_build(tokenizer):
-    for family in ("llama", "qwen2", "mistral"):
+    for family in FAMILIES:
         for gqa in (True, False):
             model = tiny_model(family, gqa)
             ids = tokenizer("The patient", return_tensors="pt").input_ids

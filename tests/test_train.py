@@ -1,4 +1,5 @@
 """Objectives and the end-to-end training loop on tiny models."""
+import dataclasses
 import json
 
 import pytest
@@ -10,8 +11,9 @@ from atp.errors import ATPError
 from atp.export import count_safetensors_params, load_pruned
 from atp.generator import DecisionGenerator
 from atp.regularization import group_lasso, group_sq_norms, proximal_step, ratio_loss
-from atp.space import HeadMLPSpace
-from atp.train import ATPConfig, train
+from atp.schedule import Schedule
+from atp.space import PruningSpace
+from atp.train import ATPConfig, fingerprint, train
 from conftest import tiny_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -21,7 +23,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def test_ratio_loss_reaches_target_within_one_percent(target):
     # At the default temperature and generator_lr, the ratio loss alone moves gates that start at the
     # offset (logit 3); at temperature 0.4 their gradient is too small to move them in 300 steps.
-    space = HeadMLPSpace.from_config(tiny_model("llama", True).config, mlp_block=1)
+    space = PruningSpace.from_config(tiny_model("llama", True).config, mlp_block=1)
     gen = DecisionGenerator(space, seed=0).train()
     opt = torch.optim.Adam(gen.parameters(), lr=ATPConfig().generator_lr)
     for step in range(300):
@@ -34,7 +36,7 @@ def test_ratio_loss_reaches_target_within_one_percent(target):
 
 
 def test_offset_calibration_hits_target():
-    space = HeadMLPSpace.from_config(tiny_model("llama", True).config, mlp_block=1)
+    space = PruningSpace.from_config(tiny_model("llama", True).config, mlp_block=1)
     gen = DecisionGenerator(space, seed=3)
     with torch.no_grad():
         for p in gen.parameters():
@@ -51,7 +53,7 @@ def test_group_lasso_and_proximal_zero_pruned_lora():
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_(0, 0.1)
-    space = HeadMLPSpace.from_config(model.config, mlp_block=4)
+    space = PruningSpace.from_config(model.config, mlp_block=4)
     gates = space.full_gates()
     gates["heads"][0, :3] = 0  # heads 0-2: KV head 0 fully pruned (group size 3)
     gates["mlp"][1, 2:5] = 0
@@ -189,13 +191,13 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_model_dir, train_file, t
 
 
 def test_lora_lr_restarts_when_the_generator_freezes(tiny_model_dir, train_file, tmp_path):
-    from atp.train import lora_lr_factor
-
     cfg = tiny_cfg(tiny_model_dir, train_file, tmp_path / "run", max_steps=40, generator_frac=0.5, log_every=1,
                    save_every=0, restart_lr=False)
-    plain = [lora_lr_factor(cfg, s, 20) for s in range(40)]
+    plain = [Schedule.from_config(cfg).lora_lr_factor(s) for s in range(40)]
     cfg.restart_lr = True
-    restarted = [lora_lr_factor(cfg, s, 20) for s in range(40)]
+    schedule = Schedule.from_config(cfg)
+    assert schedule.lr_restart_step == 20
+    restarted = [schedule.lora_lr_factor(s) for s in range(40)]
     assert restarted[:20] == plain[:20]
     assert plain[20] == pytest.approx(0.5)  # cosine half-way
     assert restarted[20] == pytest.approx(1.0) and restarted[30] == pytest.approx(0.5)  # warm-up 1 step, then cosine
@@ -207,14 +209,63 @@ def test_lora_lr_restarts_when_the_generator_freezes(tiny_model_dir, train_file,
     assert lr[20] == pytest.approx(cfg.lr) and lr[19] < 0.6 * cfg.lr
 
 
+def test_schedule_phases_and_ramps():
+    cfg = ATPConfig(max_steps=10, generator_frac=0.6, generator_every=2, sparsity=0.4, target_warmup=0.5, lam=0.05)
+    s = Schedule.from_config(cfg)
+    assert s.freeze_at == 6 and s.fixed_phase_start == 6
+    assert [step for step in range(1, 11) if s.is_generator_step(step)] == [1, 3, 5]
+    assert [s.generator_steps_until(step) for step in (0, 1, 2, 5, 10)] == [0, 1, 1, 3, 3]
+    assert [step for step in range(1, 12) if s.freezes_before(step)] == [7] and not s.generator_to_end
+    # the ratio target reaches 1 - sparsity after int(0.5 * 6) = 3 steps; lambda reaches lam at the freeze
+    assert [round(s.target_at(step), 6) for step in (0, 1, 3, 6)] == [1.0, round(1 - 0.4 / 3, 6), 0.6, 0.6]
+    assert [s.lasso_weight(step) for step in (0, 3, 6, 9)] == [0.0, 0.025, 0.05, 0.05]
+    # generator_frac 1: no fixed phase, the generator is calibrated after the last step instead of a freeze
+    end = Schedule.from_config(dataclasses.replace(cfg, generator_frac=1.0))
+    assert end.generator_to_end and end.fixed_phase_start == 0 and end.lr_restart_step == 0
+    assert not any(end.freezes_before(step) for step in range(1, 11))
+    # baselines and plain LoRA: no generator steps, no group lasso, no restart; the frozen-generator
+    # baseline still runs the generator phase's steps before tuning
+    for other in (dict(method="taylor"), dict(method="frozen-generator"), dict(prune=False)):
+        b = Schedule.from_config(dataclasses.replace(cfg, **other))
+        assert not any(b.is_generator_step(step) or b.freezes_before(step) for step in range(1, 11)), other
+        assert b.generator_steps_until(10) == 0 and b.lasso_weight(5) == 0.0 and b.lr_restart_step == 0
+        assert list(b.generator_phase_steps) == [1, 3, 5]
+
+
+def test_fingerprints_are_pinned():
+    # values computed at commit 84221fe, before the config moved to atp.config: benchmark runs and compare
+    # cells resume by them, so they must never change
+    assert fingerprint(ATPConfig()) == "f2e1f10d125723cf"
+    custom = ATPConfig(model="/m", domain="legal", train_files=["pubmedqa=a.jsonl"], sparsity=0.5, generator_frac=0.5,
+                       lr=6e-4, lora_targets=["q_proj", "v_proj"], uniform=True, round_to=64, out="x", seed=2)
+    assert fingerprint(custom) == "b99d610e7f9681f4"
+    assert fingerprint(ATPConfig(method="taylor", restart_lr=False, calib_batches=4)) == "6b7a034c940eae92"
+    assert fingerprint(ATPConfig(restart_lr=False)) == "d95e58538583de61"
+
+
+def test_prune_help_comes_from_the_config_fields():
+    import argparse
+
+    from atp.cli import add_config_arguments
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ATPConfig)
+    helps = {a.dest: a.help for a in parser._actions}
+    documented = [f for f in dataclasses.fields(ATPConfig) if "help" in f.metadata]
+    assert len(documented) >= 20
+    for f in documented:
+        assert helps[f.name].startswith(f.metadata["help"] + " (default: "), f.name
+    assert helps["seed"] == "(default: 0)"  # fields without help text show only their default
+
+
 def test_fingerprint_ignores_later_options_at_their_default(tmp_path):
-    import dataclasses
     import hashlib
 
-    from atp.train import NON_SEMANTIC, fingerprint
+    from atp.train import NON_SEMANTIC
 
     cfg = ATPConfig(out=str(tmp_path), restart_lr=False)
-    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC and k != "restart_lr"}
+    later = ("restart_lr", "space")  # options added after the first runs: absent from their fingerprints
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC and k not in later}
     assert fingerprint(cfg) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert fingerprint(dataclasses.replace(cfg, restart_lr=True)) != fingerprint(cfg)
     # restart_lr cannot change runs without a fixed-decision phase after the generator: not fingerprinted there

@@ -1,7 +1,7 @@
 """Two-stage baselines: pruning decisions fixed on the pretrained model before LoRA tuning starts.
 
-Every method returns gates in the format of `HeadMLPSpace` ({"heads": [L, H], "mlp": [L, blocks]},
-1 keep, 0 prune). Training then masks both the frozen and the LoRA path with these fixed gates, tunes
+Every method returns gates in the format of the run's `PruningSpace` ({"heads": [L, H], "mlp": [L, blocks]}
+by default, 1 keep, 0 prune). The methods are the registry `METHODS`. Training then masks both the frozen and the LoRA path with these fixed gates, tunes
 LoRA for the full max_steps, and exports through the same physical-removal path as ATP.
 
 Groups (the same ones ATP's generator decides on):
@@ -39,28 +39,15 @@ step, so its LoRA weights get no gradient and are removed at export whatever the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .errors import ATPError
+from .kinds import chunk_sums
 from .masking import decoder_layers
-from .space import Gates, HeadMLPSpace
-
-METHODS = ("atp", "taylor", "magnitude", "activation", "random", "frozen-generator")
-SCORED = ("taylor", "magnitude", "activation", "random")  # decisions from an importance score
-ALLOCATION = {
-    "taylor": "uniform",
-    "magnitude": "uniform",
-    "activation": "global",
-    "random": "uniform",
-    "frozen-generator": "learned",
-    "atp": "learned",
-}
-
-
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ATPError(f"unknown --method '{method}'; choices: {', '.join(METHODS)}")
+from .space import Gates, PruningSpace
 
 
 def _weight(module) -> torch.Tensor:
@@ -68,43 +55,33 @@ def _weight(module) -> torch.Tensor:
     return getattr(module, "base_layer", module).weight
 
 
-def _projections(layer) -> dict[str, torch.nn.Module]:
-    attn, mlp = layer.self_attn, layer.mlp
-    return {"q": attn.q_proj, "o": attn.o_proj, "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
+def _projections(space: PruningSpace, layer) -> dict[str, torch.nn.Module]:
+    """The projections the selected kinds' scores read (q, o for heads; gate, up, down for MLP blocks)."""
+    return {role: space.arch.projection(layer, role) for kind in space.kind_objects for role in kind.score_roles}
 
 
-def _chunk_sums(values: torch.Tensor, unit: int) -> torch.Tensor:
-    """Sums of consecutive runs of `unit` entries (the last run may be shorter)."""
-    pad = (-len(values)) % unit
-    return torch.cat([values, values.new_zeros(pad)]).view(-1, unit).sum(1)
+def _group_sums(space: PruningSpace, stats: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Per-element statistics of one layer's scored weights, summed per gate of each selected kind."""
+    return [kind.group_sums(space, stats) for kind in space.kind_objects]
 
 
-def _group_sums(space: HeadMLPSpace, stats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-element statistics of one layer's q, o, gate, up, down weights, summed per head and per MLP block."""
-    heads = _chunk_sums(stats["q"].sum(1), space.head_dim) + _chunk_sums(stats["o"].sum(0), space.head_dim)
-    rows = stats["gate"].sum(1) + stats["up"].sum(1)
-    mlp = _chunk_sums(rows + stats["down"].sum(0), space.mlp_block)
-    return heads, mlp
+def _stack(space: PruningSpace, per_layer: list[list[torch.Tensor]]) -> Gates:
+    return {kind.name: torch.stack([scores[i] for scores in per_layer]).float().cpu()
+            for i, kind in enumerate(space.kind_objects)}
 
 
-def _stack(per_layer: list[tuple[torch.Tensor, torch.Tensor]]) -> Gates:
-    return {"heads": torch.stack([h for h, _ in per_layer]).float().cpu(),
-            "mlp": torch.stack([m for _, m in per_layer]).float().cpu()}
-
-
-def magnitude_scores(model, space: HeadMLPSpace) -> Gates:
+def magnitude_scores(model, space: PruningSpace) -> Gates:
     per_layer = []
     with torch.no_grad():
         for layer in decoder_layers(model):
-            stats = {k: _weight(m).float().pow(2) for k, m in _projections(layer).items()}
-            heads, mlp = _group_sums(space, stats)
-            per_layer.append((heads.sqrt(), mlp.sqrt()))
-    return _stack(per_layer)
+            stats = {k: _weight(m).float().pow(2) for k, m in _projections(space, layer).items()}
+            per_layer.append([sums.sqrt() for sums in _group_sums(space, stats)])
+    return _stack(space, per_layer)
 
 
-def taylor_scores(model, space: HeadMLPSpace, batches, device) -> Gates:
+def taylor_scores(model, space: PruningSpace, batches, device) -> Gates:
     """|sum of w * dL/dw| per group, with dL/dw accumulated over the calibration batches."""
-    weights = [_weight(m) for layer in decoder_layers(model) for m in _projections(layer).values()]
+    weights = [_weight(m) for layer in decoder_layers(model) for m in _projections(space, layer).values()]
     was_training, flags = model.training, [w.requires_grad for w in weights]
     model.eval()
     try:
@@ -117,21 +94,21 @@ def taylor_scores(model, space: HeadMLPSpace, batches, device) -> Gates:
         per_layer = []
         with torch.no_grad():
             for layer in decoder_layers(model):
-                stats = {k: (_weight(m) * _weight(m).grad).float() for k, m in _projections(layer).items()}
-                heads, mlp = _group_sums(space, stats)
-                per_layer.append((heads.abs(), mlp.abs()))
+                stats = {k: (_weight(m) * _weight(m).grad).float() for k, m in _projections(space, layer).items()}
+                per_layer.append([sums.abs() for sums in _group_sums(space, stats)])
     finally:
         for w, flag in zip(weights, flags):
             w.grad = None
             w.requires_grad_(flag)
         model.train(was_training)
-    return _stack(per_layer)
+    return _stack(space, per_layer)
 
 
-def activation_scores(model, space: HeadMLPSpace, batches, device) -> Gates:
+def activation_scores(model, space: PruningSpace, batches, device) -> Gates:
     """Wanda-sp: per input channel of o_proj / down_proj, ||weight column||_1 * RMS(input), summed per group."""
     layers = decoder_layers(model)
-    sq_sums = {(i, k): 0.0 for i in range(len(layers)) for k in ("o", "down")}
+    outputs = [kind.output_role for kind in space.kind_objects]
+    sq_sums = {(i, k): 0.0 for i in range(len(layers)) for k in outputs}
     count, current = [0], {}
 
     def hook(key):
@@ -140,8 +117,8 @@ def activation_scores(model, space: HeadMLPSpace, batches, device) -> Gates:
             sq_sums[key] = sq_sums[key] + x.pow(2).sum(0)
         return record
 
-    handles = [_projections(layer)[k].register_forward_pre_hook(hook((i, k)))
-               for i, layer in enumerate(layers) for k in ("o", "down")]
+    handles = [space.arch.projection(layer, k).register_forward_pre_hook(hook((i, k)))
+               for i, layer in enumerate(layers) for k in outputs]
     was_training = model.training
     model.eval()
     try:
@@ -158,15 +135,17 @@ def activation_scores(model, space: HeadMLPSpace, batches, device) -> Gates:
     per_layer = []
     with torch.no_grad():
         for i, layer in enumerate(layers):
-            proj = _projections(layer)
-            rms = {k: (sq_sums[(i, k)] / max(1, count[0])).sqrt() for k in ("o", "down")}
-            o = _weight(proj["o"]).float().abs().sum(0) * rms["o"]
-            down = _weight(proj["down"]).float().abs().sum(0) * rms["down"]
-            per_layer.append((_chunk_sums(o, space.head_dim), _chunk_sums(down, space.mlp_block)))
-    return _stack(per_layer)
+            scores = []
+            for kind in space.kind_objects:
+                k = kind.output_role
+                rms = (sq_sums[(i, k)] / max(1, count[0])).sqrt()
+                column = _weight(space.arch.projection(layer, k)).float().abs().sum(0) * rms
+                scores.append(chunk_sums(column, kind.unit(space)))
+            per_layer.append(scores)
+    return _stack(space, per_layer)
 
 
-def random_scores(space: HeadMLPSpace, seed: int) -> Gates:
+def random_scores(space: PruningSpace, seed: int) -> Gates:
     noise = torch.Generator().manual_seed(seed * 7_919 + 17)
     return {kind: torch.rand(shape, generator=noise) for kind, shape in space.gate_shapes.items()}
 
@@ -184,7 +163,7 @@ def order(scores: torch.Tensor, allocation: str) -> torch.Tensor:
     raise ATPError(f"unknown allocation '{allocation}'")
 
 
-def select(space: HeadMLPSpace, scores: Gates, sparsity: float, allocation: str) -> Gates:
+def select(space: PruningSpace, scores: Gates, sparsity: float, allocation: str) -> Gates:
     """Prune the least important groups of each kind so that the remaining ratio of prunable parameters
     comes closest to 1 - sparsity, every kind giving up the same fraction of its own parameters."""
     orders = {kind: order(scores[kind], allocation) for kind in space.gate_shapes}
@@ -218,21 +197,51 @@ def select(space: HeadMLPSpace, scores: Gates, sparsity: float, allocation: str)
     return gates(counts)
 
 
-def fixed_decisions(method: str, model, space: HeadMLPSpace, sparsity: float, batches, seed: int,
+@dataclass(frozen=True)
+class Method:
+    """A way to decide what to prune. `score` (model, space, batches, device, seed) -> scores per gate makes
+    a two-stage method whose decisions `select` fixes before tuning; without it the generator decides."""
+
+    name: str
+    allocation: str  # "uniform", "global" (see `order`) or "learned" (the generator)
+    score: Callable | None = None
+    calibration: bool = False  # the score reads calibration batches
+
+    @property
+    def scored(self) -> bool:
+        return self.score is not None
+
+
+# the score functions are looked up when called, so that tests can replace them
+METHODS = {m.name: m for m in (
+    Method("atp", "learned"),
+    Method("taylor", "uniform", lambda model, space, batches, device, seed: taylor_scores(model, space, batches, device),
+           calibration=True),
+    Method("magnitude", "uniform", lambda model, space, batches, device, seed: magnitude_scores(model, space)),
+    Method("activation", "global",
+           lambda model, space, batches, device, seed: activation_scores(model, space, batches, device), calibration=True),
+    Method("random", "uniform", lambda model, space, batches, device, seed: random_scores(space, seed)),
+    Method("frozen-generator", "learned"),
+)}
+SCORED = tuple(name for name, m in METHODS.items() if m.scored)  # decisions from an importance score
+ALLOCATION = {name: m.allocation for name, m in METHODS.items()}
+
+
+def check_method(method: str) -> Method:
+    if method not in METHODS:
+        raise ATPError(f"unknown --method '{method}'; choices: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def fixed_decisions(method: str, model, space: PruningSpace, sparsity: float, batches, seed: int,
                     device) -> tuple[Gates, dict]:
     """Gates for a scored two-stage method, and what was done (scores' kind, allocation, seconds)."""
     started = time.time()
-    if method == "taylor":
-        scores = taylor_scores(model, space, batches, device)
-    elif method == "magnitude":
-        scores = magnitude_scores(model, space)
-    elif method == "activation":
-        scores = activation_scores(model, space, batches, device)
-    elif method == "random":
-        scores = random_scores(space, seed)
-    else:
+    chosen = check_method(method)
+    if not chosen.scored:
         raise ATPError(f"method '{method}' has no importance score; scored methods: {', '.join(SCORED)}")
-    gates = select(space, scores, sparsity, ALLOCATION[method])
-    info = {"allocation": ALLOCATION[method], "calibration_batches": len(batches) if method in ("taylor", "activation") else 0,
+    scores = chosen.score(model, space, batches, device, seed)
+    gates = select(space, scores, sparsity, chosen.allocation)
+    info = {"allocation": chosen.allocation, "calibration_batches": len(batches) if chosen.calibration else 0,
             "selection_seconds": round(time.time() - started, 2)}
     return gates, info

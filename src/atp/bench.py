@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from .arch import arch_for
 from .errors import ATPError
 from .evaluation import _cache_name as cache_name
 
@@ -22,9 +23,11 @@ def _sync(device):
 
 def _kv_bytes_per_token(model) -> int:
     """Bytes of K and V cached per token, summed over layers (reads pruned per-layer widths when present)."""
-    head_dim = model.model.layers[0].self_attn.head_dim
+    arch = arch_for(model.config)
+    layers = arch.decoder_layers(model)
+    head_dim = getattr(layers[0], arch.attention).head_dim
     dtype_bytes = next(model.parameters()).element_size()
-    kv_heads = sum(layer.self_attn.k_proj.out_features // head_dim for layer in model.model.layers)
+    kv_heads = sum(arch.projection(layer, "k").out_features // head_dim for layer in layers)
     return 2 * kv_heads * head_dim * dtype_bytes
 
 

@@ -10,49 +10,16 @@ import typing
 
 from .errors import ATPError
 
-HELP = {
-    "model": "embedded name (smollm2-135m), local HF folder, or hub id",
-    "domain": "training domain: healthcare or legal",
-    "train_files": "extra training data as TASK=PATH.jsonl (repeatable)",
-    "data_dir": "folder with the domain JSONL files (default: $ATP_DATA_DIR or ../shared/data)",
-    "out": "run directory; the exported model lands in OUT/model",
-    "overwrite": "replace an existing, non-empty run directory",
-    "prune": "--no-prune runs plain LoRA fine-tuning with the same loop (the dense + LoRA baseline)",
-    "method": "atp (one-stage), or a two-stage baseline whose decisions are fixed on the pretrained model before "
-              "LoRA tuning: taylor, magnitude, activation, random, frozen-generator (see atp.baselines)",
-    "sparsity": "target fraction of prunable (decoder-block) parameters to remove, in (0, 1)",
-    "mlp_block": "MLP channels per gate (kept MLP widths are multiples of it)",
-    "uniform": "keep the same widths in every layer, so the export is a plain LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM checkpoint",
-    "round_to": "keep MLP widths at multiples of this many channels (a multiple of --mlp-block), for hardware-friendly shapes",
-    "max_steps": "training steps (optimizer updates)",
-    "generator_every": "one generator step per this many LoRA steps",
-    "generator_frac": "freeze the generator after this fraction of steps; LoRA then finishes on fixed decisions "
-                      "(1.0: the generator trains to the end and is calibrated to the target just before export)",
-    "restart_lr": "restart the LoRA learning-rate schedule (warm-up, cosine) when the generator freezes, so the "
-                  "fixed-decision phase recovers at the full learning rate (--no-restart-lr: one cosine over the run)",
-    "calib_fraction": "fraction of training examples held out for generator steps",
-    "calib_max_length": "token length of calibration sequences for generator steps (default: max_length // 2)",
-    "calib_batches": "calibration batches for the importance scores of the taylor and activation baselines",
-    "alpha": "weight of the parameter-ratio loss",
-    "target_warmup": "fraction of the generator phase over which the ratio target moves from 1 to 1 - sparsity",
-    "lam": "group-lasso weight (ramped up over the generator phase); 0 turns group lasso and its proximal "
-           "step off (an ablation); not used by the two-stage baselines",
-    "mask_lora": "--no-mask-lora masks only the frozen path (an ablation)",
-    "mixed_precision": "no, bf16 or fp16 (accelerate)",
-    "gradient_checkpointing": "recompute activations in the backward pass to save memory",
-    "check_tolerance": "export check: the reloaded model's max |logit diff| from the masked model must be at most "
-                       "this times the largest |logit| (at least 1)",
-}
-
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One flag per config field; defaults stay None so that a YAML file's values are not overridden."""
+    """One flag per config field, its help from the field's metadata; defaults stay None so that a YAML
+    file's values are not overridden."""
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{HELP.get(f.name, '')} (default: {default})".strip()
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is list:
@@ -64,7 +31,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
 
 
 def config_from_args(args, config_cls):
-    values = config_cls.from_yaml(args.config) if getattr(args, "config", None) else {}
+    values = config_cls.yaml_values(args.config) if getattr(args, "config", None) else {}
     for f in dataclasses.fields(config_cls):
         given = getattr(args, f.name, None)
         if given is not None:
@@ -99,12 +66,13 @@ def print_prune_report(report: dict) -> None:
 
 
 def cmd_prune(args) -> int:
-    from .train import ATPConfig, resume_config, train
+    from .config import ATPConfig, resume_config
+    from .train import train
 
     if args.resume:
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ATPConfig) if getattr(args, f.name) is not None}
         if args.config:
-            given = {**ATPConfig.from_yaml(args.config), **given}
+            given = {**ATPConfig.yaml_values(args.config), **given}
         cfg = resume_config(args.resume, given)
     else:
         cfg = config_from_args(args, ATPConfig)
@@ -121,9 +89,10 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .config import ATPConfig
     from .evaluation import evaluate_domain
     from .models import load_model
-    from .train import ATPConfig, train
+    from .train import train
 
     out = args.out
     cfg = ATPConfig(model=args.model, domain="healthcare", sparsity=args.sparsity, out=out, overwrite=True,
@@ -158,8 +127,15 @@ def side_by_side(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def config_help(name: str) -> str:
+    """The --help text of an ATPConfig field, for commands that take the same option."""
+    from .config import ATPConfig
+
+    return next(f.metadata["help"] for f in dataclasses.fields(ATPConfig) if f.name == name)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .train import ATPConfig
+    from .config import ATPConfig
 
     parser = argparse.ArgumentParser(
         prog="atp",
@@ -168,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="prepare a model (convert the embedded SmolLM2 GGUF once) and print its path")
-    p.add_argument("--model", default="smollm2-135m", help=HELP["model"])
+    p.add_argument("--model", default="smollm2-135m", help=config_help("model"))
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("eval", help="evaluate a dense or pruned model on domain tasks (perplexity, accuracy, ROUGE)")
@@ -199,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="prune SmolLM2 at 40%% on healthcare data and compare dense vs pruned metrics")
-    p.add_argument("--model", default="smollm2-135m", help=HELP["model"])
+    p.add_argument("--model", default="smollm2-135m", help=config_help("model"))
     p.add_argument("--sparsity", type=float, default=0.4)
     p.add_argument("--max-steps", type=int, default=120)
     p.add_argument("--max-length", type=int, default=128, help="training sequence length")

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from . import hf_modeling
+from .arch import ARCHS, arch_for, check_supported, register
 from .errors import ATPError
 from .fsutil import atomic_dir
+from .kinds import KINDS
 from .masking import base_model
 
 CONFIG_KEY = "atp_pruning"
@@ -27,42 +29,30 @@ _NOT_ARCHITECTURE = ("architectures", "auto_map", "model_type", "transformers_ve
                      "_name_or_path", "dtype", "torch_dtype")
 
 
-def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    return (torch.tensor(heads, dtype=torch.long).unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten().long()
-
-
 def sliced_state(model, kept_structure: list[dict], head_dim: int) -> dict[str, torch.Tensor]:
     """The (LoRA-merged) model's state dict with only the kept rows and columns of every decoder layer."""
-    state = dict(base_model(model).state_dict())
+    dense = base_model(model)
+    arch = arch_for(dense.config)
+    state = dict(dense.state_dict())
     for layer, kept in enumerate(kept_structure):
-        q_rows, kv_rows = _head_rows(kept["heads"], head_dim), _head_rows(kept["kv_heads"], head_dim)
-        channels = torch.tensor(kept["channels"], dtype=torch.long)
-        rules = {  # module -> (kept output rows, kept input columns)
-            "self_attn.q_proj": (q_rows, None), "self_attn.k_proj": (kv_rows, None), "self_attn.v_proj": (kv_rows, None),
-            "self_attn.o_proj": (None, q_rows), "mlp.gate_proj": (channels, None), "mlp.up_proj": (channels, None),
-            "mlp.down_proj": (None, channels),
-        }
-        for module, (rows, cols) in rules.items():
-            prefix = f"model.layers.{layer}.{module}"
-            weight = state[f"{prefix}.weight"]
-            if rows is not None:
-                weight = weight.index_select(0, rows.to(weight.device))
-                if f"{prefix}.bias" in state:
-                    state[f"{prefix}.bias"] = state[f"{prefix}.bias"].index_select(0, rows.to(weight.device)).clone()
-            if cols is not None:
-                weight = weight.index_select(1, cols.to(weight.device))
-            state[f"{prefix}.weight"] = weight.clone()
+        for kind in KINDS.values():
+            for role, (rows, cols) in kind.slices(kept, head_dim).items():
+                prefix = f"{arch.layers}.{layer}.{arch.path(role)}"
+                weight = state[f"{prefix}.weight"]
+                if rows is not None:
+                    weight = weight.index_select(0, rows.to(weight.device))
+                    if f"{prefix}.bias" in state:
+                        state[f"{prefix}.bias"] = state[f"{prefix}.bias"].index_select(0, rows.to(weight.device)).clone()
+                if cols is not None:
+                    weight = weight.index_select(1, cols.to(weight.device))
+                state[f"{prefix}.weight"] = weight.clone()
     return state
 
 
 def layer_widths(kept_structure: list[dict]) -> list[dict]:
-    widths = []
-    for kept in kept_structure:
-        heads, kv_heads, kv_map = len(kept["heads"]), len(kept["kv_heads"]), kept["kv_map"]
-        even = heads == 0 or (heads % kv_heads == 0 and kv_map == [i // (heads // kv_heads) for i in range(heads)])
-        widths.append({"num_attention_heads": heads, "num_key_value_heads": kv_heads,
-                       "intermediate_size": len(kept["channels"]), "kv_map": None if even else kv_map})
-    return widths
+    """Per layer, the config entries each gate kind records (head counts, kv_map, intermediate_size)."""
+    return [{key: value for kind in KINDS.values() for key, value in kind.widths(kept).items()}
+            for kept in kept_structure]
 
 
 def uniform_allowed(config, widths: list[dict]) -> bool:
@@ -72,13 +62,13 @@ def uniform_allowed(config, widths: list[dict]) -> bool:
         return False
     if first["num_attention_heads"] == 0 or first["intermediate_size"] == 0:
         return False
-    return config.model_type != "llama" or config.hidden_size % first["num_attention_heads"] == 0
+    return not arch_for(config).heads_divide_hidden or config.hidden_size % first["num_attention_heads"] == 0
 
 
 def pruned_config(config, kept_structure: list[dict]):
     """The config of the pruned model: the family's own when the widths allow it, else heterogeneous."""
-    if config.model_type not in hf_modeling.PRUNED_CLASSES:
-        raise ATPError(f"cannot export model type '{config.model_type}'")
+    if config.model_type not in ARCHS:
+        raise ATPError(f"cannot export model type '{config.model_type}'; supported families: {', '.join(ARCHS)}")
     values = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
     values["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     widths = layer_widths(kept_structure)
@@ -86,7 +76,7 @@ def pruned_config(config, kept_structure: list[dict]):
         values.update({k: v for k, v in widths[0].items() if k != "kv_map"})
         new = type(config)(**values)
     else:
-        config_cls, model_cls = hf_modeling.PRUNED_CLASSES[config.model_type]
+        config_cls, model_cls = ARCHS[config.model_type].pruned_classes
         # kv_map's global value is written too, so that generic config readers (e.g. AutoTokenizer) parse the file
         new = config_cls(**values, kv_map=None, per_layer_config=dict(enumerate(widths)))
         new.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.{config_cls.__name__}",
@@ -108,7 +98,7 @@ def build_pruned(model, kept_structure: list[dict]):
     state = sliced_state(dense, kept_structure, config.head_dim)
     with torch.device("meta"):
         if is_heterogeneous(config):
-            pruned = hf_modeling.PRUNED_CLASSES[dense.config.model_type][1](config)
+            pruned = ARCHS[dense.config.model_type].pruned_classes[1](config)
         else:
             pruned = AutoModelForCausalLM.from_config(config)
     if config.tie_word_embeddings:
@@ -147,7 +137,7 @@ def load_pruned(path, dtype: torch.dtype = torch.float32, attn_implementation: s
     """Load any checkpoint `save_pruned` wrote (uniform or heterogeneous), from safetensors only."""
     from transformers import AutoModelForCausalLM
 
-    hf_modeling.register()
+    register()
     path = Path(path)
     if not any(path.glob("*.safetensors")):
         raise ATPError(f"{path} holds no .safetensors weights")
@@ -167,6 +157,7 @@ def _load_legacy(path: Path, dtype, attn_implementation):
     from transformers import AutoConfig
 
     dense = AutoConfig.from_pretrained(path)
+    arch = check_supported(dense)
     records = json.loads((path / "config.json").read_text())[CONFIG_KEY]["layers"]
     kept = [{"heads": r["kept_heads"], "kv_heads": list(range(r["num_kv_heads"])), "kv_map": r["kv_map"],
              "channels": list(range(r["intermediate_size"]))} for r in records]
@@ -174,7 +165,7 @@ def _load_legacy(path: Path, dtype, attn_implementation):
     if attn_implementation:
         config._attn_implementation = attn_implementation
     with torch.device("meta"):
-        model = hf_modeling.PRUNED_CLASSES[dense.model_type][1](config)
+        model = arch.pruned_classes[1](config)
     state = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(file)))
@@ -191,14 +182,16 @@ def _load_legacy(path: Path, dtype, attn_implementation):
 def save_pruned(model, tokenizer, out_dir, *, overwrite: bool = False, extra_files: dict[str, str] | None = None,
                 verify=None) -> Path:
     """Save to a temp folder beside `out_dir`, run `verify(tmp_path)` if given, then move into place.
-    Heterogeneous models get `modeling_atp.py` beside their weights, for trust_remote_code loading."""
+    Heterogeneous models get `modeling_atp.py` (atp.hf_modeling, defining their family's classes) beside
+    their weights, for trust_remote_code loading."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ATPError(f"{out_dir} already exists; pass --overwrite to replace it")
     with atomic_dir(out_dir, "the model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if is_heterogeneous(model.config):
-            (tmp / MODELING_FILE).write_text(Path(hf_modeling.__file__).read_text())
+            source = Path(hf_modeling.__file__).read_text() + arch_for(model.config).modeling_footer()
+            (tmp / MODELING_FILE).write_text(source)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():

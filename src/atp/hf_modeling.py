@@ -1,8 +1,9 @@
-"""Pruned LLaMA, Mistral and Qwen2 models whose layers keep different numbers of heads and MLP channels.
+"""Pruned models (LLaMA, Mistral, Qwen2, Qwen3, ...) whose layers keep different numbers of heads and MLP channels.
 
-Written by atp. A heterogeneous checkpoint carries this file as `modeling_atp.py` and names it in the
-config's `auto_map`, so `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` needs only
-torch and transformers. `import atp` registers the same classes, so atp users need no remote code.
+Written by atp. A heterogeneous checkpoint carries this file as `modeling_atp.py`, ending in one line that
+defines its family's classes (`family_classes`, from the family's entry in atp's architecture table), and
+names them in the config's `auto_map`, so `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`
+needs only torch and transformers. `import atp` registers the same classes, so atp users need no remote code.
 
 Per-layer widths use transformers' `per_layer_config`: `num_attention_heads`, `num_key_value_heads`,
 `intermediate_size`, and `kv_map` (each query head's KV head) for layers whose query heads are not spread
@@ -12,17 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import logging
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama import configuration_llama, modeling_llama
-from transformers.models.mistral import configuration_mistral, modeling_mistral
-from transformers.models.qwen2 import configuration_qwen2, modeling_qwen2
-
-PER_LAYER_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "kv_map")
 
 
 @contextlib.contextmanager
@@ -97,8 +94,11 @@ class PrunedAttentionMixin:
                 placeholder = hidden_states.new_zeros(shape[0], 1, shape[1], 1)
                 cache.update(placeholder, placeholder, self.layer_idx, kwargs=kwargs)
             return self.o_proj(hidden_states.new_zeros(*shape, 0)), None
-        query = self.q_proj(hidden_states).view(*shape, self.num_heads, head_dim).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(*shape, self.num_kv_heads, head_dim).transpose(1, 2)
+        query = self.q_proj(hidden_states).view(*shape, self.num_heads, head_dim)
+        key = self.k_proj(hidden_states).view(*shape, self.num_kv_heads, head_dim)
+        if hasattr(self, "q_norm"):  # per-head norms over head_dim (Qwen3)
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
         value = self.v_proj(hidden_states).view(*shape, self.num_kv_heads, head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = self.family.apply_rotary_pos_emb(query, key, cos, sin)
@@ -133,38 +133,23 @@ class PrunedCausalLMMixin:
         self.post_init()
 
 
-def _family_classes(name, model_type, config_base, family, prefix):
-    config_cls = type(f"{name}Config", (PrunedConfigMixin, config_base), {"model_type": model_type})
-    attention_cls = type(f"{name}Attention", (PrunedAttentionMixin, getattr(family, f"{prefix}Attention")),
-                         {"family": family})
-    model_cls = type(f"{name}ForCausalLM", (PrunedCausalLMMixin, getattr(family, f"{prefix}ForCausalLM")), {
-        "config_class": config_cls,
-        "attention_class": attention_cls,
-        "mlp_class": getattr(family, f"{prefix}MLP"),
-    })
-    return config_cls, attention_cls, model_cls
+PRUNED_CLASSES = {}  # dense model_type -> (pruned config class, pruned CausalLM class), as built
 
 
-AtpLlamaConfig, AtpLlamaAttention, AtpLlamaForCausalLM = _family_classes(
-    "AtpLlama", "atp_llama", configuration_llama.LlamaConfig, modeling_llama, "Llama")
-AtpMistralConfig, AtpMistralAttention, AtpMistralForCausalLM = _family_classes(
-    "AtpMistral", "atp_mistral", configuration_mistral.MistralConfig, modeling_mistral, "Mistral")
-AtpQwen2Config, AtpQwen2Attention, AtpQwen2ForCausalLM = _family_classes(
-    "AtpQwen2", "atp_qwen2", configuration_qwen2.Qwen2Config, modeling_qwen2, "Qwen2")
-
-# dense model_type -> (pruned config class, pruned model class)
-PRUNED_CLASSES = {
-    "llama": (AtpLlamaConfig, AtpLlamaForCausalLM),
-    "mistral": (AtpMistralConfig, AtpMistralForCausalLM),
-    "qwen2": (AtpQwen2Config, AtpQwen2ForCausalLM),
-}
-
-
-def register() -> None:
-    """Make AutoConfig / AutoModelForCausalLM know the pruned model types without remote code."""
-    for config_cls, model_cls in PRUNED_CLASSES.values():
-        try:
-            AutoConfig.register(config_cls.model_type, config_cls)
-            AutoModelForCausalLM.register(config_cls, model_cls)
-        except ValueError:  # already registered, e.g. by an earlier import under another module name
-            pass
+def family_classes(model_type: str, config_class: str, modeling: str, prefix: str):
+    """The pruned (config, CausalLM) classes of one family: subclasses of transformers' `config_class` and of
+    `<prefix>Attention`, `<prefix>MLP`, `<prefix>ForCausalLM` in the module `modeling`. Built once per family."""
+    if model_type not in PRUNED_CLASSES:
+        family = importlib.import_module(modeling)
+        name = f"Atp{prefix}"
+        config_cls = type(f"{name}Config", (PrunedConfigMixin, getattr(transformers, config_class)),
+                          {"model_type": f"atp_{model_type}"})
+        attention_cls = type(f"{name}Attention", (PrunedAttentionMixin, getattr(family, f"{prefix}Attention")),
+                             {"family": family})
+        model_cls = type(f"{name}ForCausalLM", (PrunedCausalLMMixin, getattr(family, f"{prefix}ForCausalLM")), {
+            "config_class": config_cls,
+            "attention_class": attention_cls,
+            "mlp_class": getattr(family, f"{prefix}MLP"),
+        })
+        PRUNED_CLASSES[model_type] = config_cls, model_cls
+    return PRUNED_CLASSES[model_type]

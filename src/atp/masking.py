@@ -1,16 +1,22 @@
-"""LoRA-aware masked forward: a gate removes a structure from the frozen path and the LoRA path alike.
+"""LoRA-aware masked forward: gates remove structures from the forward pass, where `atp.kinds.MASK_MODES` says.
 
-Head gates multiply each head's attention output just before o_proj; MLP gates multiply each channel's
-activation just before down_proj. The hooks sit on the peft LoRA wrapper, whose input feeds both the
-frozen base layer and lora_A, so a pruned head or channel contributes nothing through either path.
+"both" (the default): head gates multiply each head's attention output just before o_proj, MLP gates each
+channel's activation just before down_proj. The hooks sit on the peft LoRA wrapper, whose input feeds both
+the frozen base layer and lora_A, so a pruned head or channel contributes nothing through either path.
 Zeroing a head's output removes it exactly (softmax is per head), so this is equivalent to deleting it,
 with any attention implementation. The cost is one elementwise multiply per layer and kind.
+"frozen": the gates multiply only the frozen weights (outputs of q/k/v and gate/up, input of o_proj and
+down_proj, on peft's `base_layer`); LoRA is left alone, so a pruned structure is removed exactly once group
+lasso has driven its LoRA pieces to zero. "frozen-output": only the frozen path of o_proj / down_proj.
 """
 from __future__ import annotations
 
 import torch
 
-from .space import Gates, HeadMLPSpace
+from .arch import arch_for
+from .errors import ATPError
+from .kinds import MASK_MODES
+from .space import Gates, PruningSpace
 
 
 def base_model(model):
@@ -25,26 +31,45 @@ def base_model(model):
 
 
 def decoder_layers(model):
-    return base_model(model).model.layers
+    base = base_model(model)
+    return arch_for(base.config).decoder_layers(base)
 
 
 class GateController:
-    def __init__(self, model, space: HeadMLPSpace, mask_lora: bool = True):
-        self.space = space
+    def __init__(self, model, space: PruningSpace, mask_lora: bool = True, mode: str | None = None):
+        """mode: one of MASK_MODES; by default "both", or "frozen-output" when mask_lora is False."""
+        mode = mode or ("both" if mask_lora else "frozen-output")
+        if mode not in MASK_MODES:
+            raise ATPError(f"unknown mask mode '{mode}'; choices: {', '.join(MASK_MODES)}")
+        self.space, self.mode = space, mode
         self.masks: dict[str, torch.Tensor] | None = None
         self.handles = []
+        self.needed = {kind.name: {mask for _, _, mask in kind.hooks[mode]} for kind in space.kind_objects}
         for index, layer in enumerate(decoder_layers(model)):
-            for kind, module in (("heads", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
-                if not mask_lora and hasattr(module, "base_layer"):
-                    module = module.base_layer  # ablation: mask only the frozen path
-                self.handles.append(module.register_forward_pre_hook(self._hook(kind, index)))
+            for kind in space.kind_objects:
+                for role, where, mask in kind.hooks[mode]:
+                    module = space.arch.projection(layer, role)
+                    if mode != "both" and hasattr(module, "base_layer"):
+                        module = module.base_layer  # the frozen path only
+                    if where == "input":
+                        self.handles.append(module.register_forward_pre_hook(self._on_input(mask, index)))
+                    else:
+                        self.handles.append(module.register_forward_hook(self._on_output(mask, index)))
 
-    def _hook(self, kind: str, index: int):
+    def _on_input(self, name: str, index: int):
         def apply(module, args):
             if self.masks is None:
                 return None
             x = args[0]
-            return (x * self.masks[kind][index].to(x.dtype),) + tuple(args[1:])
+            return (x * self.masks[name][index].to(x.dtype),) + tuple(args[1:])
+
+        return apply
+
+    def _on_output(self, name: str, index: int):
+        def apply(module, args, output):
+            if self.masks is None:
+                return None
+            return output * self.masks[name][index].to(output.dtype)
 
         return apply
 
@@ -53,10 +78,10 @@ class GateController:
         if gates is None:
             self.masks = None
             return
-        self.masks = {
-            "heads": gates["heads"].repeat_interleave(self.space.head_dim, dim=-1),
-            "mlp": self.space.channel_mask(gates["mlp"]),
-        }
+        masks = {}
+        for kind in self.space.kind_objects:
+            masks.update(kind.masks(self.space, gates[kind.name], self.needed[kind.name]))
+        self.masks = masks
 
     def remove(self) -> None:
         for handle in self.handles:

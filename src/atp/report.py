@@ -252,8 +252,8 @@ def write_markdown(spec: CompareSpec, summary: dict, path: Path) -> None:
             for d in part["differences"]:
                 better = (d["low"] > 0) == d["higher_is_better"]
                 verdict = "tie" if d["verdict"] == "tie" else f"{BASE} {'better' if better else 'worse'}"
-                lines.append(f"| {d['sparsity']:g} | {d['b']} | {d['measure']} | {len(d['seeds'])} | {d['diff']:+.3f} | "
-                             f"[{d['low']:+.3f}, {d['high']:+.3f}] | {verdict} |")
+                lines.append(f"| {d['sparsity']:g} | {d['b']} | {d['measure']} | {len(d['seeds'])} | "
+                             f"{d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | {verdict} |")
         lines.append("")
     write_text_atomic(path, "\n".join(lines))
 

@@ -1,10 +1,12 @@
 """Pruning space: which structures can be pruned, and exact parameter counts under given gates.
 
-Gates are a dict of tensors, one entry per gate kind, each shaped [num_layers, gates_per_layer]:
+A space is made of the selected gate kinds (`atp.kinds`; `--space`, default heads and mlp). Gates are a
+dict of tensors, one entry per selected kind, each shaped [num_layers, gates_per_layer]:
   "heads": one gate per query head; a KV head goes when the last query head reading it goes.
   "mlp":   one gate per block of `mlp_block` intermediate channels (the last block may be shorter).
-A value of 1 keeps the structure, 0 prunes it. Counts accept soft gates in [0, 1] too, which makes
-them a differentiable surrogate for the parameter-ratio loss.
+A value of 1 keeps the structure, 0 prunes it; kinds that are not selected stay dense. Counts accept soft
+gates in [0, 1] too, which makes them a differentiable surrogate for the parameter-ratio loss.
+"Prunable" parameters are those of the decoder blocks, whatever the selected kinds.
 """
 from __future__ import annotations
 
@@ -13,58 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
+from .arch import ARCHS, Arch, check_supported
 from .errors import ATPError
+from .kinds import DEFAULT_KINDS, KINDS, GateKind, check_kinds
 
-# model_type -> (q/k/v bias, o_proj bias, mlp bias), each read from the config where the family has a flag
-FAMILIES = {
-    "llama": lambda c: (c.attention_bias, c.attention_bias, c.mlp_bias),
-    "mistral": lambda c: (False, False, False),
-    "qwen2": lambda c: (True, False, False),
-}
+__all__ = ["Gates", "HeadMLPSpace", "PruningSpace", "ShapeRule", "check_supported"]
 
 Gates = dict[str, torch.Tensor]
 
 
-def check_supported(config) -> None:
-    if config.model_type not in FAMILIES:
-        raise ATPError(
-            f"model type '{config.model_type}' is not supported; supported families: {', '.join(sorted(FAMILIES))} "
-            "(LLaMA-architecture models such as SmolLM2, LLaMA-2/3, Mistral and Qwen2)"
-        )
-
-
-class PruningSpace:
-    """Interface a pruning space implements; `HeadMLPSpace` is the one the paper's main results use."""
-
-    gate_shapes: dict[str, tuple[int, int]]
-
-    def total_params(self) -> int:
-        raise NotImplementedError
-
-    def prunable_params(self) -> int:
-        raise NotImplementedError
-
-    def remaining_prunable(self, gates: Gates) -> torch.Tensor:
-        raise NotImplementedError
-
-    def full_gates(self, device=None) -> Gates:
-        return {k: torch.ones(shape, device=device) for k, shape in self.gate_shapes.items()}
-
-    def remaining_ratio(self, gates: Gates) -> torch.Tensor:
-        return self.remaining_prunable(gates) / self.prunable_params()
-
-    def sparsity(self, gates: Gates) -> dict[str, float]:
-        """Sparsity over prunable (decoder-block) parameters and over the whole model."""
-        removed = self.prunable_params() - float(self.remaining_prunable(gates))
-        return {
-            "prunable_sparsity": removed / self.prunable_params(),
-            "model_sparsity": removed / self.total_params(),
-            "remaining_params": int(round(self.total_params() - removed)),
-        }
-
-
 @dataclass
-class HeadMLPSpace(PruningSpace):
+class PruningSpace:
     num_layers: int
     hidden_size: int
     num_heads: int
@@ -78,13 +39,18 @@ class HeadMLPSpace(PruningSpace):
     mlp_bias: bool
     mlp_block: int = 1
     heads_must_divide_hidden: bool = False  # the family's config rejects head counts that do not divide hidden_size
+    arch: Arch = ARCHS["llama"]
+    kinds: tuple[str, ...] = DEFAULT_KINDS  # the selected gate kinds, in registry order
+
+    def __post_init__(self):
+        self.kinds = check_kinds(self.kinds)
 
     @classmethod
-    def from_config(cls, config, mlp_block: int = 1) -> "HeadMLPSpace":
-        check_supported(config)
+    def from_config(cls, config, mlp_block: int = 1, kinds=DEFAULT_KINDS) -> "PruningSpace":
+        arch = check_supported(config)
         if mlp_block < 1:
             raise ATPError(f"mlp_block must be a positive number of channels, got {mlp_block}")
-        qkv_bias, o_bias, mlp_bias = FAMILIES[config.model_type](config)
+        qkv_bias, o_bias, mlp_bias = arch.biases(config)
         heads = config.num_attention_heads
         return cls(
             num_layers=config.num_hidden_layers,
@@ -99,11 +65,23 @@ class HeadMLPSpace(PruningSpace):
             o_bias=bool(o_bias),
             mlp_bias=bool(mlp_bias),
             mlp_block=mlp_block,
-            heads_must_divide_hidden=config.model_type == "llama",
+            heads_must_divide_hidden=arch.heads_divide_hidden,
+            arch=arch,
+            kinds=kinds,
         )
 
     @property
-    def group_size(self) -> int:
+    def kind_objects(self) -> list[GateKind]:
+        return [KINDS[name] for name in self.kinds]
+
+    @property
+    def exact(self) -> bool:
+        """Masking with these gates equals physically removing what they prune."""
+        return all(kind.exact for kind in self.kind_objects)
+
+    @property
+    def heads_per_kv(self) -> int:
+        """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
 
     @property
@@ -112,7 +90,10 @@ class HeadMLPSpace(PruningSpace):
 
     @property
     def gate_shapes(self) -> dict[str, tuple[int, int]]:
-        return {"heads": (self.num_layers, self.num_heads), "mlp": (self.num_layers, self.num_mlp_blocks)}
+        return {kind.name: (self.num_layers, kind.width(self)) for kind in self.kind_objects}
+
+    def full_gates(self, device=None) -> Gates:
+        return {k: torch.ones(shape, device=device) for k, shape in self.gate_shapes.items()}
 
     def block_sizes(self) -> torch.Tensor:
         sizes = torch.full((self.num_mlp_blocks,), self.mlp_block, dtype=torch.float32)
@@ -125,30 +106,21 @@ class HeadMLPSpace(PruningSpace):
 
     def kv_gates(self, head_gates: torch.Tensor) -> torch.Tensor:
         """A KV head is kept if any of its query heads is: 1 - prod(1 - h), exact for 0/1 gates."""
-        grouped = head_gates.reshape(*head_gates.shape[:-1], self.num_kv_heads, self.group_size)
+        grouped = head_gates.reshape(*head_gates.shape[:-1], self.num_kv_heads, self.heads_per_kv)
         return 1 - torch.prod(1 - grouped, dim=-1)
 
-    # Per-structure parameter costs
-    def _per_query_head(self) -> int:
-        return self.head_dim * (self.hidden_size + self.qkv_bias) + self.head_dim * self.hidden_size
-
-    def _per_kv_head(self) -> int:
-        return 2 * self.head_dim * (self.hidden_size + self.qkv_bias)
-
-    def _per_channel(self) -> int:
-        return 2 * (self.hidden_size + self.mlp_bias) + self.hidden_size
+    @property
+    def norm_params(self) -> int:
+        """Per layer: norms over hidden_size and per-head norms over head_dim (shared by all heads)."""
+        return len(self.arch.norms) * self.hidden_size + len(self.arch.head_norms) * self.head_dim
 
     def _fixed_per_layer(self) -> int:
-        # two RMSNorm weights, plus output biases that stay whatever is pruned
-        return 2 * self.hidden_size + self.o_bias * self.hidden_size + self.mlp_bias * self.hidden_size
+        # norms, output biases that stay whatever is pruned, and the structures of kinds not selected
+        return (self.norm_params + sum(kind.fixed_params(self) for kind in KINDS.values())
+                + sum(kind.dense_params(self) for name, kind in KINDS.items() if name not in self.kinds))
 
     def prunable_params(self) -> int:
-        per_layer = (
-            self._fixed_per_layer()
-            + self.num_heads * self._per_query_head()
-            + self.num_kv_heads * self._per_kv_head()
-            + self.intermediate_size * self._per_channel()
-        )
+        per_layer = self._fixed_per_layer() + sum(kind.dense_params(self) for kind in self.kind_objects)
         return self.num_layers * per_layer
 
     def total_params(self) -> int:
@@ -156,27 +128,38 @@ class HeadMLPSpace(PruningSpace):
         return self.prunable_params() + embeddings + self.hidden_size  # + final norm
 
     def remaining_prunable(self, gates: Gates) -> torch.Tensor:
-        heads, mlp = gates["heads"].float(), gates["mlp"].float()
-        channels = (mlp * self.block_sizes().to(mlp.device)).sum()
-        return (
-            self.num_layers * self._fixed_per_layer()
-            + heads.sum() * self._per_query_head()
-            + self.kv_gates(heads).sum() * self._per_kv_head()
-            + channels * self._per_channel()
-        )
+        total = self.num_layers * self._fixed_per_layer()
+        for kind in self.kind_objects:
+            for term in kind.remaining_terms(self, gates[kind.name]):
+                total = total + term
+        return total
+
+    def remaining_ratio(self, gates: Gates) -> torch.Tensor:
+        return self.remaining_prunable(gates) / self.prunable_params()
+
+    def sparsity(self, gates: Gates) -> dict[str, float]:
+        """Sparsity over prunable (decoder-block) parameters and over the whole model."""
+        removed = self.prunable_params() - float(self.remaining_prunable(gates))
+        return {
+            "prunable_sparsity": removed / self.prunable_params(),
+            "model_sparsity": removed / self.total_params(),
+            "remaining_params": int(round(self.total_params() - removed)),
+        }
 
     def kept_structure(self, gates: Gates) -> list[dict]:
         """Per layer: kept query heads, kept KV heads, each kept query head's index into the kept KV heads,
-        and kept intermediate channels (all as original indices)."""
+        and kept intermediate channels (all as original indices); kinds not selected keep everything."""
         layers = []
         for layer in range(self.num_layers):
-            head_keep = gates["heads"][layer] > 0.5
-            heads = torch.nonzero(head_keep).flatten().tolist()
-            kv = sorted({h // self.group_size for h in heads})
-            kv_map = [kv.index(h // self.group_size) for h in heads]
-            channels = torch.nonzero(self.channel_mask(gates["mlp"][layer]) > 0.5).flatten().tolist()
-            layers.append({"heads": heads, "kv_heads": kv, "kv_map": kv_map, "channels": channels})
+            kept = {}
+            for name, kind in KINDS.items():
+                row = gates[name][layer] if name in self.kinds else torch.ones(kind.width(self))
+                kept.update(kind.kept(self, row))
+            layers.append(kept)
         return layers
+
+
+HeadMLPSpace = PruningSpace  # the name before gate kinds
 
 
 @dataclass
@@ -196,62 +179,25 @@ class ShapeRule:
     def active(self) -> bool:
         return self.uniform or self.round_to > 0
 
-    def check(self, space: HeadMLPSpace) -> None:
+    def check(self, space: PruningSpace) -> None:
         if self.round_to < 0:
             raise ATPError(f"--round-to must be a positive number of channels, got {self.round_to}")
-        if self.round_to and self.round_to % space.mlp_block:
-            raise ATPError(f"--round-to {self.round_to} must be a multiple of --mlp-block {space.mlp_block} "
-                           f"(MLP channels are decided in blocks of {space.mlp_block})")
-        if self.uniform and not self.head_options(space):
-            raise ATPError("--uniform: no head count splits evenly over the KV heads and divides the hidden size")
+        if self.round_to and "mlp" not in space.kinds:
+            raise ATPError("--round-to rounds MLP widths, but the pruning space (--space) does not prune MLP channels")
+        for kind in space.kind_objects:
+            kind.check_rule(space, self)
 
-    def head_options(self, space: HeadMLPSpace) -> list[tuple[int, int]]:
+    def head_options(self, space: PruningSpace) -> list[tuple[int, int]]:
         """(kept KV heads, query heads per KV head) pairs a uniform export can hold."""
         return [
             (groups, per_group)
             for groups in range(1, space.num_kv_heads + 1)
-            for per_group in range(1, space.group_size + 1)
+            for per_group in range(1, space.heads_per_kv + 1)
             if not space.heads_must_divide_hidden or space.hidden_size % (groups * per_group) == 0
         ]
 
-    def project(self, space: HeadMLPSpace, hard: Gates, scores: Gates) -> Gates:
+    def project(self, space: PruningSpace, hard: Gates, scores: Gates) -> Gates:
         """Hard 0/1 decisions that obey the rule and stay as close as possible to `hard` in kept counts."""
         if not self.active:
             return hard
-        return {"heads": self._project_heads(space, hard["heads"], scores["heads"]),
-                "mlp": self._project_mlp(space, hard["mlp"], scores["mlp"])}
-
-    def _project_mlp(self, space, hard, scores):
-        unit = max(1, self.round_to // space.mlp_block)  # blocks per allowed step
-        blocks = space.num_mlp_blocks
-        counts = hard.sum(dim=1).float()
-        if self.uniform:
-            counts = counts.mean().expand_as(counts)
-        counts = (torch.floor(counts / unit + 0.5) * unit).clamp(min=unit if self.uniform else 0).clamp(max=blocks)
-        if space.intermediate_size % space.mlp_block:  # a shorter last block is kept only with the full width
-            scores = scores.detach().clone()
-            scores[counts < blocks, -1] = -float("inf")
-        return _keep_top(scores, counts.long())
-
-    def _project_heads(self, space, hard, scores):
-        if not self.uniform:
-            return hard
-        grouped = hard.reshape(space.num_layers, space.num_kv_heads, space.group_size)
-        mean_heads = float(grouped.sum(dim=(1, 2)).float().mean())
-        mean_groups = float((grouped.sum(dim=2) > 0).sum(dim=1).float().mean())
-        groups, per_group = min(self.head_options(space),
-                                key=lambda o: (abs(o[0] * o[1] - mean_heads), abs(o[0] - mean_groups)))
-        by_score = scores.reshape(space.num_layers, space.num_kv_heads, space.group_size)
-        in_group = _keep_top(by_score.reshape(-1, space.group_size), torch.full((space.num_layers * space.num_kv_heads,), per_group))
-        in_group = in_group.reshape_as(by_score)
-        group_scores = (by_score * in_group).sum(dim=2) / per_group
-        keep_groups = _keep_top(group_scores, torch.full((space.num_layers,), groups))
-        return (in_group * keep_groups.unsqueeze(2)).reshape(space.num_layers, space.num_heads)
-
-
-def _keep_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Row-wise 0/1 mask keeping the `counts[i]` highest scores of row i (ties go to the lower index)."""
-    order = torch.argsort(scores.detach(), dim=1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    return (ranks < counts.to(scores.device).unsqueeze(1)).float()
+        return {name: KINDS[name].project(space, self, hard[name], scores[name]) for name in hard}

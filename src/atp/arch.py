@@ -1,0 +1,113 @@
+"""The model families atp supports, as one table: where each family keeps its attention and MLP weights.
+
+A new family is one `Arch` entry in `ARCHS`. Everything else (pruning space, masks, group lasso, baselines,
+export, the pruned heterogeneous classes in `atp.hf_modeling`, test fixtures) reads this table.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import ATPError
+
+ATTENTION_ROLES = ("q", "k", "v", "o")
+MLP_ROLES = ("gate", "up", "down")
+PRUNED_PREFIX = "atp_"  # model_type of a heterogeneous export: atp_<family>
+
+
+@dataclass(frozen=True)
+class Arch:
+    model_type: str
+    label: str  # models of the family, for messages
+    config_class: str  # in transformers
+    modeling: str  # transformers module with <prefix>Attention, <prefix>MLP, <prefix>ForCausalLM:
+    prefix: str  # the classes the pruned heterogeneous model subclasses
+    biases: Callable  # config -> (q/k/v bias, o_proj bias, MLP bias), read from the config where the family has a flag
+    heads_divide_hidden: bool = False  # the family's config rejects head counts that do not divide hidden_size
+    head_norms: tuple[str, ...] = ()  # norms inside attention over head_dim, shared by all heads (Qwen3 q_norm, k_norm)
+    norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")  # per layer, over hidden_size
+    layers: str = "model.layers"
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+    def path(self, role: str) -> str:
+        """A projection's name inside a decoder layer, e.g. 'self_attn.q_proj'."""
+        return f"{self.attention if role in ATTENTION_ROLES else self.mlp}.{getattr(self, role)}"
+
+    def projection(self, layer, role: str):
+        parent = getattr(layer, self.attention if role in ATTENTION_ROLES else self.mlp)
+        return getattr(parent, getattr(self, role))
+
+    def decoder_layers(self, model):
+        for name in self.layers.split("."):
+            model = getattr(model, name)
+        return model
+
+    def config_cls(self):
+        import transformers
+
+        return getattr(transformers, self.config_class)
+
+    @property
+    def pruned_classes(self):
+        """(config class, CausalLM class) of the heterogeneous pruned model."""
+        from . import hf_modeling
+
+        return hf_modeling.family_classes(self.model_type, self.config_class, self.modeling, self.prefix)
+
+    def modeling_footer(self) -> str:
+        """The lines that define this family's pruned classes in a shipped `modeling_atp.py`."""
+        config_cls, model_cls = self.pruned_classes
+        return (f"\n\n{config_cls.__name__}, {model_cls.__name__} = family_classes("
+                f"{self.model_type!r}, {self.config_class!r}, {self.modeling!r}, {self.prefix!r})\n")
+
+
+ARCHS = {a.model_type: a for a in (
+    Arch("llama", "LLaMA-2/3, SmolLM2", "LlamaConfig", "transformers.models.llama.modeling_llama", "Llama",
+         biases=lambda c: (c.attention_bias, c.attention_bias, c.mlp_bias), heads_divide_hidden=True),
+    Arch("mistral", "Mistral", "MistralConfig", "transformers.models.mistral.modeling_mistral", "Mistral",
+         biases=lambda c: (False, False, False)),
+    Arch("qwen2", "Qwen2", "Qwen2Config", "transformers.models.qwen2.modeling_qwen2", "Qwen2",
+         biases=lambda c: (True, False, False)),
+    Arch("qwen3", "Qwen3", "Qwen3Config", "transformers.models.qwen3.modeling_qwen3", "Qwen3",
+         biases=lambda c: (c.attention_bias, c.attention_bias, False), head_norms=("q_norm", "k_norm")),
+)}
+
+
+def check_supported(config) -> Arch:
+    """The table entry of a dense model's config, or a clear error."""
+    arch = ARCHS.get(config.model_type)
+    if arch is None:
+        raise ATPError(
+            f"model type '{config.model_type}' is not supported; supported families: {', '.join(sorted(ARCHS))} "
+            f"({'; '.join(a.label for a in ARCHS.values())})"
+        )
+    return arch
+
+
+def arch_for(config) -> Arch:
+    """The table entry of a dense model or of a pruned export (model_type atp_<family>)."""
+    model_type = config.model_type
+    if model_type.startswith(PRUNED_PREFIX) and model_type[len(PRUNED_PREFIX):] in ARCHS:
+        return ARCHS[model_type[len(PRUNED_PREFIX):]]
+    return check_supported(config)
+
+
+def register() -> None:
+    """Make AutoConfig / AutoModelForCausalLM know every family's pruned model type without remote code."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for arch in ARCHS.values():
+        config_cls, model_cls = arch.pruned_classes
+        try:
+            AutoConfig.register(config_cls.model_type, config_cls)
+            AutoModelForCausalLM.register(config_cls, model_cls)
+        except ValueError:  # already registered, e.g. by an earlier import under another module name
+            pass

@@ -1,0 +1,198 @@
+"""The options of `atp prune` (one dataclass field each, with its --help text), the run directory, and the
+config fingerprint that decides whether a run can be resumed or a compare cell reused."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ATPError
+from .fsutil import read_yaml_mapping
+from .kinds import KINDS
+from .schedule import Schedule
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+_space_help = "what to prune (repeat the flag for several): " + "; ".join(
+    f"{name}: {kind.description}" for name, kind in KINDS.items())
+
+
+@dataclass
+class ATPConfig:
+    model: str = field(default="smollm2-135m", metadata={"help": "embedded name (smollm2-135m), local HF folder, or hub id"})
+    domain: str | None = field(default="healthcare", metadata={"help": "training domain: healthcare or legal"})
+    train_files: list[str] = field(default_factory=list, metadata={
+        "help": "extra training data as TASK=PATH.jsonl (repeatable)"})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "folder with the domain JSONL files (default: $ATP_DATA_DIR or ../shared/data)"})
+    out: str = field(default="runs/atp", metadata={"help": "run directory; the exported model lands in OUT/model"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing, non-empty run directory"})
+    prune: bool = field(default=True, metadata={
+        "help": "--no-prune runs plain LoRA fine-tuning with the same loop (the dense + LoRA baseline)"})
+    method: str = field(default="atp", metadata={
+        "help": "atp (one-stage), or a two-stage baseline whose decisions are fixed on the pretrained model before "
+                "LoRA tuning: taylor, magnitude, activation, random, frozen-generator (see atp.baselines)"})
+    sparsity: float = field(default=0.4, metadata={
+        "help": "target fraction of prunable (decoder-block) parameters to remove, in (0, 1)"})
+    mlp_block: int = field(default=32, metadata={"help": "MLP channels per gate (kept MLP widths are multiples of it)"})
+    space: list[str] = field(default_factory=lambda: ["heads", "mlp"], metadata={"help": _space_help})
+    uniform: bool = field(default=False, metadata={
+        "help": "keep the same widths in every layer, so the export is a plain LlamaForCausalLM / Qwen2ForCausalLM "
+                "/ MistralForCausalLM checkpoint"})
+    round_to: int = field(default=0, metadata={
+        "help": "keep MLP widths at multiples of this many channels (a multiple of --mlp-block), for "
+                "hardware-friendly shapes"})
+    max_steps: int = field(default=200, metadata={"help": "training steps (optimizer updates)"})
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 256
+    lr: float = 3e-4
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    generator_lr: float = 1e-2
+    generator_hidden: int = 64
+    temperature: float = 1.0  # shapes only the straight-through gradient (0.4 before 041ec9a; docs/benchmarks.md)
+    offset: float = 3.0
+    generator_every: int = field(default=2, metadata={"help": "one generator step per this many LoRA steps"})
+    calib_max_length: int | None = field(default=None, metadata={
+        "help": "token length of calibration sequences for generator steps (default: max_length // 2)"})
+    generator_frac: float = field(default=0.6, metadata={
+        "help": "freeze the generator after this fraction of steps; LoRA then finishes on fixed decisions "
+                "(1.0: the generator trains to the end and is calibrated to the target just before export)"})
+    restart_lr: bool = field(default=True, metadata={
+        "help": "restart the LoRA learning-rate schedule (warm-up, cosine) when the generator freezes, so the "
+                "fixed-decision phase recovers at the full learning rate (--no-restart-lr: one cosine over the run)"})
+    calib_fraction: float = field(default=0.1, metadata={
+        "help": "fraction of training examples held out for generator steps"})
+    calib_batches: int = field(default=8, metadata={
+        "help": "calibration batches for the importance scores of the taylor and activation baselines"})
+    alpha: float = field(default=50.0, metadata={"help": "weight of the parameter-ratio loss"})
+    target_warmup: float = field(default=0.5, metadata={
+        "help": "fraction of the generator phase over which the ratio target moves from 1 to 1 - sparsity"})
+    lam: float = field(default=0.05, metadata={
+        "help": "group-lasso weight (ramped up over the generator phase); 0 turns group lasso and its proximal "
+                "step off (an ablation); not used by the two-stage baselines"})
+    proximal: bool = True
+    mask_lora: bool = field(default=True, metadata={"help": "--no-mask-lora masks only the frozen path (an ablation)"})
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (accelerate)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass to save memory"})
+    attn_implementation: str | None = None
+    check_tolerance: float = field(default=1e-3, metadata={
+        "help": "export check: the reloaded model's max |logit diff| from the masked model must be at most "
+                "this times the largest |logit| (at least 1)"})
+
+    def validate(self) -> None:
+        if self.prune and not 0 < self.sparsity < 1:
+            raise ATPError(f"--sparsity must be strictly between 0 and 1 (a fraction of prunable parameters), got {self.sparsity}")
+        def flag(name):
+            return f"--{name.replace('_', '-')}"
+
+        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lora_r", "generator_every", "mlp_block",
+                     "generator_hidden", "log_every", "keep_checkpoints", "calib_batches"):
+            if getattr(self, name) < 1:
+                raise ATPError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.calib_max_length is not None and self.calib_max_length < 1:
+            raise ATPError(f"{flag('calib_max_length')} must be at least 1, got {self.calib_max_length}")
+        for name in ("lr", "generator_lr", "temperature", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise ATPError(f"{flag(name)} must be greater than 0, got {getattr(self, name)}")
+        for name in ("alpha", "lam", "save_every", "check_tolerance"):
+            if not getattr(self, name) >= 0:
+                raise ATPError(f"{flag(name)} must be at least 0, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ATPError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 < self.calib_fraction < 1:
+            raise ATPError(f"--calib-fraction must be in (0, 1), got {self.calib_fraction}")
+        if not 0 <= self.target_warmup <= 1:
+            raise ATPError(f"--target-warmup must be in [0, 1], got {self.target_warmup}")
+        if not 0 <= self.generator_frac <= 1:
+            raise ATPError(f"--generator-frac must be in [0, 1], got {self.generator_frac}")
+        from .baselines import SCORED, check_method
+        from .kinds import check_kinds
+
+        check_method(self.method)
+        check_kinds(self.space)
+        if self.prune and self.method in SCORED and (self.uniform or self.round_to):
+            raise ATPError(f"--uniform and --round-to apply to the generator's decisions (atp, frozen-generator), "
+                           f"not to --method {self.method}")
+        if not self.domain and not self.train_files:
+            raise ATPError("give training data: --domain NAME or --train-file TASK=PATH")
+
+    @classmethod
+    def yaml_values(cls, path) -> dict:
+        """The option values in a YAML file (a mapping of field names; unknown keys are an error)."""
+        return read_yaml_mapping(path, "config file", {f.name for f in dataclasses.fields(cls)})
+
+
+RUN_OUTPUTS = ("log.jsonl", "report.json", "config.yaml", "checkpoints")
+
+
+def prepare_run_dir(cfg: ATPConfig) -> Path:
+    run_dir = Path(cfg.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ATPError(f"output path {run_dir} is a file; --out takes a directory")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.overwrite:
+            raise ATPError(f"output directory {run_dir} already exists and is not empty; pass --overwrite to replace it")
+        for name in RUN_OUTPUTS:  # only what a run writes; other files in the folder stay
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+# options that do not change what a run computes; everything else must match to resume
+NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints", "gradient_checkpointing")
+
+
+# options added after runs were first recorded, with the value that reproduces those runs: a recorded
+# config without them gets that value, and the fingerprint leaves them out at that value, so older runs
+# stay resumable and their compare cells stay valid
+LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"]}
+
+
+def inert_options(cfg: ATPConfig) -> set[str]:
+    """Options that cannot change what this run computes (left out of its fingerprint)."""
+    return set() if Schedule.from_config(cfg).fixed_phase_start else {"restart_lr"}
+
+
+def config_from_record(values: dict) -> ATPConfig:
+    """An ATPConfig from a recorded config.yaml / report (older records lack the later options)."""
+    return ATPConfig(**{**LATER_OPTIONS, **values})
+
+
+def fingerprint(cfg: ATPConfig) -> str:
+    skip = set(NON_SEMANTIC) | inert_options(cfg)
+    values = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in skip and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_config(run_dir, overrides: dict) -> ATPConfig:
+    """The config recorded in RUN_DIR, with only non-semantic overrides allowed."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise ATPError(f"--resume {run_dir}: no config.yaml there; is it an atp run directory?")
+    recorded = {**LATER_OPTIONS, **ATPConfig.yaml_values(path)}
+    changed = sorted(k for k, v in overrides.items() if k not in NON_SEMANTIC and k in recorded and recorded[k] != v)
+    if changed:
+        detail = ", ".join(f"{k}: {recorded[k]!r} -> {overrides[k]!r}" for k in changed)
+        raise ATPError(f"--resume {run_dir}: that run was made with a different config ({detail}); "
+                       "resume with the same options, or start a new run")
+    recorded.update({k: v for k, v in overrides.items() if k in NON_SEMANTIC})
+    recorded["out"] = str(run_dir)
+    return ATPConfig(**recorded)

@@ -1,0 +1,294 @@
+"""Gate kinds: the structures a pruning space can prune, one object per kind, in the registry `KINDS`.
+
+A kind knows, given a `PruningSpace` (the model's dimensions and its `atp.arch` entry):
+  gates       how many gates per layer, and the parameters they keep (exact for 0/1 gates, a differentiable
+              surrogate for soft gates);
+  masks       where its gates act in the forward pass, in each of the MASK_MODES;
+  lasso       which LoRA rows (of B) and columns (of A) belong to each of its groups;
+  export      which rows and columns of which projections a layer keeps, and the widths recorded for it;
+  baselines   how per-weight importance statistics reduce to one score per gate;
+  exact       whether masking equals physical removal (then the export must match the masked model).
+Gate values: 1 keeps the structure, 0 prunes it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import ATPError
+
+# Where the gates act (the hooks are on projections of each pruned structure):
+MASK_MODES = {
+    "both": "on the input of o_proj / down_proj at the peft LoRA wrapper: the frozen and the LoRA path of a "
+            "pruned structure are both removed (the default)",
+    "frozen": "only the frozen weights of every projection touching the structure (outputs of q/k/v and "
+              "gate/up, input of o_proj/down_proj); the LoRA path is left alone",
+    "frozen-output": "only the frozen path of o_proj / down_proj (the --no-mask-lora ablation)",
+}
+
+
+def chunk_sums(values: torch.Tensor, unit: int) -> torch.Tensor:
+    """Sums of consecutive runs of `unit` entries (the last run may be shorter)."""
+    pad = (-len(values)) % unit
+    return torch.cat([values, values.new_zeros(pad)]).view(-1, unit).sum(1)
+
+
+def _rows(units: list[int], size: int) -> torch.Tensor:
+    """Weight indices of whole units of `size` (e.g. the rows of kept heads)."""
+    return (torch.tensor(units, dtype=torch.long).unsqueeze(1) * size + torch.arange(size)).flatten().long()
+
+
+def keep_top(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row-wise 0/1 mask keeping the `counts[i]` highest scores of row i (ties go to the lower index)."""
+    order = torch.argsort(scores.detach(), dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return (ranks < counts.to(scores.device).unsqueeze(1)).float()
+
+
+class GateKind:
+    name: str
+    description: str
+    exact = True
+    # mask mode -> (projection role, "input" or "output", mask name); hooks sit on the peft wrapper in
+    # "both" and on its frozen `base_layer` otherwise
+    hooks: dict[str, tuple[tuple[str, str, str], ...]]
+    lora_pieces: tuple[tuple[str, str, str, int], ...]  # (group, projection role, LoRA matrix, axis of the structure)
+    score_roles: tuple[str, ...]  # projections whose weights the importance scores read
+    output_role: str  # the projection that reads the structure (activation scores)
+
+    def width(self, space) -> int:
+        raise NotImplementedError
+
+    def dense_params(self, space) -> int:
+        """Parameters of all the kind's structures in one layer."""
+        raise NotImplementedError
+
+    def fixed_params(self, space) -> int:
+        """Parameters in one layer that stay whatever the kind prunes (output biases)."""
+        raise NotImplementedError
+
+    def remaining_terms(self, space, gates: torch.Tensor) -> list[torch.Tensor]:
+        """Parameters kept by gates [layers, width], summed over layers, as terms to add up in order."""
+        raise NotImplementedError
+
+    def masks(self, space, gates: torch.Tensor, names) -> dict[str, torch.Tensor]:
+        """The masks `names` (from `hooks`) expanded to the weights' axis, [layers, size]."""
+        raise NotImplementedError
+
+    def groups(self, space) -> dict[str, tuple[int, int]]:
+        """Group lasso groups: name -> (groups per layer, weight rows or columns per group)."""
+        raise NotImplementedError
+
+    def pruned(self, space, gates: torch.Tensor) -> dict[str, torch.Tensor]:
+        """1 where a group is pruned, per group name, [layers, groups]."""
+        raise NotImplementedError
+
+    def kept(self, space, gate_row: torch.Tensor) -> dict:
+        """One layer's kept structures (original indices)."""
+        raise NotImplementedError
+
+    def widths(self, kept: dict) -> dict:
+        """The per-layer config entries of a pruned layer."""
+        raise NotImplementedError
+
+    def slices(self, kept: dict, head_dim: int) -> dict[str, tuple]:
+        """projection role -> (kept output rows, kept input columns), None for all."""
+        raise NotImplementedError
+
+    def unit(self, space) -> int:
+        """Weight rows / columns per gate."""
+        raise NotImplementedError
+
+    def group_sums(self, space, stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-weight statistics of one layer's `score_roles` weights, summed per gate."""
+        raise NotImplementedError
+
+    def project(self, space, rule, hard: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Hard decisions that obey a `space.ShapeRule`."""
+        return hard
+
+    def check_rule(self, space, rule) -> None:
+        pass
+
+
+class HeadKind(GateKind):
+    """Query heads; a KV head goes when the last query head reading it goes."""
+
+    name = "heads"
+    description = "query heads, with the KV heads they free"
+    hooks = {
+        "both": (("o", "input", "heads"),),
+        "frozen-output": (("o", "input", "heads"),),
+        "frozen": (("q", "output", "heads"), ("k", "output", "kv"), ("v", "output", "kv"), ("o", "input", "heads")),
+    }
+    lora_pieces = (("heads", "q", "B", 0), ("heads", "o", "A", 1), ("kv", "k", "B", 0), ("kv", "v", "B", 0))
+    score_roles = ("q", "o")
+    output_role = "o"
+
+    def width(self, space):
+        return space.num_heads
+
+    @staticmethod
+    def _per_query_head(space):
+        return space.head_dim * (space.hidden_size + space.qkv_bias) + space.head_dim * space.hidden_size
+
+    @staticmethod
+    def _per_kv_head(space):
+        return 2 * space.head_dim * (space.hidden_size + space.qkv_bias)
+
+    def dense_params(self, space):
+        return space.num_heads * self._per_query_head(space) + space.num_kv_heads * self._per_kv_head(space)
+
+    def fixed_params(self, space):
+        return space.o_bias * space.hidden_size
+
+    def remaining_terms(self, space, gates):
+        heads = gates.float()
+        return [heads.sum() * self._per_query_head(space), space.kv_gates(heads).sum() * self._per_kv_head(space)]
+
+    def masks(self, space, gates, names):
+        out = {}
+        if "heads" in names:
+            out["heads"] = gates.repeat_interleave(space.head_dim, dim=-1)
+        if "kv" in names:
+            out["kv"] = space.kv_gates(gates).repeat_interleave(space.head_dim, dim=-1)
+        return out
+
+    def groups(self, space):
+        return {"heads": (space.num_heads, space.head_dim), "kv": (space.num_kv_heads, space.head_dim)}
+
+    def pruned(self, space, gates):
+        heads = gates.detach()
+        return {"heads": 1 - heads, "kv": 1 - space.kv_gates(heads)}
+
+    def kept(self, space, gate_row):
+        heads = torch.nonzero(gate_row > 0.5).flatten().tolist()
+        kv = sorted({h // space.heads_per_kv for h in heads})
+        return {"heads": heads, "kv_heads": kv, "kv_map": [kv.index(h // space.heads_per_kv) for h in heads]}
+
+    def widths(self, kept):
+        heads, kv_heads, kv_map = len(kept["heads"]), len(kept["kv_heads"]), kept["kv_map"]
+        even = heads == 0 or (heads % kv_heads == 0 and kv_map == [i // (heads // kv_heads) for i in range(heads)])
+        return {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "kv_map": None if even else kv_map}
+
+    def slices(self, kept, head_dim):
+        q_rows, kv_rows = _rows(kept["heads"], head_dim), _rows(kept["kv_heads"], head_dim)
+        return {"q": (q_rows, None), "k": (kv_rows, None), "v": (kv_rows, None), "o": (None, q_rows)}
+
+    def unit(self, space):
+        return space.head_dim
+
+    def group_sums(self, space, stats):
+        return chunk_sums(stats["q"].sum(1), space.head_dim) + chunk_sums(stats["o"].sum(0), space.head_dim)
+
+    def check_rule(self, space, rule):
+        if rule.uniform and not rule.head_options(space):
+            raise ATPError("--uniform: no head count splits evenly over the KV heads and divides the hidden size")
+
+    def project(self, space, rule, hard, scores):
+        if not rule.uniform:
+            return hard
+        per_kv = space.heads_per_kv
+        grouped = hard.reshape(space.num_layers, space.num_kv_heads, per_kv)
+        mean_heads = float(grouped.sum(dim=(1, 2)).float().mean())
+        mean_groups = float((grouped.sum(dim=2) > 0).sum(dim=1).float().mean())
+        groups, per_group = min(rule.head_options(space),
+                                key=lambda o: (abs(o[0] * o[1] - mean_heads), abs(o[0] - mean_groups)))
+        by_score = scores.reshape(space.num_layers, space.num_kv_heads, per_kv)
+        groups_in_model = space.num_layers * space.num_kv_heads
+        in_group = keep_top(by_score.reshape(-1, per_kv), torch.full((groups_in_model,), per_group))
+        in_group = in_group.reshape_as(by_score)
+        group_scores = (by_score * in_group).sum(dim=2) / per_group
+        keep_groups = keep_top(group_scores, torch.full((space.num_layers,), groups))
+        return (in_group * keep_groups.unsqueeze(2)).reshape(space.num_layers, space.num_heads)
+
+
+class MLPChannelKind(GateKind):
+    """MLP intermediate channels, in blocks of `mlp_block` (the last block may be shorter)."""
+
+    name = "mlp"
+    description = "MLP channel blocks of --mlp-block channels"
+    hooks = {
+        "both": (("down", "input", "mlp"),),
+        "frozen-output": (("down", "input", "mlp"),),
+        "frozen": (("gate", "output", "mlp"), ("up", "output", "mlp"), ("down", "input", "mlp")),
+    }
+    lora_pieces = (("mlp", "gate", "B", 0), ("mlp", "up", "B", 0), ("mlp", "down", "A", 1))
+    score_roles = ("gate", "up", "down")
+    output_role = "down"
+
+    def width(self, space):
+        return space.num_mlp_blocks
+
+    @staticmethod
+    def _per_channel(space):
+        return 2 * (space.hidden_size + space.mlp_bias) + space.hidden_size
+
+    def dense_params(self, space):
+        return space.intermediate_size * self._per_channel(space)
+
+    def fixed_params(self, space):
+        return space.mlp_bias * space.hidden_size
+
+    def remaining_terms(self, space, gates):
+        mlp = gates.float()
+        return [(mlp * space.block_sizes().to(mlp.device)).sum() * self._per_channel(space)]
+
+    def masks(self, space, gates, names):
+        return {"mlp": space.channel_mask(gates)}
+
+    def groups(self, space):
+        return {"mlp": (space.num_mlp_blocks, space.mlp_block)}
+
+    def pruned(self, space, gates):
+        return {"mlp": 1 - gates.detach()}
+
+    def kept(self, space, gate_row):
+        return {"channels": torch.nonzero(space.channel_mask(gate_row) > 0.5).flatten().tolist()}
+
+    def widths(self, kept):
+        return {"intermediate_size": len(kept["channels"])}
+
+    def slices(self, kept, head_dim):
+        channels = torch.tensor(kept["channels"], dtype=torch.long)
+        return {"gate": (channels, None), "up": (channels, None), "down": (None, channels)}
+
+    def unit(self, space):
+        return space.mlp_block
+
+    def group_sums(self, space, stats):
+        rows = stats["gate"].sum(1) + stats["up"].sum(1)
+        return chunk_sums(rows + stats["down"].sum(0), space.mlp_block)
+
+    def check_rule(self, space, rule):
+        if rule.round_to and rule.round_to % space.mlp_block:
+            raise ATPError(f"--round-to {rule.round_to} must be a multiple of --mlp-block {space.mlp_block} "
+                           f"(MLP channels are decided in blocks of {space.mlp_block})")
+
+    def project(self, space, rule, hard, scores):
+        unit = max(1, rule.round_to // space.mlp_block)  # blocks per allowed step
+        blocks = space.num_mlp_blocks
+        counts = hard.sum(dim=1).float()
+        if rule.uniform:
+            counts = counts.mean().expand_as(counts)
+        counts = (torch.floor(counts / unit + 0.5) * unit).clamp(min=unit if rule.uniform else 0).clamp(max=blocks)
+        if space.intermediate_size % space.mlp_block:  # a shorter last block is kept only with the full width
+            scores = scores.detach().clone()
+            scores[counts < blocks, -1] = -float("inf")
+        return keep_top(scores, counts.long())
+
+
+# name -> kind; this order is the order of gate dicts (the generator's calibration shifts the last kind, the
+# finest, on its own)
+KINDS = {kind.name: kind for kind in (HeadKind(), MLPChannelKind())}
+DEFAULT_KINDS = ("heads", "mlp")
+
+
+def check_kinds(names) -> tuple[str, ...]:
+    """The selected kinds in registry order, or a clear error."""
+    names = list(names)
+    unknown = [n for n in names if n not in KINDS]
+    if unknown or not names:
+        raise ATPError(f"--space: {'unknown kinds ' + ', '.join(map(repr, unknown)) if unknown else 'no kind given'}; "
+                       f"choose one or more of: {', '.join(KINDS)}")
+    return tuple(name for name in KINDS if name in names)

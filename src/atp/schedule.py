@@ -1,0 +1,90 @@
+"""When each phase of a run happens and how the weights ramp within it, computed from the config in one place.
+
+    steps 1 .. freeze_at               generator phase: every generator_every-th step starts with a generator
+                                       step, then a LoRA step; the ratio target and the group-lasso weight ramp
+    steps freeze_at + 1 .. max_steps   fixed-decision phase: LoRA steps only, the LoRA learning rate restarted
+                                       (with restart_lr)
+
+Steps count from 1 and are optimizer updates of LoRA. Plain LoRA and the two-stage baselines have no
+generator phase: every step is a LoRA step on fixed (or no) decisions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Schedule:
+    max_steps: int
+    freeze_at: int  # the generator phase's last step: int(generator_frac * max_steps)
+    generator_every: int
+    learns_decisions: bool  # the generator trains during the run (ATP; not plain LoRA or a two-stage baseline)
+    restart_lr: bool
+    sparsity: float
+    target_warmup: float
+    lam: float
+
+    @classmethod
+    def from_config(cls, cfg) -> Schedule:
+        return cls(max_steps=cfg.max_steps, freeze_at=int(cfg.generator_frac * cfg.max_steps),
+                   generator_every=cfg.generator_every, learns_decisions=cfg.prune and cfg.method == "atp",
+                   restart_lr=cfg.restart_lr, sparsity=cfg.sparsity, target_warmup=cfg.target_warmup, lam=cfg.lam)
+
+    # phases
+
+    @property
+    def generator_phase_steps(self) -> range:
+        """The steps that start with a generator step when the generator learns (the frozen-generator
+        baseline runs these alone, before tuning)."""
+        return range(1, self.freeze_at + 1, self.generator_every)
+
+    def is_generator_step(self, step: int) -> bool:
+        return self.learns_decisions and step in self.generator_phase_steps
+
+    def generator_steps_until(self, step: int) -> int:
+        """Generator steps in steps 1 .. step (each used one calibration batch)."""
+        return sum(self.is_generator_step(s) for s in range(1, step + 1))
+
+    def freezes_before(self, step: int) -> bool:
+        """The generator phase ended with the previous step: calibrate and freeze the decisions now."""
+        return self.learns_decisions and step == self.freeze_at + 1
+
+    @property
+    def generator_to_end(self) -> bool:
+        """The generator trains to the last step (no fixed-decision phase); it is calibrated before export."""
+        return self.learns_decisions and self.freeze_at >= self.max_steps
+
+    @property
+    def fixed_phase_start(self) -> int:
+        """The step after which ATP's LoRA tunes fixed decisions; 0 when a run has no such phase after
+        generator steps (baselines fix their decisions before step 1; generator_frac 0 or 1)."""
+        return self.freeze_at if self.learns_decisions and 0 < self.freeze_at < self.max_steps else 0
+
+    # ramps
+
+    def target_at(self, step: int) -> float:
+        """Remaining-ratio target for the generator: lowered linearly so that pruning comes in gradually."""
+        ramp = max(1, int(self.target_warmup * self.freeze_at))
+        return 1 - self.sparsity * min(1.0, step / ramp)
+
+    def lasso_weight(self, step: int) -> float:
+        """Group-lasso weight lambda_t, ramped over the generator phase; 0 with fixed decisions."""
+        if not self.learns_decisions:
+            return 0.0
+        return self.lam * min(1.0, step / max(1, self.freeze_at))
+
+    @property
+    def lr_restart_step(self) -> int:
+        """The LoRA learning-rate schedule starts again after this many updates (0: never)."""
+        return self.fixed_phase_start if self.restart_lr else 0
+
+    def lora_lr_factor(self, updates: int) -> float:
+        """LoRA learning-rate multiplier after `updates` optimizer updates: linear warm-up over 5% of the steps,
+        then cosine decay to 0. With restart_lr, the fixed-decision phase after the generator freezes gets
+        its own warm-up and cosine, so the recovery from the final decisions runs at the full learning rate."""
+        start, length = 0, self.max_steps
+        if self.lr_restart_step and updates >= self.lr_restart_step:
+            start, length = self.lr_restart_step, self.max_steps - self.lr_restart_step
+        s = updates - start
+        return min(1.0, (s + 1) / max(1, length // 20)) * 0.5 * (1 + math.cos(math.pi * s / length))
