@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from test_baselines import cfg_for
 
 from atp.regularization import group_sq_norms, pruned_norms, ramp_proximal_step
 from atp.space import PruningSpace
 from atp.train import train
 from conftest import tiny_model
+from test_baselines import cfg_for
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
