@@ -137,7 +137,8 @@ def test_fixed_decisions_resume_from_checkpoint(tiny_model_dir, train_file, tmp_
     assert all(torch.equal(reference[k], again[k]) for k in reference)
 
 
-@pytest.mark.parametrize("ablation", [{"lam": 0.0}, {"mask_lora": False}, {"generator_frac": 1.0}])
+@pytest.mark.parametrize("ablation", [{"lam": 0.0}, {"lora_mask": "frozen-output"}, {"lora_mask": "both"},
+                                      {"lora_decisions": "sampled"}, {"generator_frac": 1.0}])
 def test_atp_ablations_run_and_hit_the_target(ablation, tiny_model_dir, train_file, tmp_path):
     report = train(cfg_for(tiny_model_dir, train_file, tmp_path / "run", max_steps=8, **ablation), progress=False)
     measured = 1 - decoder_params(tmp_path / "run" / "model") / decoder_params(tiny_model_dir)

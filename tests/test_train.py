@@ -210,37 +210,56 @@ def test_lora_lr_restarts_when_the_generator_freezes(tiny_model_dir, train_file,
 
 
 def test_schedule_phases_and_ramps():
-    cfg = ATPConfig(max_steps=10, generator_frac=0.6, generator_every=2, sparsity=0.4, target_warmup=0.5, lam=0.05)
+    cfg = ATPConfig(max_steps=10, generator_frac=0.6, generator_every=2, sparsity=0.4, target_warmup=0.5, lam=0.05,
+                    lasso="lr-scaled")
     s = Schedule.from_config(cfg)
     assert s.freeze_at == 6 and s.fixed_phase_start == 6
     assert [step for step in range(1, 11) if s.is_generator_step(step)] == [1, 3, 5]
     assert [s.generator_steps_until(step) for step in (0, 1, 2, 5, 10)] == [0, 1, 1, 3, 3]
-    assert [step for step in range(1, 12) if s.freezes_before(step)] == [7] and not s.generator_to_end
+    assert not s.generator_to_end
+    # LoRA steps mask the frozen path only while the generator searches, both paths from the freeze on
+    assert [s.lora_mask_at(step) for step in (1, 6, 7)] == ["frozen", "frozen", "both"]
     # the ratio target reaches 1 - sparsity after int(0.5 * 6) = 3 steps; lambda reaches lam at the freeze
     assert [round(s.target_at(step), 6) for step in (0, 1, 3, 6)] == [1.0, round(1 - 0.4 / 3, 6), 0.6, 0.6]
     assert [s.lasso_weight(step) for step in (0, 3, 6, 9)] == [0.0, 0.025, 0.05, 0.05]
+    assert s.lasso_fraction(3) == 0.0  # the lr-scaled lasso has no ramped proximal threshold
+    # the ramp lasso: the threshold reaches the largest pruned norm (fraction 1) at the freeze and stays there
+    ramp = Schedule.from_config(dataclasses.replace(cfg, lasso="ramp", lam=1.0))
+    assert [ramp.lasso_fraction(step) for step in (3, 6, 7, 10)] == [0.5, 1.0, 1.0, 1.0]
+    assert ramp.lasso_weight(3) == 0.0  # no loss term with the ramp
+    assert Schedule.from_config(dataclasses.replace(cfg, lasso="ramp", lam=2.0)).lasso_fraction(3) == 1.0
+    assert Schedule.from_config(dataclasses.replace(cfg, lasso="ramp", lam=0.0)).lasso_fraction(9) == 0.0
     # generator_frac 1: no fixed phase, the generator is calibrated after the last step instead of a freeze
     end = Schedule.from_config(dataclasses.replace(cfg, generator_frac=1.0))
     assert end.generator_to_end and end.fixed_phase_start == 0 and end.lr_restart_step == 0
-    assert not any(end.freezes_before(step) for step in range(1, 11))
+    assert end.lora_mask_at(10) == "frozen"
     # baselines and plain LoRA: no generator steps, no group lasso, no restart; the frozen-generator
     # baseline still runs the generator phase's steps before tuning
     for other in (dict(method="taylor"), dict(method="frozen-generator"), dict(prune=False)):
         b = Schedule.from_config(dataclasses.replace(cfg, **other))
-        assert not any(b.is_generator_step(step) or b.freezes_before(step) for step in range(1, 11)), other
+        assert not any(b.is_generator_step(step) for step in range(1, 11)), other
         assert b.generator_steps_until(10) == 0 and b.lasso_weight(5) == 0.0 and b.lr_restart_step == 0
+        assert b.lasso_fraction(5) == 0.0 and b.lora_mask_at(1) == "both"
         assert list(b.generator_phase_steps) == [1, 3, 5]
 
 
 def test_fingerprints_are_pinned():
-    # values computed at commit 84221fe, before the config moved to atp.config: benchmark runs and compare
-    # cells resume by them, so they must never change
-    assert fingerprint(ATPConfig()) == "f2e1f10d125723cf"
+    # values computed at commit 84221fe: benchmark runs and compare cells resume by them. Issue 15 changed what
+    # ATP computes by default (frozen-path masking, the ramp lasso with lam 1), so a config that asks for the
+    # earlier behaviour keeps its fingerprint and today's defaults get new ones.
+    before_15 = dict(lasso="lr-scaled", lora_mask="both", lam=0.05)
+    assert fingerprint(ATPConfig(**before_15)) == "f2e1f10d125723cf"
     custom = ATPConfig(model="/m", domain="legal", train_files=["pubmedqa=a.jsonl"], sparsity=0.5, generator_frac=0.5,
-                       lr=6e-4, lora_targets=["q_proj", "v_proj"], uniform=True, round_to=64, out="x", seed=2)
+                       lr=6e-4, lora_targets=["q_proj", "v_proj"], uniform=True, round_to=64, out="x", seed=2,
+                       **before_15)
     assert fingerprint(custom) == "b99d610e7f9681f4"
-    assert fingerprint(ATPConfig(method="taylor", restart_lr=False, calib_batches=4)) == "6b7a034c940eae92"
-    assert fingerprint(ATPConfig(restart_lr=False)) == "d95e58538583de61"
+    assert fingerprint(ATPConfig(method="taylor", restart_lr=False, calib_batches=4, lam=0.05)) == "6b7a034c940eae92"
+    assert fingerprint(ATPConfig(restart_lr=False, **before_15)) == "d95e58538583de61"
+    # options that cannot change a run stay out: two-stage baselines never use the lasso or the mask mode
+    taylor = ATPConfig(method="taylor", lam=0.05)
+    assert fingerprint(taylor) == fingerprint(dataclasses.replace(taylor, lasso="lr-scaled", lora_mask="frozen-output"))
+    changed = {fingerprint(ATPConfig(**before_15)), fingerprint(ATPConfig(lora_mask="both"))}
+    assert fingerprint(ATPConfig()) not in changed
 
 
 def test_prune_help_comes_from_the_config_fields():
@@ -261,11 +280,13 @@ def test_prune_help_comes_from_the_config_fields():
 def test_fingerprint_ignores_later_options_at_their_default(tmp_path):
     import hashlib
 
-    from atp.train import NON_SEMANTIC
+    from atp.train import LATER_OPTIONS, NON_SEMANTIC
 
-    cfg = ATPConfig(out=str(tmp_path), restart_lr=False)
-    later = ("restart_lr", "space")  # options added after the first runs: absent from their fingerprints
-    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC and k not in later}
+    cfg = ATPConfig(out=str(tmp_path), **LATER_OPTIONS)
+    # options added after the first runs are absent from their fingerprints at their earlier values;
+    # lora_mask "both" was recorded as mask_lora: true
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NON_SEMANTIC and k not in LATER_OPTIONS}
+    old["mask_lora"] = True
     assert fingerprint(cfg) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert fingerprint(dataclasses.replace(cfg, restart_lr=True)) != fingerprint(cfg)
     # restart_lr cannot change runs without a fixed-decision phase after the generator: not fingerprinted there

@@ -30,7 +30,9 @@ from .report import write_outputs
 METHODS = {
     "atp": {"method": "atp"},
     "atp-no-lasso": {"method": "atp", "lam": 0.0},
-    "atp-no-mask-lora": {"method": "atp", "mask_lora": False},
+    "atp-no-mask-lora": {"method": "atp", "lora_mask": "frozen-output"},
+    "atp-both-masked": {"method": "atp", "lora_mask": "both"},
+    "atp-sampled": {"method": "atp", "lora_decisions": "sampled"},
     "atp-no-final-phase": {"method": "atp", "generator_frac": 1.0},
     "taylor": {"method": "taylor"},
     "magnitude": {"method": "magnitude"},

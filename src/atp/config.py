@@ -75,11 +75,30 @@ class ATPConfig:
     alpha: float = field(default=50.0, metadata={"help": "weight of the parameter-ratio loss"})
     target_warmup: float = field(default=0.5, metadata={
         "help": "fraction of the generator phase over which the ratio target moves from 1 to 1 - sparsity"})
-    lam: float = field(default=0.05, metadata={
-        "help": "group-lasso weight (ramped up over the generator phase); 0 turns group lasso and its proximal "
-                "step off (an ablation); not used by the two-stage baselines"})
-    proximal: bool = True
-    mask_lora: bool = field(default=True, metadata={"help": "--no-mask-lora masks only the frozen path (an ablation)"})
+    lam: float = field(default=1.0, metadata={
+        "help": "group-lasso strength. With --lasso ramp: the proximal threshold is min(1, lam * step / freeze step) "
+                "times the largest pruned group's LoRA norm, so lam >= 1 zeroes every pruned group by the freeze; "
+                "with --lasso lr-scaled: the lasso loss weight. 0 turns group lasso off (an ablation); not used by "
+                "the two-stage baselines"})
+    lasso: str = field(default="ramp", metadata={
+        "help": "group lasso on the LoRA of pruned groups: ramp (a proximal step whose threshold grows to the "
+                "largest pruned group's norm at the freeze, independent of Adam's step size) or lr-scaled (before "
+                "issue 15: lam * group lasso in the loss and a proximal threshold of lr * lam)"})
+    proximal: bool = field(default=True, metadata={
+        "help": "with --lasso lr-scaled, also take the proximal step (--no-proximal: the loss term only)"})
+    lora_mask: str = field(default="frozen", metadata={
+        "help": "where a pruning decision acts in LoRA steps while the generator searches: frozen (the frozen "
+                "weights of the structure only; its LoRA keeps learning until group lasso zeroes it: the paper's "
+                "LoRA-aware forward), both (frozen and LoRA paths: a moving two-stage mask, an ablation), or "
+                "frozen-output (the frozen path of o_proj/down_proj only, the earlier --no-mask-lora ablation). "
+                "Generator steps, and every step after the generator freezes, mask both paths"})
+    lora_decisions: str = field(default="deterministic", metadata={
+        "help": "decisions that mask LoRA steps in the generator phase: deterministic (the generator's hard "
+                "decisions) or sampled (a fresh Gumbel sample each step: structured dropout)"})
+    generator_batches: int = field(default=1, metadata={
+        "help": "calibration batches per generator step (their task losses are averaged; more batches, less noise)"})
+    generator_clip: float = field(default=0.0, metadata={
+        "help": "clip the generator's gradient norm to this (0: no clipping)"})
     log_every: int = 10
     save_every: int = 100
     keep_checkpoints: int = 2
@@ -99,7 +118,7 @@ class ATPConfig:
             return f"--{name.replace('_', '-')}"
 
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lora_r", "generator_every", "mlp_block",
-                     "generator_hidden", "log_every", "keep_checkpoints", "calib_batches"):
+                     "generator_hidden", "log_every", "keep_checkpoints", "calib_batches", "generator_batches"):
             if getattr(self, name) < 1:
                 raise ATPError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.calib_max_length is not None and self.calib_max_length < 1:
@@ -107,7 +126,7 @@ class ATPConfig:
         for name in ("lr", "generator_lr", "temperature", "lora_alpha"):
             if not getattr(self, name) > 0:
                 raise ATPError(f"{flag(name)} must be greater than 0, got {getattr(self, name)}")
-        for name in ("alpha", "lam", "save_every", "check_tolerance"):
+        for name in ("alpha", "lam", "save_every", "check_tolerance", "generator_clip"):
             if not getattr(self, name) >= 0:
                 raise ATPError(f"{flag(name)} must be at least 0, got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1:
@@ -118,6 +137,9 @@ class ATPConfig:
             raise ATPError(f"--target-warmup must be in [0, 1], got {self.target_warmup}")
         if not 0 <= self.generator_frac <= 1:
             raise ATPError(f"--generator-frac must be in [0, 1], got {self.generator_frac}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ATPError(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         from .baselines import SCORED, check_method
         from .kinds import check_kinds
 
@@ -131,8 +153,22 @@ class ATPConfig:
 
     @classmethod
     def yaml_values(cls, path) -> dict:
-        """The option values in a YAML file (a mapping of field names; unknown keys are an error)."""
-        return read_yaml_mapping(path, "config file", {f.name for f in dataclasses.fields(cls)})
+        """The option values in a YAML file (a mapping of field names; unknown keys are an error). A record
+        written before issue 15 has mask_lora, which became lora_mask."""
+        values = read_yaml_mapping(path, "config file", {f.name for f in dataclasses.fields(cls)} | {"mask_lora"})
+        return upgrade_record(values)
+
+
+CHOICES = {"lasso": ("ramp", "lr-scaled"), "lora_mask": ("frozen", "both", "frozen-output"),
+           "lora_decisions": ("deterministic", "sampled")}
+
+
+def upgrade_record(values: dict) -> dict:
+    """Option values recorded by an older atp, in today's names."""
+    values = dict(values)
+    if "mask_lora" in values:
+        values["lora_mask"] = "both" if values.pop("mask_lora") else "frozen-output"
+    return values
 
 
 RUN_OUTPUTS = ("log.jsonl", "report.json", "config.yaml", "checkpoints")
@@ -162,23 +198,33 @@ NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints
 # options added after runs were first recorded, with the value that reproduces those runs: a recorded
 # config without them gets that value, and the fingerprint leaves them out at that value, so older runs
 # stay resumable and their compare cells stay valid
-LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"]}
+LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-scaled", "lora_mask": "both",
+                 "lora_decisions": "deterministic", "generator_batches": 1, "generator_clip": 0.0}
 
 
 def inert_options(cfg: ATPConfig) -> set[str]:
     """Options that cannot change what this run computes (left out of its fingerprint)."""
-    return set() if Schedule.from_config(cfg).fixed_phase_start else {"restart_lr"}
+    from .baselines import SCORED
+
+    inert = set() if Schedule.from_config(cfg).fixed_phase_start else {"restart_lr"}
+    if not Schedule.from_config(cfg).learns_decisions:  # no LoRA steps under the generator's decisions
+        inert |= {"lasso", "lora_mask", "lora_decisions"}
+    if not cfg.prune or cfg.method in SCORED:  # no generator at all
+        inert |= {"generator_batches", "generator_clip"}
+    return inert
 
 
 def config_from_record(values: dict) -> ATPConfig:
     """An ATPConfig from a recorded config.yaml / report (older records lack the later options)."""
-    return ATPConfig(**{**LATER_OPTIONS, **values})
+    return ATPConfig(**{**LATER_OPTIONS, **upgrade_record(values)})
 
 
 def fingerprint(cfg: ATPConfig) -> str:
     skip = set(NON_SEMANTIC) | inert_options(cfg)
     values = {k: v for k, v in dataclasses.asdict(cfg).items()
               if k not in skip and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
+    if "lora_mask" not in values:  # recorded before issue 15 as mask_lora (True: both paths)
+        values["mask_lora"] = True
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

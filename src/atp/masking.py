@@ -11,6 +11,8 @@ lasso has driven its LoRA pieces to zero. "frozen-output": only the frozen path 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .arch import arch_for
@@ -36,38 +38,64 @@ def decoder_layers(model):
 
 
 class GateController:
-    def __init__(self, model, space: PruningSpace, mask_lora: bool = True, mode: str | None = None):
-        """mode: one of MASK_MODES; by default "both", or "frozen-output" when mask_lora is False."""
+    """Forward hooks that apply gates to a model. It can hold hooks for several MASK_MODES and switch between
+    them (`use`): ATP's LoRA steps mask the frozen path only, its generator steps and everything after the
+    generator freezes mask both paths."""
+
+    def __init__(self, model, space: PruningSpace, mask_lora: bool = True, mode: str | None = None,
+                 modes: tuple[str, ...] = ()):
+        """mode: the active one of MASK_MODES; by default "both", or "frozen-output" when mask_lora is False.
+        modes: further modes to hook, for switching with `use`."""
         mode = mode or ("both" if mask_lora else "frozen-output")
-        if mode not in MASK_MODES:
-            raise ATPError(f"unknown mask mode '{mode}'; choices: {', '.join(MASK_MODES)}")
+        for m in (mode, *modes):
+            if m not in MASK_MODES:
+                raise ATPError(f"unknown mask mode '{m}'; choices: {', '.join(MASK_MODES)}")
         self.space, self.mode = space, mode
+        self.modes = tuple(dict.fromkeys((mode, *modes)))
         self.masks: dict[str, torch.Tensor] | None = None
         self.handles = []
-        self.needed = {kind.name: {mask for _, _, mask in kind.hooks[mode]} for kind in space.kind_objects}
+        self.needed = {kind.name: {mask for m in self.modes for _, _, mask in kind.hooks[m]}
+                       for kind in space.kind_objects}
         for index, layer in enumerate(decoder_layers(model)):
-            for kind in space.kind_objects:
-                for role, where, mask in kind.hooks[mode]:
-                    module = space.arch.projection(layer, role)
-                    if mode != "both" and hasattr(module, "base_layer"):
-                        module = module.base_layer  # the frozen path only
-                    if where == "input":
-                        self.handles.append(module.register_forward_pre_hook(self._on_input(mask, index)))
-                    else:
-                        self.handles.append(module.register_forward_hook(self._on_output(mask, index)))
+            for hooked in self.modes:
+                for kind in space.kind_objects:
+                    for role, where, mask in kind.hooks[hooked]:
+                        module = space.arch.projection(layer, role)
+                        if hooked != "both" and hasattr(module, "base_layer"):
+                            module = module.base_layer  # the frozen path only
+                        if where == "input":
+                            hook = module.register_forward_pre_hook(self._on_input(hooked, mask, index))
+                        else:
+                            hook = module.register_forward_hook(self._on_output(hooked, mask, index))
+                        self.handles.append(hook)
 
-    def _on_input(self, name: str, index: int):
+    def use(self, mode: str) -> None:
+        """Switch the active mask mode (one of those hooked)."""
+        if mode not in self.modes:
+            raise ATPError(f"mask mode '{mode}' is not hooked here; hooked: {', '.join(self.modes)}")
+        self.mode = mode
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """No masking inside the block (e.g. for the dense teacher's forward pass)."""
+        masks, self.masks = self.masks, None
+        try:
+            yield
+        finally:
+            self.masks = masks
+
+    def _on_input(self, mode: str, name: str, index: int):
         def apply(module, args):
-            if self.masks is None:
+            if self.masks is None or self.mode != mode:
                 return None
             x = args[0]
             return (x * self.masks[name][index].to(x.dtype),) + tuple(args[1:])
 
         return apply
 
-    def _on_output(self, name: str, index: int):
+    def _on_output(self, mode: str, name: str, index: int):
         def apply(module, args, output):
-            if self.masks is None:
+            if self.masks is None or self.mode != mode:
                 return None
             return output * self.masks[name][index].to(output.dtype)
 

@@ -7,6 +7,8 @@ A group is everything LoRA adds to one structure (each gate kind lists its piece
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .masking import decoder_layers
@@ -61,14 +63,41 @@ def group_lasso(model, space: PruningSpace, gates: Gates) -> torch.Tensor:
     return total
 
 
+def pruned_norms(model, space: PruningSpace, gates: Gates) -> dict[str, float]:
+    """Per group name: the sum and the largest of the LoRA norms of the groups that the gates prune."""
+    pruned = _pruned(space, gates)
+    out = {}
+    with torch.no_grad():
+        for name, sq in group_sq_norms(model, space).items():
+            norms = sq.sqrt() * pruned[name].to(sq.device)
+            out[name] = {"sum": float(norms.sum()), "max": float(norms.max()) if norms.numel() else 0.0}
+    return out
+
+
 @torch.no_grad()
-def proximal_step(model, space: PruningSpace, gates: Gates, threshold: float) -> None:
-    """Group soft-thresholding of pruned groups: w <- w * max(0, 1 - threshold / ||w_g||), giving exact zeros."""
+def ramp_proximal_step(model, space: PruningSpace, gates: Gates, fraction: float) -> None:
+    """The ramp lasso's proximal step: group soft-thresholding of pruned groups at `fraction` of the largest
+    pruned group's norm (per group name: heads, KV heads, MLP blocks). At fraction 1 every pruned group is
+    exactly zero. The threshold follows the weights, not the optimizer's step size."""
+    if fraction <= 0:
+        return
+    if fraction >= 1:  # at least the largest norm: every pruned group to exactly zero (no rounding left over)
+        proximal_step(model, space, gates, math.inf)
+        return
+    largest = {name: value["max"] for name, value in pruned_norms(model, space, gates).items()}
+    proximal_step(model, space, gates, {name: fraction * value for name, value in largest.items()})
+
+
+@torch.no_grad()
+def proximal_step(model, space: PruningSpace, gates: Gates, threshold: float | dict[str, float]) -> None:
+    """Group soft-thresholding of pruned groups: w <- w * max(0, 1 - threshold / ||w_g||), giving exact zeros.
+    threshold: one for every group, or one per group name."""
     pruned = _pruned(space, gates)
     norms = {name: sq.sqrt() for name, sq in group_sq_norms(model, space).items()}
     for index, name, weight, axis, group in _lora_pieces(model, space):
         norm = norms[name][index].to(weight.device)
-        shrink = torch.clamp(1 - threshold / norm.clamp_min(1e-12), min=0)
+        tau = threshold[name] if isinstance(threshold, dict) else threshold
+        shrink = torch.clamp(1 - tau / norm.clamp_min(1e-12), min=0)
         scale = torch.where(pruned[name][index].to(weight.device) > 0.5, shrink, torch.ones_like(shrink))
         scale = scale[group].to(weight.dtype)
         weight.mul_(scale.unsqueeze(1) if axis == 0 else scale.unsqueeze(0))

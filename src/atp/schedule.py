@@ -1,9 +1,12 @@
 """When each phase of a run happens and how the weights ramp within it, computed from the config in one place.
 
     steps 1 .. freeze_at               generator phase: every generator_every-th step starts with a generator
-                                       step, then a LoRA step; the ratio target and the group-lasso weight ramp
+                                       step (both paths masked), then a LoRA step (with lora_mask "frozen",
+                                       the frozen path of pruned structures only); the ratio target and the
+                                       group-lasso threshold ramp
     steps freeze_at + 1 .. max_steps   fixed-decision phase: LoRA steps only, the LoRA learning rate restarted
-                                       (with restart_lr)
+                                       (with restart_lr); both paths of pruned structures masked, their
+                                       LoRA kept at zero
 
 Steps count from 1 and are optimizer updates of LoRA. Plain LoRA and the two-stage baselines have no
 generator phase: every step is a LoRA step on fixed (or no) decisions.
@@ -24,12 +27,15 @@ class Schedule:
     sparsity: float
     target_warmup: float
     lam: float
+    lasso: str = "lr-scaled"  # "ramp": proximal threshold grows to the largest pruned norm at the freeze
+    lora_mask: str = "both"  # mask mode of LoRA steps in the generator phase
 
     @classmethod
     def from_config(cls, cfg) -> Schedule:
         return cls(max_steps=cfg.max_steps, freeze_at=int(cfg.generator_frac * cfg.max_steps),
                    generator_every=cfg.generator_every, learns_decisions=cfg.prune and cfg.method == "atp",
-                   restart_lr=cfg.restart_lr, sparsity=cfg.sparsity, target_warmup=cfg.target_warmup, lam=cfg.lam)
+                   restart_lr=cfg.restart_lr, sparsity=cfg.sparsity, target_warmup=cfg.target_warmup, lam=cfg.lam,
+                   lasso=cfg.lasso, lora_mask=cfg.lora_mask)
 
     # phases
 
@@ -46,10 +52,6 @@ class Schedule:
         """Generator steps in steps 1 .. step (each used one calibration batch)."""
         return sum(self.is_generator_step(s) for s in range(1, step + 1))
 
-    def freezes_before(self, step: int) -> bool:
-        """The generator phase ended with the previous step: calibrate and freeze the decisions now."""
-        return self.learns_decisions and step == self.freeze_at + 1
-
     @property
     def generator_to_end(self) -> bool:
         """The generator trains to the last step (no fixed-decision phase); it is calibrated before export."""
@@ -61,6 +63,13 @@ class Schedule:
         generator steps (baselines fix their decisions before step 1; generator_frac 0 or 1)."""
         return self.freeze_at if self.learns_decisions and 0 < self.freeze_at < self.max_steps else 0
 
+    def in_generator_phase(self, step: int) -> bool:
+        return self.learns_decisions and step <= self.freeze_at
+
+    def lora_mask_at(self, step: int) -> str:
+        """Mask mode of the LoRA step at `step`: lora_mask while the generator searches, both paths after."""
+        return self.lora_mask if self.in_generator_phase(step) else "both"
+
     # ramps
 
     def target_at(self, step: int) -> float:
@@ -69,10 +78,19 @@ class Schedule:
         return 1 - self.sparsity * min(1.0, step / ramp)
 
     def lasso_weight(self, step: int) -> float:
-        """Group-lasso weight lambda_t, ramped over the generator phase; 0 with fixed decisions."""
-        if not self.learns_decisions:
+        """lasso lr-scaled: the group-lasso loss weight lambda_t, ramped over the generator phase; 0 with fixed
+        decisions or with the ramp lasso (a proximal step only)."""
+        if not self.learns_decisions or self.lasso != "lr-scaled":
             return 0.0
         return self.lam * min(1.0, step / max(1, self.freeze_at))
+
+    def lasso_fraction(self, step: int) -> float:
+        """lasso ramp: the proximal threshold as a fraction of the largest pruned group's norm, min(1, lam * t /
+        freeze_at): 1 from the freeze on (lam >= 1), so every pruned group is exactly zero by then and stays
+        there. 0 with fixed decisions, lam 0, or the lr-scaled lasso."""
+        if not self.learns_decisions or self.lasso != "ramp" or self.lam == 0:
+            return 0.0
+        return min(1.0, self.lam * step / max(1, self.freeze_at)) if step <= self.freeze_at else 1.0
 
     @property
     def lr_restart_step(self) -> int:

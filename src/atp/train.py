@@ -121,6 +121,7 @@ class PruneRecipe:
         self.step_times = {"lora": [], "generator": []}
         self.generator = self.opt_gen = self.controller = None
         self.fixed = self.chosen = None  # a two-stage baseline's decisions and their summary
+        self.freeze_norms = {}  # pruned groups' LoRA norm before and after the freeze's last proximal step
         self.decisions, self.flips = None, 0  # the decisions in the masks; how many changed since the last log line
 
     def run(self) -> dict:
@@ -257,7 +258,8 @@ class PruneRecipe:
                                            self.rule)
         self.opt_gen = torch.optim.AdamW(self.generator.parameters(), lr=cfg.generator_lr, weight_decay=0.0)
         self.optimizers["generator"] = self.opt_gen
-        self.controller = GateController(self.peft_model, self.space, mask_lora=cfg.mask_lora)
+        # both paths masked, and the frozen-path-only mode of LoRA steps in the generator phase
+        self.controller = GateController(self.peft_model, self.space, mode="both", modes=(cfg.lora_mask,))
 
     def setup_fixed_decisions(self) -> None:
         """Two-stage baselines: decisions fixed on the pretrained model before tuning (atp.baselines); a resumed
@@ -307,7 +309,7 @@ class PruneRecipe:
         self.accelerator.print(f"resuming {self.run_dir} from {path.name}")
         for _ in range(done * cfg.grad_accum):  # the same batches an uninterrupted run would see next
             next(self.train_iter)
-        for _ in range(self.schedule.generator_steps_until(done)):
+        for _ in range(self.schedule.generator_steps_until(done) * cfg.generator_batches):
             next(self.calib_iter)
         if self.log_path.exists() and self.accelerator.is_main_process:
             kept = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["step"] <= done]
@@ -327,6 +329,8 @@ class PruneRecipe:
             self.decisions = self.generator.decisions()
         if self.decisions is not None:
             self.controller.set(self.decisions)
+        if schedule.learns_decisions and schedule.freeze_at == 0 and first_step == 1:
+            self.freeze(0)  # no generator phase: decisions calibrated before the first step
         desc = ("atp prune" if cfg.method == "atp" else cfg.method) if cfg.prune else "lora"
         self.bar = tqdm(range(first_step, cfg.max_steps + 1), initial=first_step - 1, total=cfg.max_steps, desc=desc,
                         disable=not (self.progress and self.accelerator.is_main_process))
@@ -335,24 +339,32 @@ class PruneRecipe:
             # generator phase: every generator_every-th step begins with a generator step (LoRA frozen)
             if schedule.is_generator_step(step):
                 self.generator_step(step, self.window)
-            # the generator phase is over: calibrate the decisions to the target ratio; they stay fixed from here
-            if schedule.freezes_before(step):
-                reached = self.generator.calibrate_offset(self.space.remaining_ratio, 1 - cfg.sparsity)
-                self.accelerator.print(f"generator frozen at step {schedule.freeze_at}; decisions calibrated to "
-                                       f"ratio {reached:.4f}")
-            # LoRA step (generator frozen) on the current decisions, which only the two steps above change
-            self.lora_step(step, new_decisions=schedule.is_generator_step(step) or schedule.freezes_before(step))
+            # LoRA step (generator frozen) on the current decisions, then the group-lasso proximal step
+            self.lora_step(step, new_decisions=schedule.is_generator_step(step))
+            # the generator phase ends with this step: calibrate the decisions to the target and freeze them
+            if schedule.learns_decisions and step == schedule.freeze_at:
+                self.freeze(step)
             # log line and checkpoint
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 self.log(step)
             if cfg.save_every and step % cfg.save_every == 0 and self.accelerator.is_main_process:
                 self.save_checkpoint(step)
         self.bar.close()
-        # without a fixed-decision phase the generator trained to the last step: calibrate it now, for export
-        if schedule.generator_to_end:
-            reached = self.generator.calibrate_offset(self.space.remaining_ratio, 1 - cfg.sparsity)
-            self.accelerator.print(f"generator trained to the last step; decisions calibrated to ratio {reached:.4f} "
-                                   "for export")
+
+    def freeze(self, step: int) -> None:
+        """End of the generator phase: calibrate the decisions to the target ratio and keep them from here on;
+        the ramp lasso's last proximal step (threshold at the largest pruned norm) zeroes the LoRA of every
+        pruned group, including groups the calibration just pruned. Records the pruned norm before and after."""
+        reached = self.generator.calibrate_offset(self.space.remaining_ratio, 1 - self.cfg.sparsity)
+        self.use_generator_decisions()
+        before = self.pruned_lora_norm(self.decisions)
+        regularization.ramp_proximal_step(self.peft_model, self.space, self.decisions,
+                                          self.schedule.lasso_fraction(step + 1))
+        after = self.pruned_lora_norm(self.decisions)
+        self.freeze_norms = {"pruned_lora_norm_before_freeze_cut": before, "pruned_lora_norm_at_freeze": after}
+        when = "trained to the last step" if self.schedule.generator_to_end else f"frozen at step {step}"
+        self.accelerator.print(f"generator {when}; decisions calibrated to ratio {reached:.4f}; LoRA norm of pruned "
+                               f"groups {before:.4g} -> {after:.4g}")
 
     def task_loss(self, batch_and_count) -> torch.Tensor:
         """Mean token loss of this process's shard, normalised by the global batch's label tokens."""
@@ -366,30 +378,45 @@ class PruneRecipe:
         accelerator, generator = self.accelerator, self.generator
         t0 = time.perf_counter()
         generator.train()
-        self.controller.set(generator(step=step))
+        self.controller.use("both")  # decisions are judged as they will be exported
+        self.opt_gen.zero_grad(set_to_none=True)
+        batches_per_step = self.cfg.generator_batches
         with accelerator.no_sync(self.peft_model):  # no LoRA gradients in this step
-            task = self.task_loss(next(self.calib_iter))
+            task_sum = 0.0
+            for _ in range(batches_per_step):  # the same sampled gates on each calibration batch
+                self.controller.set(generator(step=step))
+                task = self.task_loss(next(self.calib_iter)) / batches_per_step
+                check_finite(step, generator_task_loss=task)
+                task.backward(inputs=list(generator.parameters()))
+                task_sum += task.item()
             ratio = self.space.remaining_ratio(generator.deterministic_gates())
             r_loss = regularization.ratio_loss(ratio, self.schedule.target_at(step))
-            check_finite(step, generator_task_loss=task, ratio_loss=r_loss)
-            self.opt_gen.zero_grad(set_to_none=True)
-            (task + self.cfg.alpha * r_loss).backward(inputs=list(generator.parameters()))
+            check_finite(step, ratio_loss=r_loss)
+            (self.cfg.alpha * r_loss).backward(inputs=list(generator.parameters()))
         if self.world > 1:
             for p in generator.parameters():
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
+        if self.cfg.generator_clip > 0:
+            torch.nn.utils.clip_grad_norm_(generator.parameters(), self.cfg.generator_clip)
         self.opt_gen.step()
-        window.add(generator_task_loss=task.item(), ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
+        window.add(generator_task_loss=task_sum, ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
         self.step_times["generator"].append(time.perf_counter() - t0)
 
     def lora_step(self, step: int, new_decisions: bool) -> None:
-        """LoRA step: task loss + lambda_t * group lasso on the LoRA of pruned groups (with gradient accumulation),
-        then the proximal step on those groups. new_decisions: take the generator's current decisions first."""
-        cfg, accelerator = self.cfg, self.accelerator
+        """LoRA step under the step's mask mode (the frozen path only while the generator searches, with the
+        default lora_mask), then the group-lasso proximal step on the LoRA of pruned groups. lasso lr-scaled
+        also adds lambda_t * group lasso to the loss. new_decisions: take the generator's decisions first."""
+        cfg, accelerator, schedule = self.cfg, self.accelerator, self.schedule
         t0 = time.perf_counter()
+        if self.controller is not None:
+            self.controller.use(schedule.lora_mask_at(step))
         if new_decisions:
             self.use_generator_decisions()
-        lam = self.schedule.lasso_weight(step)
+        if cfg.lora_decisions == "sampled" and schedule.in_generator_phase(step):
+            with torch.no_grad():  # a fresh Gumbel sample (structured dropout); the log and lasso keep the hard ones
+                self.controller.set(self.generator(step=cfg.max_steps + step))
+        lam = schedule.lasso_weight(step)
         for _ in range(cfg.grad_accum):
             with accelerator.accumulate(self.peft_model):
                 task = self.task_loss(next(self.train_iter))
@@ -404,8 +431,16 @@ class PruneRecipe:
         if cfg.proximal and lam > 0:
             threshold = self.lr_scheduler.get_last_lr()[0] * lam
             regularization.proximal_step(self.peft_model, self.space, self.decisions, threshold=threshold)
+        if schedule.lasso_fraction(step) > 0:
+            regularization.ramp_proximal_step(self.peft_model, self.space, self.decisions, schedule.lasso_fraction(step))
+            lasso = torch.tensor(self.pruned_lora_norm(self.decisions))
         self.step_times["lora"].append(time.perf_counter() - t0)
         self.window.add(task_loss=task.item(), group_lasso=lasso.item())
+
+    def pruned_lora_norm(self, decisions) -> float:
+        """Sum of the LoRA norms of the groups these decisions prune (0.0 exactly once the lasso zeroed them)."""
+        norms = regularization.pruned_norms(self.peft_model, self.space, decisions)
+        return sum(v["sum"] for v in norms.values())
 
     def use_generator_decisions(self) -> None:
         """Mask with the generator's deterministic decisions; count the gates that flipped."""
@@ -417,6 +452,7 @@ class PruneRecipe:
     def log(self, step: int) -> None:
         """One line of log.jsonl: the means since the last line, lambda_t, the LoRA lr, decisions and flips."""
         record = {"step": step, **self.window.means(), "lam": self.schedule.lasso_weight(step),
+                  "lasso_fraction": self.schedule.lasso_fraction(step),
                   "lr": self.lr_scheduler.get_last_lr()[0], "flips": self.flips}
         if self.decisions is not None:
             sp = self.space.sparsity(self.decisions)
@@ -453,12 +489,10 @@ class PruneRecipe:
         peft_model = self.accelerator.unwrap_model(self.peft_model, keep_fp32_wrapper=False).eval()  # fp32 reference
         examples = self.train_examples
         probe = sample_texts(self.tokenizer, examples[::max(1, len(examples) // 4)][:4])
-        with torch.no_grad():  # how far group lasso drove the LoRA weights of pruned groups towards zero
-            pruned_lora_norm = float(regularization.group_lasso(peft_model, self.space, final)) if cfg.prune else 0.0
+        pruned_lora_norm = self.pruned_lora_norm(final) if cfg.prune else 0.0  # what group lasso left in pruned groups
         controller = self.controller
-        if controller is not None and not cfg.mask_lora:  # ablation: export removes both paths, so check against that
-            controller.remove()
-            controller = GateController(peft_model, self.space, mask_lora=True)
+        if controller is not None:
+            controller.use("both")  # the export removes both paths
         model_dir, check, merged = export_checked(cfg, peft_model, controller, self.space, final, self.tokenizer, probe,
                                                   self.accelerator.device, self.run_dir / "model")
         return model_dir, check, merged, pruned_lora_norm
@@ -472,7 +506,8 @@ class PruneRecipe:
         kept = space.kept_structure(final)
         return {
             "logits_check": check,
-            "pruned_lora_group_norm_sum": pruned_lora_norm,
+            "pruned_lora_group_norm_sum": pruned_lora_norm,  # at export
+            **self.freeze_norms,
             "model_dir": str(model_dir),
             "exported_params": exported,
             "dense_params": dense_total,
