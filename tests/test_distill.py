@@ -32,3 +32,65 @@ def test_kd_gradient_moves_the_student_towards_the_teacher():
         kd_loss(student, teacher, torch.ones(1, 3)).backward()
         optimizer.step()
     assert float(kd_loss(student, teacher, torch.ones(1, 3))) < before / 10
+
+
+def test_self_teacher_is_the_dense_pretrained_model(tmp_path, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from atp.distill import ModelTeacher, SelfTeacher
+    from atp.errors import ATPError
+    from atp.masking import GateController
+    from atp.space import PruningSpace
+    from conftest import tiny_model
+
+    ids = torch.randint(3, 500, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    dense = tiny_model("qwen2", seed=4)
+    with torch.no_grad():
+        expected = dense(**batch).logits
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = get_peft_model(tiny_model("qwen2", seed=4), lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    space = PruningSpace.from_config(model.config, mlp_block=4)
+    controller = GateController(model, space, mode="frozen", modes=("both",))
+    gates = space.full_gates()
+    gates["heads"][:, :2] = 0
+    gates["mlp"][:, 1:3] = 0
+    controller.set(gates)
+    with torch.no_grad():
+        student = model(**batch).logits
+    assert (student - expected).abs().max() > 1e-3  # LoRA and the masks change the student
+    teacher = SelfTeacher(model, controller.disabled)
+    assert torch.allclose(teacher.logits(batch), expected, atol=1e-5)
+    assert controller.masks is not None  # the masks are back after the teacher's pass
+    assert torch.equal(model(**batch).logits.detach(), student)
+
+    with pytest.raises(ATPError, match="no model there"):
+        ModelTeacher.from_run(str(tmp_path), "cpu", 512)
+    tiny_model("llama", vocab_size=600).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    with pytest.raises(ATPError, match="vocabulary has 600 tokens"):
+        ModelTeacher.from_run(str(tmp_path), "cpu", 512)
+
+
+def test_training_with_distillation_logs_kd_and_exports(tiny_model_dir, train_file, tmp_path):
+    import json
+
+    from atp.train import train
+    from test_baselines import cfg_for
+
+    report = train(cfg_for(tiny_model_dir, train_file, tmp_path / "run", max_steps=4, distill=0.5, log_every=1),
+                   progress=False)
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    # step 1: nothing pruned and LoRA still zero, so the student is the teacher; then they part
+    assert log[0]["kd_loss"] == pytest.approx(0.0, abs=1e-6) and all(r["kd_loss"] > 0 for r in log[1:])
+    assert any("generator_kd_loss" in r for r in log)
+    assert report["logits_check"]["passed"]
+    # a dense + LoRA run as the teacher (Minitron's teacher correction)
+    train(cfg_for(tiny_model_dir, train_file, tmp_path / "dense", max_steps=2, prune=False), progress=False)
+    report = train(cfg_for(tiny_model_dir, train_file, tmp_path / "run2", max_steps=2, distill=1.0,
+                           teacher=str(tmp_path / "dense")), progress=False)
+    assert report["logits_check"]["passed"]

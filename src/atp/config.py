@@ -99,6 +99,14 @@ class ATPConfig:
         "help": "calibration batches per generator step (their task losses are averaged; more batches, less noise)"})
     generator_clip: float = field(default=0.0, metadata={
         "help": "clip the generator's gradient norm to this (0: no clipping)"})
+    distill: float = field(default=0.0, metadata={
+        "help": "knowledge distillation weight w: LoRA and generator steps minimise (1 - w) * task loss + w * "
+                "T^2 * KL(teacher || model) over every real token (0: task loss only)"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "distillation temperature T"})
+    teacher: str = field(default="self", metadata={
+        "help": "distillation teacher: self (the dense pretrained model: adapters disabled, gates open, no extra "
+                "memory) or a run directory made by `atp prune --no-prune` on the same domain (a dense + LoRA "
+                "teacher)"})
     log_every: int = 10
     save_every: int = 100
     keep_checkpoints: int = 2
@@ -129,6 +137,10 @@ class ATPConfig:
         for name in ("alpha", "lam", "save_every", "check_tolerance", "generator_clip"):
             if not getattr(self, name) >= 0:
                 raise ATPError(f"{flag(name)} must be at least 0, got {getattr(self, name)}")
+        if not 0 <= self.distill <= 1:
+            raise ATPError(f"--distill must be in [0, 1] (the weight of the distillation loss), got {self.distill}")
+        if not self.distill_temperature > 0:
+            raise ATPError(f"--distill-temperature must be greater than 0, got {self.distill_temperature}")
         if not 0 <= self.lora_dropout < 1:
             raise ATPError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 < self.calib_fraction < 1:
@@ -199,7 +211,8 @@ NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints
 # config without them gets that value, and the fingerprint leaves them out at that value, so older runs
 # stay resumable and their compare cells stay valid
 LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-scaled", "lora_mask": "both",
-                 "lora_decisions": "deterministic", "generator_batches": 1, "generator_clip": 0.0}
+                 "lora_decisions": "deterministic", "generator_batches": 1, "generator_clip": 0.0, "distill": 0.0,
+                 "distill_temperature": 1.0, "teacher": "self"}
 
 
 def inert_options(cfg: ATPConfig) -> set[str]:
@@ -211,6 +224,8 @@ def inert_options(cfg: ATPConfig) -> set[str]:
         inert |= {"lasso", "lora_mask", "lora_decisions"}
     if not cfg.prune or cfg.method in SCORED:  # no generator at all
         inert |= {"generator_batches", "generator_clip"}
+    if cfg.distill == 0:
+        inert |= {"distill_temperature", "teacher"}
     return inert
 
 

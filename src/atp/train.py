@@ -9,6 +9,7 @@ step does what. accelerate provides devices, mixed precision, gradient accumulat
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -163,6 +164,7 @@ class PruneRecipe:
         self.setup_data()
         self.setup_lora()
         self.setup_generator()
+        self.setup_teacher()
         self.peft_model, self.opt_lora = self.accelerator.prepare(self.peft_model, self.opt_lora)
         # The generator stays unwrapped and fp32 on every process: same init, same per-step noise and
         # all-reduced gradients keep its decisions identical across processes.
@@ -260,6 +262,19 @@ class PruneRecipe:
         self.optimizers["generator"] = self.opt_gen
         # both paths masked, and the frozen-path-only mode of LoRA steps in the generator phase
         self.controller = GateController(self.peft_model, self.space, mode="both", modes=(cfg.lora_mask,))
+
+    def setup_teacher(self) -> None:
+        """With --distill: the teacher whose next-token distributions the model matches (atp.distill)."""
+        from .distill import ModelTeacher, SelfTeacher
+
+        self.teacher = None
+        if self.cfg.distill == 0:
+            return
+        if self.cfg.teacher == "self":
+            gates_off = self.controller.disabled if self.controller is not None else contextlib.nullcontext
+            self.teacher = SelfTeacher(self.peft_model, gates_off)
+        else:
+            self.teacher = ModelTeacher.from_run(self.cfg.teacher, self.accelerator.device, self.model.config.vocab_size)
 
     def setup_fixed_decisions(self) -> None:
         """Two-stage baselines: decisions fixed on the pretrained model before tuning (atp.baselines); a resumed
@@ -366,11 +381,24 @@ class PruneRecipe:
         self.accelerator.print(f"generator {when}; decisions calibrated to ratio {reached:.4f}; LoRA norm of pruned "
                                f"groups {before:.4g} -> {after:.4g}")
 
-    def task_loss(self, batch_and_count) -> torch.Tensor:
-        """Mean token loss of this process's shard, normalised by the global batch's label tokens."""
+    def batch_loss(self, batch_and_count) -> torch.Tensor:
+        """The objective on one batch: the mean token loss of this process's shard, normalised by the global
+        batch's label tokens, mixed with the distillation loss when --distill is set. The parts are kept in
+        self.loss_parts for the log."""
         batch, tokens = batch_and_count
         batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-        return self.peft_model(**batch, num_items_in_batch=tokens).loss * self.world
+        out = self.peft_model(**batch, num_items_in_batch=tokens)
+        task = out.loss * self.world
+        self.loss_parts = {"task": task.detach()}
+        if self.teacher is None:
+            return task
+        from .distill import kd_loss
+
+        with self.accelerator.autocast():
+            teacher_logits = self.teacher.logits(batch)
+        kd = kd_loss(out.logits, teacher_logits, batch["attention_mask"], self.cfg.distill_temperature)
+        self.loss_parts["kd"] = kd.detach()
+        return (1 - self.cfg.distill) * task + self.cfg.distill * kd
 
     def generator_step(self, step: int, window: LogWindow) -> None:
         """Generator step on a calibration batch, LoRA frozen (gradients flow only into the generator):
@@ -382,13 +410,14 @@ class PruneRecipe:
         self.opt_gen.zero_grad(set_to_none=True)
         batches_per_step = self.cfg.generator_batches
         with accelerator.no_sync(self.peft_model):  # no LoRA gradients in this step
-            task_sum = 0.0
+            parts = {}
             for _ in range(batches_per_step):  # the same sampled gates on each calibration batch
                 self.controller.set(generator(step=step))
-                task = self.task_loss(next(self.calib_iter)) / batches_per_step
-                check_finite(step, generator_task_loss=task)
-                task.backward(inputs=list(generator.parameters()))
-                task_sum += task.item()
+                loss = self.batch_loss(next(self.calib_iter)) / batches_per_step
+                check_finite(step, generator_loss=loss)
+                loss.backward(inputs=list(generator.parameters()))
+                for name, value in self.loss_parts.items():
+                    parts[f"generator_{name}_loss"] = parts.get(f"generator_{name}_loss", 0.0) + value.item() / batches_per_step
             ratio = self.space.remaining_ratio(generator.deterministic_gates())
             r_loss = regularization.ratio_loss(ratio, self.schedule.target_at(step))
             check_finite(step, ratio_loss=r_loss)
@@ -400,7 +429,7 @@ class PruneRecipe:
         if self.cfg.generator_clip > 0:
             torch.nn.utils.clip_grad_norm_(generator.parameters(), self.cfg.generator_clip)
         self.opt_gen.step()
-        window.add(generator_task_loss=task_sum, ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
+        window.add(**parts, ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
         self.step_times["generator"].append(time.perf_counter() - t0)
 
     def lora_step(self, step: int, new_decisions: bool) -> None:
@@ -419,11 +448,11 @@ class PruneRecipe:
         lam = schedule.lasso_weight(step)
         for _ in range(cfg.grad_accum):
             with accelerator.accumulate(self.peft_model):
-                task = self.task_loss(next(self.train_iter))
+                loss = self.batch_loss(next(self.train_iter))
                 lasso = (regularization.group_lasso(self.peft_model, self.space, self.decisions) if lam > 0
-                         else torch.zeros((), device=task.device))
-                check_finite(step, task_loss=task, group_lasso=lasso)
-                accelerator.backward(task + lam * lasso)
+                         else torch.zeros((), device=loss.device))
+                check_finite(step, task_loss=loss, group_lasso=lasso)
+                accelerator.backward(loss + lam * lasso)
                 if accelerator.sync_gradients:
                     self.opt_lora.step()
                     self.lr_scheduler.step()
@@ -435,7 +464,8 @@ class PruneRecipe:
             regularization.ramp_proximal_step(self.peft_model, self.space, self.decisions, schedule.lasso_fraction(step))
             lasso = torch.tensor(self.pruned_lora_norm(self.decisions))
         self.step_times["lora"].append(time.perf_counter() - t0)
-        self.window.add(task_loss=task.item(), group_lasso=lasso.item())
+        self.window.add(**{f"{name}_loss": value.item() for name, value in self.loss_parts.items()},
+                        group_lasso=lasso.item())
 
     def pruned_lora_norm(self, decisions) -> float:
         """Sum of the LoRA norms of the groups these decisions prune (0.0 exactly once the lasso zeroed them)."""
