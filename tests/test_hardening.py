@@ -736,8 +736,9 @@ def test_domain_data_hashes_follow_the_files_not_the_folder(tmp_path, shared_dat
 
 @pytest.mark.parametrize("change, message", [
     ({"eval": {"limit": "x"}}, "eval: limit in {path} must be a number of examples per task (0: all), null, or a "
-                               "mapping of domain (healthcare) to one, got 'x'"),
-    ({"eval": {"limit": {"legal": 3}}}, "eval: limit in {path} must be"),
+                               "mapping of domain (healthcare, legal) to one, got 'x'"),
+    ({"eval": {"limit": {"healthcare": 2, "medical": 3}}}, "eval: limit in {path} must be"),
+    ({"eval": {"limit": {"healthcare": -1}}}, "eval: limit in {path} must be"),
     ({"eval": {"batch_size": 0}}, "eval: batch_size in {path} must be a whole number of at least 1, got 0"),
     ({"eval": {"ppl_windows": 32}}, "eval: ppl_windows in {path} must be a list of window lengths"),
     ({"seeds": [-1]}, "{path}: cell healthcare dense-lora-seed-1: --seed must be a whole number from 0 to"),

@@ -135,12 +135,14 @@ class CompareSpec:
         def count(value, least):
             return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
+        from .data import DOMAINS
+
         limit = self.eval.get("limit")
         limits = limit.items() if isinstance(limit, dict) else [(None, limit)]
         for domain, value in limits:
-            if (domain is not None and domain not in self.domains) or not (value is None or count(value, 0)):
+            if (domain is not None and domain not in DOMAINS) or not (value is None or count(value, 0)):
                 raise ATPError(f"eval: limit in {path} must be a number of examples per task (0: all), null, or a "
-                               f"mapping of domain ({', '.join(self.domains)}) to one, got {limit!r}")
+                               f"mapping of domain ({', '.join(DOMAINS)}) to one, got {limit!r}")
         for name in ("batch_size", "max_length", "max_new_tokens"):
             if name in self.eval and not count(self.eval[name], 1):
                 raise ATPError(f"eval: {name} in {path} must be a whole number of at least 1, "

@@ -280,8 +280,13 @@ class RunOutputs:
         if found:
             self.aside = path / f"{ASIDE}{os.getpid()}"
             self.aside.mkdir()
-            for name in found:
-                os.replace(path / name, self.aside / name)
+            try:
+                for name in found:
+                    os.replace(path / name, self.aside / name)
+            except OSError:
+                _move_back(self.aside, path)
+                self.aside = None
+                raise
         path.mkdir(parents=True, exist_ok=True)
         self.started = True
         write_text_atomic(path / "config.yaml", _yaml(config))
