@@ -300,12 +300,15 @@ class RunOutputs:
     def undo(self) -> None:
         if not self.started or self.kept:
             return
-        _remove_outputs(self.path)
-        if self.aside is not None:
-            _move_back(self.aside, self.path)
-            print(f"atp: the earlier run in {self.path} is as it was (the new run stopped before its first "
-                  "checkpoint)", file=sys.stderr)
         self.started = False
+        try:
+            _remove_outputs(self.path)
+            if self.aside is not None:
+                _move_back(self.aside, self.path)
+                print(f"atp: the earlier run in {self.path} is as it was (the new run stopped before its first "
+                      "checkpoint)", file=sys.stderr)
+        except OSError as err:  # the error that stopped the run matters more; the next run restores it
+            print(f"atp: warning: could not put back the earlier run in {self.path}: {err}", file=sys.stderr)
 
 
 def _yaml(values: dict) -> str:

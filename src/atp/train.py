@@ -31,6 +31,7 @@ from .config import (  # noqa: F401  (compare.py, cli.py and tests import these 
     data_sha256,
     fingerprint,
     inert_options,
+    restore_interrupted,
     resume_config,
 )
 from .errors import ATPError
@@ -192,6 +193,7 @@ class PruneRecipe:
         that holds a run needs --overwrite. Temp folders of a killed run (an export, a checkpoint) are removed."""
         if self.resume:
             if self.accelerator.is_main_process:
+                restore_interrupted(self.run_dir)
                 clean_stale_temps(self.run_dir)
             found = checkpoint.latest_valid(self.run_dir)
             if found is None:
@@ -584,7 +586,7 @@ def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tok
 def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, check: dict, path) -> None:
     """Reload the saved folder at `path` and compare its logits with the masked model's `reference`; the
     result goes into `check`, a mismatch raises ATPError (and the folder is not moved into place). A pruned
-    model must also have the target sparsity (within SPARSITY_TOLERANCE) and finite logits."""
+    model must also have the target sparsity (within sparsity_tolerance) and finite logits."""
     if cfg.prune:
         measured = (space.total_params() - count_safetensors_params(path)) / space.prunable_params()
         allowed = sparsity_tolerance(cfg, space)
