@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -462,3 +463,336 @@ def test_a_run_does_not_depend_on_whether_its_model_was_prepared_in_it(tmp_path,
         models.append(load_file(str(tmp_path / name / "model" / "model.safetensors")))
     assert models[0].keys() == models[1].keys()
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+# ----------------------------------------------------------------------------- replacing an earlier run
+
+def snapshot(folder) -> dict:
+    """Every file under `folder` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def earlier_run(tiny_model_dir, train_file, tmp_path):
+    run = tmp_path / "run"
+    assert main(prune_argv(tiny_model_dir, train_file, run)) == 0
+    before = snapshot(run)
+    assert {"config.yaml", "report.json", "log.jsonl", "model/config.json"} <= set(before)
+    return run, before
+
+
+def test_overwrite_checks_every_input_before_touching_the_earlier_run(earlier_run, tiny_model_dir, train_file,
+                                                                      tmp_path, capsys):
+    run, before = earlier_run
+    broken_model = tmp_path / "broken-model"
+    broken_model.mkdir()
+    (broken_model / "config.json").write_text('{"model_type": "llama", "hidden_size": 4')
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"QUESTION": "q?"\n')
+    cases = [(prune_argv(tiny_model_dir, tmp_path / "typo.jsonl", run, "--overwrite"), "typo.jsonl not found"),
+             (prune_argv(tiny_model_dir, bad_json, run, "--overwrite"), "bad.jsonl:1: malformed JSON"),
+             (prune_argv(broken_model, train_file, run, "--overwrite"), "config.json is not a readable JSON config"),
+             (prune_argv(tiny_model_dir, train_file, run, "--overwrite", "--lora-targets", "qkv"),
+              "--lora-targets qkv: no such linear layer")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+        assert snapshot(run) == before, message
+
+
+def test_overwrite_restores_the_earlier_run_when_the_new_one_fails_before_its_first_checkpoint(
+        earlier_run, tiny_model_dir, train_file, monkeypatch, capsys):
+    import atp.regularization as reg
+
+    run, before = earlier_run
+    real = reg.ratio_loss
+    monkeypatch.setattr(reg, "ratio_loss", lambda ratio, target: real(ratio, target) * float("nan"))
+    argv = prune_argv(tiny_model_dir, train_file, run, "--overwrite", "--generator-every", "1", "--max-steps", "3")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "ratio_loss became nan at step 1" in err and "the earlier run in" in err
+    assert snapshot(run) == before
+    monkeypatch.undo()
+    assert main(argv) == 0  # the same run, healthy: it replaces the earlier one
+    assert "max_steps: 3" in (run / "config.yaml").read_text()
+    assert json.loads((run / "report.json").read_text())["config"]["max_steps"] == 3
+    assert not list(run.glob(".replaced-run-*"))
+
+
+def test_a_run_killed_while_replacing_is_rolled_back_by_the_next_run(earlier_run, tiny_model_dir, train_file,
+                                                                      capsys):
+    run, before = earlier_run
+    argv = prune_argv(tiny_model_dir, train_file, run, "--overwrite", "--max-steps", "2000")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "atp.cli", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+
+    deadline = time.time() + 300
+    while not (list(run.glob(".replaced-run-*")) and (run / "config.yaml").exists()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it replaced the earlier one"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert "max_steps: 2000" in (run / "config.yaml").read_text() and not (run / "model").exists()
+    assert main(prune_argv(tiny_model_dir, train_file, run)) == 2  # no --overwrite: the restored run is kept
+    err = capsys.readouterr().err
+    assert f"restored the run in {run} that an interrupted run (process {proc.pid}) was replacing" in err
+    assert "already exists and is not empty" in err
+    assert snapshot(run) == before
+
+
+def test_demo_follows_the_overwrite_rule(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["demo", "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "2", "--max-length", "32",
+            "--limit", "1"]
+    assert main(argv) == 2
+    assert "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert main(argv + ["--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "demo_results.json").exists()
+    assert main(argv) == 2  # a finished demo is not replaced without --overwrite either
+
+
+# ----------------------------------------------------------------------------- config value types
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("prune: 'false'", "prune in config file {path} must be true or false, got 'false' (a string; write it without "
+                       "quotes)"),
+    ("max_steps: 2.5", "max_steps in config file {path} must be a whole number, got 2.5"),
+    ("lr: 1e-4", "lr in config file {path} must be a finite number, got '1e-4' (a string: YAML reads 1e-4 as text; "
+                 "write 1.0e-4)"),
+    ("alpha: .inf", "alpha in config file {path} must be a finite number, got inf"),
+    ("train_files: pubmedqa=data.jsonl", "train_files in config file {path} must be a list of strings such as [a, b], "
+                                         "got 'pubmedqa=data.jsonl' (a single string; write [pubmedqa=data.jsonl])"),
+    ("lora_targets: q_proj", "lora_targets in config file {path} must be a list of strings"),
+    ("calib_max_length: '16'", "calib_max_length in config file {path} must be a whole number or null"),
+    ("seed: -1", "--seed must be a whole number from 0 to 4294967295, got -1"),
+    ("mixed_precision: fp32", "--mixed-precision must be one of no, bf16, fp16, got 'fp32'"),
+    ("train_files: [pubmedqa]", "--train-file takes TASK=PATH (e.g. pubmedqa=data.jsonl), got 'pubmedqa'"),
+])
+def test_yaml_config_values_are_type_checked(yaml_text, message, tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text + "\n")
+    assert main(["prune", "--config", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r")]) == 2
+    assert f"atp: error: {message.format(path=path)}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_overwrite_false_as_a_string_keeps_the_earlier_run(earlier_run, tiny_model_dir, train_file, tmp_path, capsys):
+    run, before = earlier_run
+    path = tmp_path / "run.yaml"
+    path.write_text("overwrite: 'false'\n")
+    assert main(prune_argv(tiny_model_dir, train_file, run, "--config", str(path))) == 2
+    assert "overwrite in config file" in capsys.readouterr().err
+    assert snapshot(run) == before
+
+
+def test_python_api_values_are_type_checked():
+    from atp.config import ATPConfig
+
+    for values, message in [({"prune": "false"}, "--prune must be true or false, got 'false'"),
+                            ({"sparsity": "0.4"}, "--sparsity must be a finite number, got '0.4'"),
+                            ({"space": "heads"}, "--space must be a list of strings"),
+                            ({"max_steps": True}, "--max-steps must be a whole number, got True"),
+                            ({"lora_targets": []}, "--lora-targets must be a non-empty list of module names")]:
+        with pytest.raises(ATPError, match=re.escape(message)):
+            ATPConfig(**values).validate()
+
+
+# ----------------------------------------------------------------------------- non-finite values
+
+@pytest.mark.parametrize("flag", ["--alpha", "--lam", "--lr", "--generator-lr", "--check-tolerance", "--temperature",
+                                  "--offset", "--generator-clip"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_float_options_are_refused(flag, value, tiny_model_dir, train_file, tmp_path, capsys):
+    assert main(prune_argv(tiny_model_dir, train_file, tmp_path / "run", flag, value)) == 2
+    assert f"atp: error: {flag} must be a finite number, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_weighted_loss_is_checked_not_only_its_terms(tiny_model_dir, train_file, tmp_path, capsys):
+    # alpha 1e39 is a finite float, but inf in float32: alpha * ratio loss is not finite though both terms are
+    argv = prune_argv(tiny_model_dir, train_file, tmp_path / "run", "--alpha", "1e39", "--generator-every", "1")
+    assert main(argv) == 2
+    assert re.search(r"atp: error: generator_loss became (nan|inf) at step 1", capsys.readouterr().err)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_export_refuses_a_sparsity_far_from_the_target(tiny_model_dir, train_file, tmp_path, monkeypatch, capsys):
+    import atp.train
+
+    # what a NaN generator gives: every gate closed (0 heads, 0 channels), while the logits check still passes
+    monkeypatch.setattr(atp.train.PruneRecipe, "final_decisions",
+                        lambda self: {k: torch.zeros_like(v) for k, v in self.space.full_gates().items()})
+    assert main(prune_argv(tiny_model_dir, train_file, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"refusing to export: the pruned model has prunable sparsity 0\.9\d+, but the target is 0\.4 "
+                     r"\(more than 0\.0\d+ apart\)", err), err
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_sparsity_tolerance_is_005_unless_the_decisions_are_coarser():
+    from transformers import LlamaConfig
+
+    from atp.config import ATPConfig
+    from atp.space import PruningSpace
+    from atp.train import sparsity_tolerance
+
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, vocab_size=49152, head_dim=64)
+    assert sparsity_tolerance(ATPConfig(), PruningSpace.from_config(smollm2, mlp_block=32)) == 0.05
+    # the tiny test model in blocks of 32 channels: one block is 0.099 of the prunable parameters
+    tiny = PruningSpace.from_config(tiny_model("llama").config, mlp_block=32)
+    step = 32 * 48 * 3 / tiny.prunable_params()
+    assert tiny.largest_step() == pytest.approx(step)
+    assert sparsity_tolerance(ATPConfig(mlp_block=32), tiny) == pytest.approx(2 * step)
+    assert sparsity_tolerance(ATPConfig(mlp_block=32, uniform=True), tiny) == pytest.approx(2 * 3 * step)
+
+
+def test_logits_check_fails_on_non_finite_logits(tiny_model_dir, tokenizer):
+    from atp.config import ATPConfig
+    from atp.models import load_model
+    from atp.space import HeadMLPSpace
+    from atp.train import verify_export
+
+    model, _ = load_model(str(tiny_model_dir))
+    space = HeadMLPSpace.from_config(model.config, mlp_block=4)
+    probe = tokenizer(["The patient was treated.", "The court held."], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        reference = model(**probe).logits.float()
+    verify_export(ATPConfig(prune=False), space, space.full_gates(), model, probe, reference, {}, tiny_model_dir)
+    for bad in (float("inf"), float("nan")):
+        poisoned = reference.clone()
+        poisoned[0, 0, 0] = bad
+        check = {}
+        with pytest.raises(ATPError, match="the masked model's logits hold NaN or Inf values"):
+            verify_export(ATPConfig(prune=False), space, space.full_gates(), model, probe, poisoned, check,
+                          tiny_model_dir)
+        assert check["passed"] is False
+
+
+def test_nan_weights_stop_the_run_at_its_next_checkpoint(tiny_model_dir, train_file, tmp_path, monkeypatch, capsys):
+    import atp.train
+
+    real = atp.train.PruneRecipe.lora_step
+
+    def poisoned(self, step, new_decisions):
+        real(self, step, new_decisions)
+        if step == 2:
+            lora = next(p for n, p in self.peft_model.named_parameters() if "lora_B" in n)
+            with torch.no_grad():
+                lora[0, 0] = float("nan")
+
+    monkeypatch.setattr(atp.train.PruneRecipe, "lora_step", poisoned)
+    run = tmp_path / "run"
+    assert main(prune_argv(tiny_model_dir, train_file, run, "--save-every", "1", "--max-steps", "3")) == 2
+    assert re.search(r"atp: error: refusing to save the checkpoint of step 2: LoRA weight \S*lora_B\S* holds NaN",
+                     capsys.readouterr().err)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000001"]
+    checkpoint.verify(run / "checkpoints" / "step-000001")
+    assert not (run / "model").exists()
+
+
+# ----------------------------------------------------------------------------- resume and changed data
+
+def test_resume_refuses_changed_training_data(tiny_model_dir, train_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(prune_argv(tiny_model_dir, train_file, run, "--save-every", "1")) == 0
+    manifest = json.loads((run / "checkpoints" / "step-000002" / "manifest.json").read_text())
+    digest = hashlib.sha256(train_file.read_bytes()).hexdigest()
+    assert manifest["data_sha256"] == {str(train_file): digest}
+    assert json.loads((run / "report.json").read_text())["data_sha256"] == {str(train_file): digest}
+    assert main(["prune", "--resume", str(run)]) == 0  # unchanged data resumes
+    lines = train_file.read_text().splitlines()
+    train_file.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # same rows, another order
+    assert main(["prune", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {run}: the training data {train_file} changed (SHA-256 {digest[:12]}... then" in err
+
+
+def test_domain_data_hashes_follow_the_files_not_the_folder(tmp_path, shared_data):
+    import shutil
+
+    from atp.config import ATPConfig, check_same_data, data_sha256, fingerprint
+
+    copy = tmp_path / "data"
+    shutil.copytree(shared_data / "healthcare", copy / "healthcare")
+    cfg = ATPConfig(data_dir=str(copy))
+    recorded = data_sha256(cfg)
+    assert recorded == {name: hashlib.sha256((copy / name).read_bytes()).hexdigest()
+                        for name in ("healthcare/pubmedqa_train.jsonl", "healthcare/hqs_train.jsonl")}
+    check_same_data(recorded, ATPConfig(data_dir=str(shared_data)), "--resume r")  # same files, another folder
+    assert fingerprint(cfg) == fingerprint(ATPConfig(data_dir=str(copy)))
+    with open(copy / "healthcare" / "hqs_train.jsonl", "a") as f:
+        f.write("\n")
+    with pytest.raises(ATPError, match=r"--resume r: the training data healthcare/hqs_train\.jsonl changed"):
+        check_same_data(recorded, cfg, "--resume r")
+
+
+# ----------------------------------------------------------------------------- compare configs
+
+@pytest.mark.parametrize("change, message", [
+    ({"eval": {"limit": "x"}}, "eval: limit in {path} must be a number of examples per task (0: all), null, or a "
+                               "mapping of domain (healthcare, legal) to one, got 'x'"),
+    ({"eval": {"limit": {"healthcare": 2, "medical": 3}}}, "eval: limit in {path} must be"),
+    ({"eval": {"limit": {"healthcare": -1}}}, "eval: limit in {path} must be"),
+    ({"eval": {"batch_size": 0}}, "eval: batch_size in {path} must be a whole number of at least 1, got 0"),
+    ({"eval": {"ppl_windows": 32}}, "eval: ppl_windows in {path} must be a list of window lengths"),
+    ({"seeds": [-1]}, "{path}: cell healthcare dense-lora-seed-1: --seed must be a whole number from 0 to"),
+    ({"train": {"max_steps": "3"}}, "max_steps in `train` of {path} must be a whole number, got '3'"),
+    ({"train": {"lam": float("inf")}}, "lam in `train` of {path} must be a finite number, got inf"),
+    ({"train": {"generator_frac": 2.0}}, "{path}: cell healthcare dense-lora-seed0: --generator-frac must be in "
+                                         "[0, 1]"),
+    ({"train": {"lora_targets": ["qkv", ""]}}, "{path}: cell healthcare dense-lora-seed0: --lora-targets must be a "
+                                               "non-empty list of module names"),
+    ({"variants": {"v": {"lora_mask": 1}}, "methods": ["v"]}, "lora_mask in variant 'v' of {path} must be a string"),
+    ({"methods": "atp"}, "methods in {path} must be a list such as [atp, taylor], got 'atp'"),
+    ({"data_dir": "MISSING_HQS"}, "{path}: domain healthcare needs {data}/healthcare/hqs_train.jsonl (task hqs), "
+                                  "which is not there; check data_dir"),
+])
+def test_compare_dry_run_checks_what_the_run_will_use(change, message, tmp_path, shared_data, capsys):
+    import yaml
+
+    data = tmp_path / "data"
+    (data / "healthcare").mkdir(parents=True)
+    (data / "healthcare" / "pubmedqa_train.jsonl").write_text((shared_data / "healthcare" /
+                                                               "pubmedqa_train.jsonl").read_text())
+    config = {"out": str(tmp_path / "out"), "data_dir": str(shared_data), **change}
+    if config["data_dir"] == "MISSING_HQS":
+        config["data_dir"] = str(data)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["compare", "--config", str(path), "--dry-run"]) == 2
+    assert f"atp: error: {message.format(path=path, data=data)}" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- a failed run and its rerun
+
+def test_a_failed_run_does_not_block_its_rerun(tiny_model_dir, train_file, tmp_path, monkeypatch, capsys):
+    import atp.regularization as reg
+
+    run = tmp_path / "run"
+    real = reg.ratio_loss
+    monkeypatch.setattr(reg, "ratio_loss", lambda ratio, target: real(ratio, target) * float("nan"))
+    argv = prune_argv(tiny_model_dir, train_file, run, "--generator-every", "1")
+    assert main(argv) == 2
+    assert "ratio_loss became nan at step 1" in capsys.readouterr().err
+    assert list(run.iterdir()) == []  # no config.yaml of a run that never reached a checkpoint
+    monkeypatch.undo()
+    assert main(argv) == 0  # the corrected rerun, without --overwrite
+
+
+def test_what_a_run_without_checkpoints_left_is_replaceable(tiny_model_dir, train_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("max_steps: 2\n")  # e.g. an older atp, or a run killed before its checkpoint
+    (run / "log.jsonl").write_text('{"step": 1}\n')
+    assert main(prune_argv(tiny_model_dir, train_file, run)) == 0
+    assert f"replacing config.yaml, log.jsonl in {run}, left by a run that stopped before its first checkpoint" in \
+        capsys.readouterr().err
+    (run / "checkpoints").mkdir()  # a run with checkpoints (or a report, or a model) needs --overwrite
+    assert main(prune_argv(tiny_model_dir, train_file, run)) == 2
+    assert "pass --overwrite" in capsys.readouterr().err

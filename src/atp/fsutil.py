@@ -80,7 +80,7 @@ def writing(path, what: str | None = None):
         raise translated from None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -112,7 +112,7 @@ def clean_stale_temps(folder, only: str | None = None, depth: int = 2) -> list[P
         if only is not None and match["name"] != only:
             continue
         pid = match["pid"] or match["old"]
-        if pid is not None and _alive(int(pid)):
+        if pid is not None and alive(int(pid)):
             continue
         original = entry.with_name(match["name"])
         if match["old"] is not None and not original.exists():

@@ -146,6 +146,19 @@ class PruningSpace:
             "remaining_params": int(round(self.total_params() - removed)),
         }
 
+    def largest_step(self) -> float:
+        """The largest fraction of prunable parameters that closing one gate removes (a KV head goes with the
+        last query head reading it): how closely decisions can approach a target sparsity."""
+        largest = 0.0
+        for name, (_, width) in self.gate_shapes.items():
+            gates = self.full_gates()
+            before = float(self.remaining_prunable(gates))
+            for i in range(width):
+                gates[name][0, i] = 0
+                now = float(self.remaining_prunable(gates))
+                largest, before = max(largest, before - now), now
+        return largest / self.prunable_params()
+
     def kept_structure(self, gates: Gates) -> list[dict]:
         """Per layer: kept query heads, kept KV heads, each kept query head's index into the kept KV heads,
         and kept intermediate channels (all as original indices); kinds not selected keep everything."""

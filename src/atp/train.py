@@ -18,19 +18,21 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from . import checkpoint, regularization
+from . import checkpoint, regularization, validation
 from .config import (  # noqa: F401  (compare.py, cli.py and tests import these from atp.train)
     DEFAULT_TARGETS,
     LATER_OPTIONS,
     NON_SEMANTIC,
     RUN_OUTPUTS,
     ATPConfig,
+    RunOutputs,
+    check_same_data,
     config_from_record,
+    data_sha256,
     fingerprint,
     inert_options,
-    prepare_run_dir,
+    restore_interrupted,
     resume_config,
 )
 from .errors import ATPError
@@ -124,15 +126,27 @@ class PruneRecipe:
         self.fixed = self.chosen = None  # a two-stage baseline's decisions and their summary
         self.freeze_norms = {}  # pruned groups' LoRA norm before and after the freeze's last proximal step
         self.decisions, self.flips = None, 0  # the decisions in the masks; how many changed since the last log line
+        self.outputs = None  # a new run's outputs (atp.config.RunOutputs), on the main process
+        self.given = dataclasses.asdict(cfg)  # the config as given, for config.yaml
 
     def run(self) -> dict:
+        """Run the steps; a new run that fails before its first checkpoint leaves its folder as it found it."""
+        try:
+            return self.run_steps()
+        except BaseException:
+            if self.outputs is not None:
+                self.outputs.undo()
+            raise
+
+    def run_steps(self) -> dict:
         """Set up, resume if asked, train, export; returns the report (other processes: its first fields only)."""
         self.setup()
         first_step = self.load_checkpoint() if self.resume else 1
         self.train_loop(first_step)
         train_seconds = time.time() - self.started
         self.accelerator.wait_for_everyone()
-        report = {"config": dataclasses.asdict(self.cfg), "train_seconds": train_seconds, "processes": self.world}
+        report = {"config": dataclasses.asdict(self.cfg), "train_seconds": train_seconds, "processes": self.world,
+                  "data_sha256": self.data_sha256}
         final = self.final_decisions()
         if self.cfg.prune and self.world > 1:
             self.check_same_decisions(final)
@@ -141,6 +155,8 @@ class PruneRecipe:
             return report
         report.update(self.report(final, *self.export(final)))
         write_text_atomic(self.run_dir / "report.json", json.dumps(report, indent=2))
+        if self.outputs is not None:
+            self.outputs.keep()
         return report
 
     # set-up
@@ -158,13 +174,14 @@ class PruneRecipe:
                                        mixed_precision=cfg.mixed_precision)
         self.world = self.accelerator.num_processes
         set_seed(cfg.seed)
-        self.setup_run_dir()
+        self.check_run_dir()
         self.started = time.time()
         self.setup_model()
         self.setup_data()
         self.setup_lora()
         self.setup_generator()
         self.setup_teacher()
+        self.setup_run_dir()
         self.peft_model, self.opt_lora = self.accelerator.prepare(self.peft_model, self.opt_lora)
         # The generator stays unwrapped and fp32 on every process: same init, same per-step noise and
         # all-reduced gradients keep its decisions identical across processes.
@@ -173,21 +190,31 @@ class PruneRecipe:
         if self.two_stage:
             self.setup_fixed_decisions()
 
-    def setup_run_dir(self) -> None:
-        """A fresh run directory holding the config, or (resume) the newest intact checkpoint of this config."""
+    def check_run_dir(self) -> None:
+        """Before any work: (resume) the newest intact checkpoint of this config and data; (a new run) a folder
+        that holds a run needs --overwrite. Temp folders of a killed run (an export, a checkpoint) are removed."""
         if self.resume:
+            if self.accelerator.is_main_process:
+                restore_interrupted(self.run_dir)
+                clean_stale_temps(self.run_dir)
             found = checkpoint.latest_valid(self.run_dir)
             if found is None:
                 raise ATPError(f"--resume {self.run_dir}: no intact checkpoint to resume from")
             if found[1]["fingerprint"] != fingerprint(self.cfg):
                 raise ATPError(f"--resume {self.run_dir}: checkpoint {found[0].name} was made with a different "
                                "config")
+            check_same_data(found[1].get("data_sha256"), self.cfg, f"--resume {self.run_dir}")
             self.resume_from = found[0]
         elif self.accelerator.is_main_process:
-            prepare_run_dir(self.cfg)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
-        if self.accelerator.is_main_process:
-            clean_stale_temps(self.run_dir)  # temp folders of an earlier run that was killed (an export, a checkpoint)
+            self.outputs = RunOutputs(self.cfg)
+            self.outputs.check()
+
+    def setup_run_dir(self) -> None:
+        """Every input checked: a new run replaces the earlier outputs in its folder (kept aside until its first
+        checkpoint) and writes its config.yaml."""
+        self.data_sha256 = data_sha256(self.cfg)
+        if self.outputs is not None:
+            self.outputs.start(self.given)
 
     def setup_model(self) -> None:
         """Model and tokenizer, and the pruning space read from the model's config."""
@@ -242,7 +269,7 @@ class PruneRecipe:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
+                          target_modules=validation.lora_targets_in(model, cfg.lora_targets), task_type="CAUSAL_LM")
         self.peft_model = get_peft_model(model, lora)
         lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.opt_lora = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=0.0)
@@ -410,18 +437,20 @@ class PruneRecipe:
         self.opt_gen.zero_grad(set_to_none=True)
         batches_per_step = self.cfg.generator_batches
         with accelerator.no_sync(self.peft_model):  # no LoRA gradients in this step
-            parts = {}
+            parts, total = {}, 0.0
             for _ in range(batches_per_step):  # the same sampled gates on each calibration batch
                 self.controller.set(generator(step=step))
                 loss = self.batch_loss(next(self.calib_iter)) / batches_per_step
                 check_finite(step, generator_loss=loss)
                 loss.backward(inputs=list(generator.parameters()))
+                total += loss.item()
                 for name, value in self.loss_parts.items():
                     parts[f"generator_{name}_loss"] = parts.get(f"generator_{name}_loss", 0.0) + value.item() / batches_per_step
             ratio = self.space.remaining_ratio(generator.deterministic_gates())
             r_loss = regularization.ratio_loss(ratio, self.schedule.target_at(step))
-            check_finite(step, ratio_loss=r_loss)
-            (self.cfg.alpha * r_loss).backward(inputs=list(generator.parameters()))
+            weighted = self.cfg.alpha * r_loss
+            check_finite(step, ratio_loss=r_loss, generator_loss=total + weighted)
+            weighted.backward(inputs=list(generator.parameters()))
         if self.world > 1:
             for p in generator.parameters():
                 if p.grad is not None:
@@ -451,8 +480,9 @@ class PruneRecipe:
                 loss = self.batch_loss(next(self.train_iter))
                 lasso = (regularization.group_lasso(self.peft_model, self.space, self.decisions) if lam > 0
                          else torch.zeros((), device=loss.device))
-                check_finite(step, task_loss=loss, group_lasso=lasso)
-                accelerator.backward(loss + lam * lasso)
+                total = loss + lam * lasso
+                check_finite(step, task_loss=loss, group_lasso=lasso, loss=total)
+                accelerator.backward(total)
                 if accelerator.sync_gradients:
                     self.opt_lora.step()
                     self.lr_scheduler.step()
@@ -497,7 +527,10 @@ class PruneRecipe:
     def save_checkpoint(self, step: int) -> None:
         checkpoint.save(self.run_dir, step, self.accelerator.unwrap_model(self.peft_model), self.generator,
                         self.optimizers, self.lr_scheduler, fingerprint(self.cfg), self.cfg.keep_checkpoints,
-                        decisions=(self.fixed, self.chosen) if self.fixed is not None else None)
+                        decisions=(self.fixed, self.chosen) if self.fixed is not None else None,
+                        data_sha256=self.data_sha256)
+        if self.outputs is not None:
+            self.outputs.keep()  # the earlier run's outputs go once this run has a checkpoint
 
     # export and report
 
@@ -583,11 +616,24 @@ def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tok
 
 def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, check: dict, path) -> None:
     """Reload the saved folder at `path` and compare its logits with the masked model's `reference`; the
-    result goes into `check`, a mismatch raises ATPError (and the folder is not moved into place)."""
+    result goes into `check`, a mismatch raises ATPError (and the folder is not moved into place). A pruned
+    model must also have the target sparsity (within sparsity_tolerance) and finite logits."""
+    if cfg.prune:
+        measured = (space.total_params() - count_safetensors_params(path)) / space.prunable_params()
+        allowed = sparsity_tolerance(cfg, space)
+        if not abs(measured - cfg.sparsity) <= allowed:
+            raise ATPError(f"refusing to export: the pruned model has prunable sparsity {measured:.4f}, but the target "
+                           f"is {cfg.sparsity} (more than {allowed:.3g} apart); the pruning decisions did not "
+                           "reach the target (did the generator diverge? see log.jsonl)")
     loaded, _ = load_model(str(path), attn_implementation=cfg.attn_implementation)
     with torch.no_grad():
         logits = loaded(**probe).logits.float()
     real = probe["attention_mask"].bool()
+    for what, values in (("masked model", reference), ("exported model", logits)):
+        if not torch.isfinite(values[real]).all():
+            check.update(passed=False, finite=False)
+            raise ATPError(f"refusing to export: the {what}'s logits hold NaN or Inf values on the check texts; "
+                           "the weights diverged")
     diff = float((logits - reference)[real].abs().max())
     # fp32 rounding grows with the logits' magnitude, so the tolerance is relative to it (at least 1)
     scale = max(1.0, float(reference[real].abs().max()))
@@ -609,6 +655,14 @@ def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, che
 
 
 FLOAT64_RECHECK_MAX_PARAMS = 2_000_000_000
+SPARSITY_TOLERANCE = 0.05  # most an export's measured prunable sparsity may differ from the target ...
+
+
+def sparsity_tolerance(cfg: ATPConfig, space) -> float:
+    """... or two of the coarsest steps the decisions can take (one gate; one per layer with --uniform; a
+    --round-to's worth of MLP blocks), where those are larger (small models, coarse blocks)."""
+    step = space.largest_step() * (space.num_layers if cfg.uniform else 1) * max(1, cfg.round_to // cfg.mlp_block)
+    return max(SPARSITY_TOLERANCE, 2 * step)
 
 
 def float64_diff(dense, space, decisions, pruned, probe) -> float:
