@@ -26,6 +26,7 @@ class Arch:
     heads_divide_hidden: bool = False  # the family's config rejects head counts that do not divide hidden_size
     head_norms: tuple[str, ...] = ()  # norms inside attention over head_dim, shared by all heads (Qwen3 q_norm, k_norm)
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")  # per layer, over hidden_size
+    attention_norms: tuple[str, ...] = ("input_layernorm",)  # those of `norms` that go with the attention block
     layers: str = "model.layers"
     attention: str = "self_attn"
     mlp: str = "mlp"
@@ -36,6 +37,15 @@ class Arch:
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+
+    @property
+    def mlp_norms(self) -> tuple[str, ...]:
+        """The norms that go with the MLP block (the rest of `norms`)."""
+        return tuple(n for n in self.norms if n not in self.attention_norms)
+
+    def block_norms(self) -> dict[str, tuple[str, ...]]:
+        """Per block (transformers' per_layer_config `skip` names), the layer's norms that exist only for it."""
+        return {"attention": self.attention_norms, "mlp": self.mlp_norms}
 
     def path(self, role: str) -> str:
         """A projection's name inside a decoder layer, e.g. 'self_attn.q_proj'."""
@@ -60,13 +70,14 @@ class Arch:
         """(config class, CausalLM class) of the heterogeneous pruned model."""
         from . import hf_modeling
 
-        return hf_modeling.family_classes(self.model_type, self.config_class, self.modeling, self.prefix)
+        return hf_modeling.family_classes(self.model_type, self.config_class, self.modeling, self.prefix,
+                                          self.block_norms())
 
     def modeling_footer(self) -> str:
         """The lines that define this family's pruned classes in a shipped `modeling_atp.py`."""
         config_cls, model_cls = self.pruned_classes
-        return (f"\n\n{config_cls.__name__}, {model_cls.__name__} = family_classes("
-                f"{self.model_type!r}, {self.config_class!r}, {self.modeling!r}, {self.prefix!r})\n")
+        return (f"\n\n{config_cls.__name__}, {model_cls.__name__} = family_classes({self.model_type!r}, "
+                f"{self.config_class!r}, {self.modeling!r}, {self.prefix!r}, {self.block_norms()!r})\n")
 
 
 ARCHS = {a.model_type: a for a in (

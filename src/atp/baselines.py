@@ -6,7 +6,9 @@ LoRA for the full max_steps, and exports through the same physical-removal path 
 
 Groups (the same ones ATP's generator decides on):
   query head h:  the rows of q_proj and the columns of o_proj that belong to h;
-  MLP block b:   the rows of gate_proj and up_proj and the columns of down_proj of its channels.
+  MLP block b:   the rows of gate_proj and up_proj and the columns of down_proj of its channels;
+  a layer's attention / MLP block (--space blocks): all weights of its projections (activation: all input
+                 channels of o_proj / down_proj).
 Scores (higher = more important), computed on the pretrained weights (LoRA is still zero):
   taylor      |sum over the group of w * dL/dw|: LLM-Pruner's first-order estimate of the loss change
               when the group is removed, with dL/dw summed over `calib_batches` calibration batches.
@@ -45,7 +47,6 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ATPError
-from .kinds import chunk_sums
 from .masking import decoder_layers
 from .space import Gates, PruningSpace
 
@@ -107,7 +108,7 @@ def taylor_scores(model, space: PruningSpace, batches, device) -> Gates:
 def activation_scores(model, space: PruningSpace, batches, device) -> Gates:
     """Wanda-sp: per input channel of o_proj / down_proj, ||weight column||_1 * RMS(input), summed per group."""
     layers = decoder_layers(model)
-    outputs = [kind.output_role for kind in space.kind_objects]
+    outputs = list(dict.fromkeys(role for kind in space.kind_objects for role in kind.output_roles))
     sq_sums = {(i, k): 0.0 for i in range(len(layers)) for k in outputs}
     count, current = [0], {}
 
@@ -135,13 +136,9 @@ def activation_scores(model, space: PruningSpace, batches, device) -> Gates:
     per_layer = []
     with torch.no_grad():
         for i, layer in enumerate(layers):
-            scores = []
-            for kind in space.kind_objects:
-                k = kind.output_role
-                rms = (sq_sums[(i, k)] / max(1, count[0])).sqrt()
-                column = _weight(space.arch.projection(layer, k)).float().abs().sum(0) * rms
-                scores.append(chunk_sums(column, kind.unit(space)))
-            per_layer.append(scores)
+            columns = {k: _weight(space.arch.projection(layer, k)).float().abs().sum(0)
+                       * (sq_sums[(i, k)] / max(1, count[0])).sqrt() for k in outputs}
+            per_layer.append([kind.activation_sums(space, columns) for kind in space.kind_objects])
     return _stack(space, per_layer)
 
 

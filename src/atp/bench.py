@@ -22,13 +22,12 @@ def _sync(device):
 
 
 def _kv_bytes_per_token(model) -> int:
-    """Bytes of K and V cached per token, summed over layers (reads pruned per-layer widths when present)."""
+    """Bytes of K and V cached per token, summed over layers (reads pruned per-layer widths when present; a
+    removed attention block has no k_proj and caches nothing)."""
     arch = arch_for(model.config)
-    layers = arch.decoder_layers(model)
-    head_dim = getattr(layers[0], arch.attention).head_dim
     dtype_bytes = next(model.parameters()).element_size()
-    kv_heads = sum(arch.projection(layer, "k").out_features // head_dim for layer in layers)
-    return 2 * kv_heads * head_dim * dtype_bytes
+    k_widths = [getattr(getattr(layer, arch.attention), arch.k, None) for layer in arch.decoder_layers(model)]
+    return 2 * sum(k.out_features for k in k_widths if k is not None) * dtype_bytes
 
 
 @torch.inference_mode()

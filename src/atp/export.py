@@ -1,10 +1,12 @@
-"""Physical removal: merge LoRA, slice out pruned heads, KV heads and channels, save, load back, verify.
+"""Physical removal: merge LoRA, slice out pruned heads, KV heads and channels, drop removed blocks, save,
+load back, verify.
 
 The result is a normal HF folder (safetensors, config, tokenizer):
   - uniform: every layer keeps the same widths with even GQA groups, so the config is the family's own
     (e.g. LlamaConfig) and any runtime that reads HF checkpoints loads it;
-  - heterogeneous: widths differ per layer and live in transformers' `per_layer_config`; the folder carries
-    `modeling_atp.py` (see `atp.hf_modeling`) named in `auto_map`, for `trust_remote_code=True`.
+  - heterogeneous: widths differ per layer and live in transformers' `per_layer_config` (removed blocks under
+    `skip`, with no weights left); the folder carries `modeling_atp.py` (see `atp.hf_modeling`) named in
+    `auto_map`, for `trust_remote_code=True`.
 `atp_pruning` in the config records the original indices of the kept query heads, per layer.
 """
 from __future__ import annotations
@@ -31,14 +33,20 @@ _NOT_ARCHITECTURE = ("architectures", "auto_map", "model_type", "transformers_ve
 
 
 def sliced_state(model, kept_structure: list[dict], head_dim: int) -> dict[str, torch.Tensor]:
-    """The (LoRA-merged) model's state dict with only the kept rows and columns of every decoder layer."""
+    """The (LoRA-merged) model's state dict with only the kept rows and columns of every decoder layer, and
+    nothing of its removed blocks."""
     dense = base_model(model)
     arch = arch_for(dense.config)
     state = dict(dense.state_dict())
     for layer, kept in enumerate(kept_structure):
+        gone = tuple(f"{arch.layers}.{layer}.{name}." for kind in KINDS.values() for name in kind.dropped(kept, arch))
+        for key in [k for k in state if k.startswith(gone)] if gone else []:
+            del state[key]
         for kind in KINDS.values():
             for role, (rows, cols) in kind.slices(kept, head_dim).items():
                 prefix = f"{arch.layers}.{layer}.{arch.path(role)}"
+                if f"{prefix}.weight" not in state:  # in a removed block
+                    continue
                 weight = state[f"{prefix}.weight"]
                 if rows is not None:
                     weight = weight.index_select(0, rows.to(weight.device))
@@ -59,7 +67,7 @@ def layer_widths(kept_structure: list[dict]) -> list[dict]:
 def uniform_allowed(config, widths: list[dict]) -> bool:
     """Can these widths be written as the family's own config (same numbers in every layer, even groups)?"""
     first = widths[0]
-    if any(w != first for w in widths) or first["kv_map"] is not None:
+    if any(w != first for w in widths) or first["kv_map"] is not None or first.get("skip"):
         return False
     if first["num_attention_heads"] == 0 or first["intermediate_size"] == 0:
         return False
@@ -74,7 +82,7 @@ def pruned_config(config, kept_structure: list[dict]):
     values["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     widths = layer_widths(kept_structure)
     if uniform_allowed(config, widths):
-        values.update({k: v for k, v in widths[0].items() if k != "kv_map"})
+        values.update({k: v for k, v in widths[0].items() if k not in ("kv_map", "skip")})
         new = type(config)(**values)
     else:
         config_cls, model_cls = ARCHS[config.model_type].pruned_classes

@@ -7,7 +7,10 @@ needs only torch and transformers. `import atp` registers the same classes, so a
 
 Per-layer widths use transformers' `per_layer_config`: `num_attention_heads`, `num_key_value_heads`,
 `intermediate_size`, and `kv_map` (each query head's KV head) for layers whose query heads are not spread
-evenly over their KV heads. A layer may keep no heads or no MLP channels at all.
+evenly over their KV heads. A layer may keep no heads or no MLP channels at all. `skip` (transformers' name)
+lists a layer's removed blocks, "attention" and/or "mlp" (recorded with 0 heads / 0 channels): such a block
+has no weights, no norm and no bias, adds nothing to the residual stream, and an attention block without
+heads keeps no KV cache.
 """
 from __future__ import annotations
 
@@ -36,8 +39,22 @@ def global_access(config):
         quiet.setLevel(before_level)
 
 
+BLOCKS = ("attention", "mlp")  # what a layer's `skip` may name
+
+
+def skipped(config) -> list:
+    """The removed blocks of a layer config (a homogeneous config removes none)."""
+    return list(getattr(config, "skip", None) or [])
+
+
 def check_layer(config, layer_idx) -> None:
     heads, kv_heads, kv_map = config.num_attention_heads, config.num_key_value_heads, config.kv_map
+    skip = skipped(config)
+    if any(block not in BLOCKS for block in skip):
+        raise ValueError(f"layer {layer_idx}: skip {skip} may name only {', '.join(BLOCKS)}")
+    if ("attention" in skip and heads) or ("mlp" in skip and config.intermediate_size):
+        raise ValueError(f"layer {layer_idx}: a skipped block must record 0 heads / 0 channels, got heads={heads}, "
+                         f"intermediate_size={config.intermediate_size} with skip {skip}")
     if min(heads, kv_heads, config.intermediate_size) < 0 or (heads == 0) != (kv_heads == 0):
         raise ValueError(f"layer {layer_idx}: invalid widths heads={heads}, kv_heads={kv_heads}, "
                          f"intermediate_size={config.intermediate_size}")
@@ -63,6 +80,35 @@ class PrunedConfigMixin:
             raise ValueError("a pruned config needs an explicit head_dim")
         for layer_idx in range(self.num_hidden_layers):
             check_layer(self.per_layer_config[layer_idx] if self.is_heterogeneous else self, layer_idx)
+
+    @property
+    def kv_sharing_modes(self):
+        """Read by transformers' caches: a layer without heads gets a `DummyLayer`, which stores nothing. None
+        (ordinary caches) when no layer keeps heads, since a cache needs one layer that tracks the length."""
+        if not self.is_heterogeneous:
+            return None
+        modes = ["reuse" if self.per_layer_config[i].num_attention_heads == 0 else None
+                 for i in range(self.num_hidden_layers)]
+        return modes if None in modes else None
+
+
+class AbsentAttention(nn.Module):
+    """A removed attention block: nothing to store, nothing added to the residual stream."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states.new_zeros(()), None
+
+
+class AbsentMLP(nn.Module):
+    """A removed MLP block."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states.new_zeros(())
+
+
+def _stores_nothing(cache, layer_idx) -> bool:
+    layers = getattr(cache, "layers", None)
+    return layers is not None and layer_idx < len(layers) and type(layers[layer_idx]).__name__ == "DummyLayer"
 
 
 class PrunedAttentionMixin:
@@ -90,7 +136,9 @@ class PrunedAttentionMixin:
             cache = kwargs.pop("past_key_values", None)
         shape, head_dim = hidden_states.shape[:-1], self.head_dim
         if self.num_heads == 0:
-            if cache is not None:  # a one-channel placeholder keeps the cache's length and batch bookkeeping
+            # Caches built from the config hold a DummyLayer here (`kv_sharing_modes`). Others (one built without
+            # the config, or a model without any heads) get a one-channel placeholder that keeps the length.
+            if cache is not None and not _stores_nothing(cache, self.layer_idx):
                 placeholder = hidden_states.new_zeros(shape[0], 1, shape[1], 1)
                 cache.update(placeholder, placeholder, self.layer_idx, kwargs=kwargs)
             return self.o_proj(hidden_states.new_zeros(*shape, 0)), None
@@ -121,24 +169,32 @@ class PrunedAttentionMixin:
 
 
 class PrunedCausalLMMixin:
-    """Builds the family's model, then gives every layer its own attention and MLP widths."""
+    """Builds the family's model, then gives every layer its own attention and MLP widths; a skipped block
+    and the norms that exist only for it (`block_norms`) are replaced by modules without weights."""
+
+    block_norms = {"attention": ("input_layernorm",), "mlp": ("post_attention_layernorm",)}
 
     def __init__(self, config):
         with global_access(config):
             super().__init__(config)
         for layer_idx, layer in enumerate(self.model.layers):
             layer_config = config.per_layer_config[layer_idx] if config.is_heterogeneous else config
-            layer.self_attn = self.attention_class(layer_config, layer_idx)
-            layer.mlp = self.mlp_class(layer_config)
+            skip = skipped(layer_config)
+            layer.self_attn = AbsentAttention() if "attention" in skip else self.attention_class(layer_config, layer_idx)
+            layer.mlp = AbsentMLP() if "mlp" in skip else self.mlp_class(layer_config)
+            for block in skip:
+                for norm in self.block_norms[block]:
+                    setattr(layer, norm, nn.Identity())
         self.post_init()
 
 
 PRUNED_CLASSES = {}  # dense model_type -> (pruned config class, pruned CausalLM class), as built
 
 
-def family_classes(model_type: str, config_class: str, modeling: str, prefix: str):
+def family_classes(model_type: str, config_class: str, modeling: str, prefix: str, block_norms: dict | None = None):
     """The pruned (config, CausalLM) classes of one family: subclasses of transformers' `config_class` and of
-    `<prefix>Attention`, `<prefix>MLP`, `<prefix>ForCausalLM` in the module `modeling`. Built once per family."""
+    `<prefix>Attention`, `<prefix>MLP`, `<prefix>ForCausalLM` in the module `modeling`. block_norms: per block,
+    the layer's norms that go with it. Built once per family."""
     if model_type not in PRUNED_CLASSES:
         family = importlib.import_module(modeling)
         name = f"Atp{prefix}"
@@ -150,6 +206,7 @@ def family_classes(model_type: str, config_class: str, modeling: str, prefix: st
             "config_class": config_cls,
             "attention_class": attention_cls,
             "mlp_class": getattr(family, f"{prefix}MLP"),
+            **({"block_norms": block_norms} if block_norms is not None else {}),
         })
         PRUNED_CLASSES[model_type] = config_cls, model_cls
     return PRUNED_CLASSES[model_type]

@@ -5,10 +5,12 @@ A kind knows, given a `PruningSpace` (the model's dimensions and its `atp.arch` 
               surrogate for soft gates);
   masks       where its gates act in the forward pass, in each of the MASK_MODES;
   lasso       which LoRA rows (of B) and columns (of A) belong to each of its groups;
-  export      which rows and columns of which projections a layer keeps, and the widths recorded for it;
+  export      which rows and columns of which projections a layer keeps, which of its weights go altogether,
+              and the widths recorded for it;
   baselines   how per-weight importance statistics reduce to one score per gate;
   exact       whether masking equals physical removal (then the export must match the masked model).
-Gate values: 1 keeps the structure, 0 prunes it.
+Gate values: 1 keeps the structure, 0 prunes it. A kind may contain finer kinds (`contains`): a removed
+attention block removes all its heads, so the space multiplies the finer kind's gates by the block's gate.
 """
 from __future__ import annotations
 
@@ -54,7 +56,8 @@ class GateKind:
     hooks: dict[str, tuple[tuple[str, str, str], ...]]
     lora_pieces: tuple[tuple[str, str, str, int], ...]  # (group, projection role, LoRA matrix, axis of the structure)
     score_roles: tuple[str, ...]  # projections whose weights the importance scores read
-    output_role: str  # the projection that reads the structure (activation scores)
+    output_roles: tuple[str, ...]  # the projections that read the structures (activation scores)
+    contains: tuple[str, ...] = ()  # per gate column, a finer kind whose gates in the layer this gate multiplies
 
     def width(self, space) -> int:
         raise NotImplementedError
@@ -95,9 +98,17 @@ class GateKind:
         """projection role -> (kept output rows, kept input columns), None for all."""
         raise NotImplementedError
 
+    def dropped(self, kept: dict, arch) -> list[str]:
+        """Names (within a layer) of the submodules whose weights the export drops altogether."""
+        return []
+
     def unit(self, space) -> int:
         """Weight rows / columns per gate."""
         raise NotImplementedError
+
+    def activation_sums(self, space, columns: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Activation scores per input channel of the `output_roles` (Wanda-sp), summed per gate."""
+        return chunk_sums(columns[self.output_roles[0]], self.unit(space))
 
     def group_sums(self, space, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-weight statistics of one layer's `score_roles` weights, summed per gate."""
@@ -123,7 +134,7 @@ class HeadKind(GateKind):
     }
     lora_pieces = (("heads", "q", "B", 0), ("heads", "o", "A", 1), ("kv", "k", "B", 0), ("kv", "v", "B", 0))
     score_roles = ("q", "o")
-    output_role = "o"
+    output_roles = ("o",)
 
     def width(self, space):
         return space.num_heads
@@ -215,7 +226,7 @@ class MLPChannelKind(GateKind):
     }
     lora_pieces = (("mlp", "gate", "B", 0), ("mlp", "up", "B", 0), ("mlp", "down", "A", 1))
     score_roles = ("gate", "up", "down")
-    output_role = "down"
+    output_roles = ("down",)
 
     def width(self, space):
         return space.num_mlp_blocks
@@ -278,9 +289,83 @@ class MLPChannelKind(GateKind):
         return keep_top(scores, counts.long())
 
 
+class BlockKind(GateKind):
+    """A layer's whole attention block and whole MLP block: gates [layers, 2]. A removed block goes with its
+    projections, biases and the norms that exist only for it (`Arch.block_norms`), and keeps no KV cache; the
+    export records it in transformers' per_layer_config as `skip` (with 0 heads / 0 channels)."""
+
+    name = "blocks"
+    description = "whole attention and MLP blocks of a layer, with their norms"
+    blocks = ("attention", "mlp")  # gate columns, named as in per_layer_config's `skip`
+    contains = ("heads", "mlp")  # the finer kind inside each block
+    hooks = {
+        "both": (("o", "output", "attention_block"), ("down", "output", "mlp_block")),
+        "frozen-output": (("o", "output", "attention_block"), ("down", "output", "mlp_block")),
+        "frozen": tuple((role, "output", "attention_block") for role in ("q", "k", "v", "o"))
+                  + tuple((role, "output", "mlp_block") for role in ("gate", "up", "down")),
+    }
+    lora_pieces = (("attention_block", "q", "B", 0), ("attention_block", "k", "B", 0), ("attention_block", "v", "B", 0),
+                   ("attention_block", "o", "A", 1), ("mlp_block", "gate", "B", 0), ("mlp_block", "up", "B", 0),
+                   ("mlp_block", "down", "A", 1))
+    score_roles = ("q", "k", "v", "o", "gate", "up", "down")
+    output_roles = ("o", "down")
+
+    def width(self, space):
+        return len(self.blocks)
+
+    def dense_params(self, space):
+        return 0  # the parameters are those of the contained kinds and of the layer's norms and biases
+
+    def fixed_params(self, space):
+        return 0
+
+    def remaining_terms(self, space, gates):
+        raise ATPError("internal error: block gates are counted through the kinds they contain")
+
+    def masks(self, space, gates, names):
+        columns = {"attention_block": gates[:, 0:1], "mlp_block": gates[:, 1:2]}
+        return {name: columns[name] for name in names}
+
+    def groups(self, space):
+        return {"attention_block": (1, space.num_heads * space.head_dim), "mlp_block": (1, space.intermediate_size)}
+
+    def pruned(self, space, gates):
+        gates = gates.detach()
+        return {"attention_block": 1 - gates[:, 0:1], "mlp_block": 1 - gates[:, 1:2]}
+
+    def kept(self, space, gate_row):
+        return {"skip": [block for block, gate in zip(self.blocks, gate_row.tolist()) if gate <= 0.5]}
+
+    def widths(self, kept):
+        return {"skip": list(kept["skip"])} if kept.get("skip") else {}
+
+    def slices(self, kept, head_dim):
+        return {}
+
+    def dropped(self, kept, arch):
+        parts = {"attention": (arch.attention,), "mlp": (arch.mlp,)}
+        return [name for block in kept.get("skip", ()) for name in parts[block] + arch.block_norms()[block]]
+
+    def unit(self, space):
+        raise ATPError("internal error: a block gate has no unit of weight rows")
+
+    def group_sums(self, space, stats):
+        attention = sum(stats[role].sum() for role in ("q", "k", "v", "o"))
+        mlp = sum(stats[role].sum() for role in ("gate", "up", "down"))
+        return torch.stack([attention, mlp])
+
+    def activation_sums(self, space, columns):
+        return torch.stack([columns["o"].sum(), columns["down"].sum()])
+
+    def check_rule(self, space, rule):
+        if rule.uniform:
+            raise ATPError("--uniform gives every layer the same shape, so it cannot remove whole blocks; "
+                           "drop 'blocks' from --space or drop --uniform")
+
+
 # name -> kind; this order is the order of gate dicts (the generator's calibration shifts the last kind, the
-# finest, on its own)
-KINDS = {kind.name: kind for kind in (HeadKind(), MLPChannelKind())}
+# finest, on its own; coarser kinds come first)
+KINDS = {kind.name: kind for kind in (BlockKind(), HeadKind(), MLPChannelKind())}
 DEFAULT_KINDS = ("heads", "mlp")
 
 

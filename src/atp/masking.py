@@ -8,6 +8,8 @@ with any attention implementation. The cost is one elementwise multiply per laye
 "frozen": the gates multiply only the frozen weights (outputs of q/k/v and gate/up, input of o_proj and
 down_proj, on peft's `base_layer`); LoRA is left alone, so a pruned structure is removed exactly once group
 lasso has driven its LoRA pieces to zero. "frozen-output": only the frozen path of o_proj / down_proj.
+Block gates (`--space blocks`) multiply the output of o_proj / down_proj, biases included, in "both" and
+"frozen-output", and the frozen outputs of all the block's projections in "frozen".
 """
 from __future__ import annotations
 
@@ -106,6 +108,8 @@ class GateController:
         if gates is None:
             self.masks = None
             return
+        if self.space.containers:  # blocks: what the export keeps, block gates folded into the finer kinds'
+            gates = self.space.effective_gates(gates)
         masks = {}
         for kind in self.space.kind_objects:
             masks.update(kind.masks(self.space, gates[kind.name], self.needed[kind.name]))

@@ -3,7 +3,9 @@
 A group is everything LoRA adds to one structure (each gate kind lists its pieces, `GateKind.lora_pieces`):
   head h:     rows of B in q_proj for h, and columns of A in o_proj for h;
   KV head g:  rows of B in k_proj and v_proj for g;
-  MLP block:  rows of B in gate_proj and up_proj, and columns of A in down_proj, for its channels.
+  MLP block:  rows of B in gate_proj and up_proj, and columns of A in down_proj, for its channels;
+  attention / MLP block of a layer (--space blocks): all rows of B in q/k/v_proj and all columns of A in
+              o_proj, or all rows of B in gate/up_proj and all columns of A in down_proj.
 """
 from __future__ import annotations
 
@@ -14,9 +16,14 @@ import torch
 from .masking import decoder_layers
 from .space import Gates, PruningSpace
 
+RATIO_FLOOR = 1e-3
+
 
 def ratio_loss(ratio: torch.Tensor, target: float) -> torch.Tensor:
-    """log(max(r, p) / min(r, p)): zero at the target, symmetric in log space."""
+    """log(max(r, p) / min(r, p)): zero at the target, symmetric in log space. Where every structure is pruned
+    (possible with whole blocks: no norm has to stay) r is 0; the loss is then taken at RATIO_FLOOR, where it is
+    finite and still pushes r up. Above the floor nothing changes."""
+    ratio = ratio + (ratio.clamp_min(RATIO_FLOOR) - ratio).detach()
     return torch.abs(torch.log(ratio) - torch.log(torch.as_tensor(target, dtype=ratio.dtype)))
 
 

@@ -3,9 +3,12 @@
 A space is made of the selected gate kinds (`atp.kinds`; `--space`, default heads and mlp). Gates are a
 dict of tensors, one entry per selected kind, each shaped [num_layers, gates_per_layer]:
   "heads": one gate per query head; a KV head goes when the last query head reading it goes.
-  "mlp":   one gate per block of `mlp_block` intermediate channels (the last block may be shorter).
-A value of 1 keeps the structure, 0 prunes it; kinds that are not selected stay dense. Counts accept soft
-gates in [0, 1] too, which makes them a differentiable surrogate for the parameter-ratio loss.
+  "mlp":   one gate per block of `mlp_block` intermediate channels (the last block may be shorter);
+  "blocks": two gates per layer, its whole attention block and its whole MLP block.
+A value of 1 keeps the structure, 0 prunes it; kinds that are not selected stay dense. Kinds compose: the
+effective gate of a head is its own gate times its attention block's gate, a block with no heads (channels)
+left is removed (`effective_gates`), and a block's norms and output bias go only with the whole block. Counts accept soft gates in [0, 1] too, which makes them
+a differentiable surrogate for the parameter-ratio loss.
 "Prunable" parameters are those of the decoder blocks, whatever the selected kinds.
 """
 from __future__ import annotations
@@ -114,6 +117,37 @@ class PruningSpace:
         """Per layer: norms over hidden_size and per-head norms over head_dim (shared by all heads)."""
         return len(self.arch.norms) * self.hidden_size + len(self.arch.head_norms) * self.head_dim
 
+    def block_fixed_params(self, block: str) -> int:
+        """Per layer: the parameters that go only with a whole block, its norms and its output bias."""
+        head_norms = len(self.arch.head_norms) * self.head_dim if block == "attention" else 0
+        inner = KINDS[dict(zip(KINDS["blocks"].blocks, KINDS["blocks"].contains))[block]]
+        return len(self.arch.block_norms()[block]) * self.hidden_size + head_norms + inner.fixed_params(self)
+
+    @property
+    def containers(self) -> list[GateKind]:
+        """The selected kinds whose gates multiply finer kinds' gates (blocks)."""
+        return [kind for kind in self.kind_objects if kind.contains]
+
+    def effective_gates(self, gates: Gates) -> Gates:
+        """Gates of every kind in the registry: selected ones as given, others all ones. A block's gates
+        multiply those of the finer kind inside it (a removed attention block removes its heads), and a block
+        whose finer structures are all pruned is removed as well (no heads left: no attention block), so that
+        the export keeps no empty blocks."""
+        device = next(iter(gates.values())).device
+        out = {name: gates[name] if name in self.kinds else torch.ones(self.num_layers, kind.width(self), device=device)
+               for name, kind in KINDS.items()}
+        for kind in self.containers:
+            blocks, columns = out[kind.name], []
+            for column, inner in enumerate(kind.contains):
+                gate = blocks[:, column:column + 1]
+                if inner in self.kinds:
+                    columns.append(gate * (1 - torch.prod(1 - out[inner], dim=1, keepdim=True)))
+                else:
+                    columns.append(gate)
+                out[inner] = out[inner] * gate
+            out[kind.name] = torch.cat(columns, dim=1)
+        return out
+
     def _fixed_per_layer(self) -> int:
         # norms, output biases that stay whatever is pruned, and the structures of kinds not selected
         return (self.norm_params + sum(kind.fixed_params(self) for kind in KINDS.values())
@@ -128,10 +162,26 @@ class PruningSpace:
         return self.prunable_params() + embeddings + self.hidden_size  # + final norm
 
     def remaining_prunable(self, gates: Gates) -> torch.Tensor:
+        if self.containers:
+            return self._remaining_with_blocks(gates)
         total = self.num_layers * self._fixed_per_layer()
         for kind in self.kind_objects:
             for term in kind.remaining_terms(self, gates[kind.name]):
                 total = total + term
+        return total
+
+    def _remaining_with_blocks(self, gates: Gates) -> torch.Tensor:
+        """Every kind's structures under the effective gates, plus each block's norms and output bias times
+        its block gate (every norm of a layer belongs to one of its blocks)."""
+        effective = self.effective_gates(gates)
+        total = torch.zeros((), device=next(iter(gates.values())).device)
+        for name, kind in KINDS.items():
+            if kind.contains:
+                for column, block in enumerate(kind.blocks):
+                    total = total + effective[name][:, column].sum() * self.block_fixed_params(block)
+            else:
+                for term in kind.remaining_terms(self, effective[name]):
+                    total = total + term
         return total
 
     def remaining_ratio(self, gates: Gates) -> torch.Tensor:
@@ -162,12 +212,12 @@ class PruningSpace:
     def kept_structure(self, gates: Gates) -> list[dict]:
         """Per layer: kept query heads, kept KV heads, each kept query head's index into the kept KV heads,
         and kept intermediate channels (all as original indices); kinds not selected keep everything."""
+        effective = {name: gates.detach().cpu() for name, gates in self.effective_gates(gates).items()}
         layers = []
         for layer in range(self.num_layers):
             kept = {}
             for name, kind in KINDS.items():
-                row = gates[name][layer] if name in self.kinds else torch.ones(kind.width(self))
-                kept.update(kind.kept(self, row))
+                kept.update(kind.kept(self, effective[name][layer]))
             layers.append(kept)
         return layers
 
