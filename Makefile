@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/atp demo
+	$(BIN)/atp demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
