@@ -284,6 +284,31 @@ def test_tokenize_example_truncates_prompt_first(tokenizer):
     assert short["truncated"] and len(short["input_ids"]) == 16 and -100 not in short["labels"]
 
 
+def test_truncation_keeps_the_response_and_the_end_of_the_prompt(tokenizer):
+    """A long prompt with a short response (as in MedQA at 128 tokens): the cut falls on the start of the
+    prompt; the loss still covers the whole response, and what is left of the prompt is its end."""
+    prompt = "Question: " + "The patient was treated with aspirin and followed up. " * 40 + "\nA. yes\nB. no\nAnswer:"
+    ex = Example(prompt, " B. no")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(prompt_ids) > 200
+    for max_length in (len(response) + 1, 40, 128):
+        out = tokenize_example(tokenizer, ex, max_length)
+        kept = max_length - len(response)
+        assert out["truncated"] and len(out["input_ids"]) == max_length
+        assert [x for x in out["labels"] if x != -100] == response  # every response token is a target
+        assert out["labels"] == [-100] * kept + response
+        assert out["input_ids"] == prompt_ids[-kept:] + response  # the prompt's end: the options and "Answer:"
+    # only a response longer than the limit loses tokens: its start is kept, the prompt goes
+    long = Example("Question: what happened?\nAnswer:", " The court held that the statute applies." * 10)
+    long_response = tokenizer(long.response, add_special_tokens=False)["input_ids"]
+    out = tokenize_example(tokenizer, long, 24)
+    assert out["input_ids"] == out["labels"] == long_response[:24]
+    # a fit is left alone
+    fits = tokenize_example(tokenizer, ex, len(prompt_ids) + len(response))
+    assert not fits["truncated"] and fits["input_ids"] == prompt_ids + response
+
+
 def test_collate_right_pads(tokenizer):
     items = [tokenize_example(tokenizer, Example("Q:", " yes"), 64),
              tokenize_example(tokenizer, Example("Question: what?", " The patient was treated."), 64)]

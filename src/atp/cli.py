@@ -4,10 +4,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import json
 import os
 import sys
-import time
 import typing
 
 from .errors import ATPError
@@ -91,42 +89,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .config import ATPConfig
-    from .evaluation import evaluate_domain
-    from .models import load_model
-    from .train import train
+    from .demo import run_demo_command
 
-    out = args.out
-    cfg = ATPConfig(model=args.model, domain="healthcare", sparsity=args.sparsity, out=out, overwrite=args.overwrite,
-                    max_steps=args.max_steps, max_length=args.max_length)
-    print(f"[1/3] ATP: pruning {cfg.model} to {cfg.sparsity:.0%} sparsity on {cfg.domain} data ({cfg.max_steps} steps)")
-    report = train(cfg)
-    print_prune_report(report)
-    results = {}
-    for label, name in (("dense", cfg.model), ("atp", report["model_dir"])):
-        print(f"[{2 if label == 'dense' else 3}/3] evaluating {label} model on the {cfg.domain} dev split")
-        started = time.time()
-        model, tokenizer = load_model(name)
-        results[label] = evaluate_domain(model, tokenizer, cfg.domain, limit=args.limit)
-        print(f"      {time.time() - started:.0f}s")
-    print(side_by_side(results))
-    with open(f"{out}/demo_results.json", "w") as f:
-        json.dump({"report": report, "results": results}, f, indent=2)
-    return 0
-
-
-def side_by_side(results: dict[str, dict]) -> str:
-    """Table of task | metric | one column per model, from {label: {task: {metric: value}}}."""
-    labels = list(results)
-    first = results[labels[0]]
-    lines = [f"{'task':<14}{'metric':<10}" + "".join(f"{label:>12}" for label in labels)]
-    for task, metrics in first.items():
-        for metric, value in metrics.items():
-            if not isinstance(value, float) or metric in ("nll",):
-                continue
-            row = [results[label].get(task, {}).get(metric) for label in labels]
-            lines.append(f"{task:<14}{metric:<10}" + "".join(f"{v:>12.3f}" if v is not None else f"{'-':>12}" for v in row))
-    return "\n".join(lines)
+    return run_demo_command(args)
 
 
 def config_help(name: str) -> str:
@@ -176,14 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="write tables and plots from finished cells, run nothing")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("demo", help="prune SmolLM2 at 40%% on healthcare data and compare dense vs pruned metrics")
-    p.add_argument("--model", default="smollm2-135m", help=config_help("model"))
-    p.add_argument("--sparsity", type=float, default=0.4)
-    p.add_argument("--max-steps", type=int, default=120)
-    p.add_argument("--max-length", type=int, default=128, help="training sequence length")
-    p.add_argument("--limit", type=int, default=40, help="examples per task for the evaluation")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--overwrite", action="store_true", help=config_help("overwrite"))
+    p = sub.add_parser("demo", help="prune SmolLM2 40%% on healthcare data in minutes, then show dense vs pruned: "
+                                    "size, speed, perplexity, accuracy, ROUGE and answers side by side")
+    from .demo import add_demo_arguments
+
+    add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
     return parser
 

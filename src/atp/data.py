@@ -448,8 +448,10 @@ def prefix_ids(tokenizer) -> list[int]:
 def tokenize_example(tokenizer, example: Example, max_length: int) -> dict:
     """input_ids = [bos] prompt response eos; labels are -100 except on response+eos.
 
-    Too long: the prompt is cut from the left first; if the response alone does not fit it is cut
-    on the right (losing the eos). `truncated` says whether anything was cut.
+    Too long: the prompt is cut from the left (its end, next to the response, stays), so the whole response
+    keeps its loss; only a response that alone exceeds max_length is cut, on the right (losing the eos), and
+    then no prompt is left. Every example keeps at least its first response token. `truncated` says whether
+    anything was cut.
     """
     head = prefix_ids(tokenizer)
     prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []

@@ -270,7 +270,11 @@ class PruneRecipe:
             model.enable_input_require_grads()
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=validation.lora_targets_in(model, cfg.lora_targets), task_type="CAUSAL_LM")
-        self.peft_model = get_peft_model(model, lora)
+        import warnings
+
+        with warnings.catch_warnings():  # peft reads transformers 5's deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            self.peft_model = get_peft_model(model, lora)
         lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.opt_lora = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=0.0)
         self.optimizers = {"lora": self.opt_lora}  # checkpoints hold them as they are before accelerate wraps them

