@@ -137,6 +137,10 @@ def add_bench_arguments(parser):
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+    parser.add_argument("--runtime", choices=["transformers", "llama.cpp"], default="transformers",
+                        help="llama.cpp: .gguf files as given, model folders exported at --gguf-type (needs the gguf extra)")
+    parser.add_argument("--gguf-type", default="q8_0", choices=["f32", "f16", "q8_0", "q4_0"],
+                        help="with --runtime llama.cpp: the type model folders are exported at")
     return parser
 
 
@@ -146,6 +150,10 @@ def run_bench_command(args) -> int:
     from .fsutil import write_text_atomic
     from .models import load_model
 
+    if getattr(args, "runtime", "transformers") == "llama.cpp":
+        from .llamacpp import run_llamacpp_bench
+
+        return run_llamacpp_bench(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.repeats < 1:

@@ -1,4 +1,4 @@
-"""Command line: atp prepare | eval | prune | bench | compare | demo."""
+"""Command line: atp prepare | eval | prune | export | bench | compare | demo."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,8 @@ HELP = {
     "mask_lora": "--no-mask-lora masks only the frozen path (an ablation)",
     "mixed_precision": "no, bf16 or fp16 (accelerate)",
     "gradient_checkpointing": "recompute activations in the backward pass to save memory",
+    "gguf": "also write the exported model as a GGUF file for llama.cpp at this path (see atp export)",
+    "gguf_type": "GGUF tensor type: f32, f16, q8_0 or q4_0",
     "check_tolerance": "export check: the reloaded model's max |logit diff| from the masked model must be at most "
                        "this times the largest |logit| (at least 1)",
 }
@@ -182,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest intact checkpoint")
     add_config_arguments(p, ATPConfig)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", help="write a dense, uniform or heterogeneous model as a GGUF file for llama.cpp")
+    from .gguf_export import add_export_arguments, run_export_command
+
+    add_export_arguments(p)
+    p.set_defaults(func=run_export_command)
 
     p = sub.add_parser("bench", help="speed and size of a dense and pruned models side by side (ratios, medians)")
     from .bench import add_bench_arguments, run_bench_command

@@ -464,3 +464,49 @@ def format_export(summary: dict) -> str:
                      f"{ZERO_MLP} channels (llama.cpp's deci graph needs one; the output is unchanged)")
     lines.append(f"KV cache {summary['kv_cache_bytes_per_token']:,} bytes per token (f16)")
     return "\n".join(lines)
+
+
+# ---- command line ----
+
+def add_export_arguments(parser):
+    parser.add_argument("--model", required=True, help="model folder (e.g. OUT/model of atp prune), embedded name or hub id")
+    parser.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    parser.add_argument("--gguf-type", default="f16", choices=GGUF_TYPES,
+                        help="tensor type: f32, f16 (default), q8_0 or q4_0 (quantized with the gguf package)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf")
+    parser.add_argument("--check", action=__import__("argparse").BooleanOptionalAction, default=None,
+                        help="load the file in llama.cpp and compare its logits with transformers on a short text "
+                             "(default: when llama-cpp-python is installed)")
+    return parser
+
+
+def check_against_transformers(model_dir, gguf_path, text: str = "The patient was treated with aspirin. "
+                               "The court held that the statute applies to the case.") -> dict:
+    """Top-1 agreement and max |logit diff| of llama.cpp (the GGUF) against transformers (the folder)."""
+    from . import llamacpp
+    from .models import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:64]
+    llm = llamacpp.load(gguf_path, n_ctx=max(64, len(ids)))
+    result = llamacpp.agreement(llamacpp.hf_logits(model, ids), llamacpp.logits(llm, ids))
+    result["tokens"] = len(ids)
+    return result
+
+
+def run_export_command(args) -> int:
+    from .models import resolve_model
+
+    model_dir = resolve_model(args.model)
+    summary = export_gguf(model_dir, args.gguf, args.gguf_type, overwrite=args.overwrite)
+    print(format_export(summary))
+    check = args.check
+    if check is None:
+        import importlib.util
+
+        check = importlib.util.find_spec("llama_cpp") is not None
+    if check:
+        result = check_against_transformers(model_dir, args.gguf)
+        print(f"llama.cpp vs transformers on {result['tokens']} tokens: top-1 agreement {result['top1_agreement']:.3f}, "
+              f"max |logit diff| {result['max_abs_logit_diff']:.3g} (largest |logit| {result['max_abs_logit']:.3g})")
+    return 0

@@ -73,6 +73,8 @@ class ATPConfig:
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
     check_tolerance: float = 1e-3  # export check: max |logit diff| <= this x max(1, largest |logit|)
+    gguf: str | None = None  # also write OUT/model as a GGUF file for llama.cpp here (atp.gguf_export)
+    gguf_type: str = "f16"  # f32, f16, q8_0 or q4_0
 
     def validate(self) -> None:
         if self.prune and not 0 < self.sparsity < 1:
@@ -108,6 +110,8 @@ class ATPConfig:
                            f"not to --method {self.method}")
         if not self.domain and not self.train_files:
             raise ATPError("give training data: --domain NAME or --train-file TASK=PATH")
+        if self.gguf_type not in ("f32", "f16", "q8_0", "q4_0"):
+            raise ATPError(f"--gguf-type must be f32, f16, q8_0 or q4_0, got '{self.gguf_type}'")
 
     @classmethod
     def from_yaml(cls, path) -> dict:
@@ -203,7 +207,8 @@ def prepare_run_dir(cfg: ATPConfig) -> Path:
 
 
 # options that do not change what a run computes; everything else must match to resume
-NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints", "gradient_checkpointing")
+NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints", "gradient_checkpointing",
+                "gguf", "gguf_type")
 
 
 # options added after runs were first recorded, with the value that reproduces those runs: a recorded
@@ -507,6 +512,11 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         export_format="heterogeneous" if is_heterogeneous(merged.config) else "uniform",
         total_seconds=time.time() - started,
     )
+    if cfg.gguf:
+        from .gguf_export import export_gguf, format_export
+
+        report["gguf"] = export_gguf(model_dir, cfg.gguf, cfg.gguf_type)
+        accelerator.print(format_export(report["gguf"]))
     write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
     return report
 
