@@ -328,3 +328,17 @@ def test_smollm2_vocabulary_matches_its_original_gguf(tmp_path):
     # no multi-digit tokens, so both split digits alike
     assert (ours["tokenizer.ggml.pre"], theirs["tokenizer.ggml.pre"]) == ("gpt-2", "smollm")
     assert not any(len(t) > 1 and t.isdigit() for t in ours["tokenizer.ggml.tokens"])
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"pre_tokenizer": {"type": "Whitespace"}}, "pre-tokenizer .* is not one llama.cpp is known to reproduce"),
+    ({"decoder": {"type": "Sequence", "decoders": []}}, "supports byte-level BPE tokenizers"),
+])
+def test_unsupported_tokenizers_are_refused(change, message, tmp_path, tokenizer):
+    path, _ = save_kind("dense", tmp_path, tokenizer)
+    data = json.loads((path / "tokenizer.json").read_text())
+    data.update(change)
+    (path / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ATPError, match=message):
+        export_gguf(path, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".m.gguf*"))

@@ -317,39 +317,30 @@ def vocab_metadata(writer, model_dir: Path, vocab_size: int) -> dict:
     tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
     model = tokenizer_json.get("model", {})
     decoder = (tokenizer_json.get("decoder") or {}).get("type")
-    if model.get("type") == "BPE" and decoder == "ByteLevel" and not model.get("byte_fallback"):
-        vocab, tokenizer_model, pre = g.vocab.BpeVocab(model_dir), "gpt2", pre_tokenizer_name(tokenizer_json)
-    elif model.get("type") == "BPE" and model.get("byte_fallback"):
-        try:
-            vocab, tokenizer_model, pre = g.vocab.LlamaHfVocab(model_dir), "llama", None
-        except (FileNotFoundError, TypeError, ValueError) as err:
-            raise ATPError(f"GGUF export could not read the SentencePiece-style tokenizer in {model_dir}: {err}") from None
-    else:
-        raise ATPError(f"GGUF export supports byte-level BPE and SentencePiece-style (byte-fallback BPE) tokenizers; "
-                       f"{path} holds a {model.get('type')} model with a {decoder} decoder")
-    tokens, scores, types = [], [], []
-    for text, score, kind in vocab.all_tokens():
+    if not (model.get("type") == "BPE" and decoder == "ByteLevel" and not model.get("byte_fallback")):
+        # SentencePiece-style vocabularies (Llama 2, Mistral v0.1) need the scores of tokenizer.model, which
+        # llama.cpp merges by; that path is not built or tested here
+        raise ATPError(f"GGUF export supports byte-level BPE tokenizers (GPT-2, SmolLM2, Llama 3, Qwen2); "
+                       f"{path} holds a {model.get('type')} model with a {decoder} decoder"
+                       f"{' and byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}")
+    vocab, tokenizer_model, pre = g.vocab.BpeVocab(model_dir), "gpt2", pre_tokenizer_name(tokenizer_json)
+    tokens, types = [], []
+    for text, _, kind in vocab.all_tokens():
         tokens.append(text)
-        scores.append(score)
         types.append(kind)
-    if tokenizer_model == "gpt2":  # added tokens: special ones are control tokens, the rest user-defined
-        for added in tokenizer_json.get("added_tokens", []):
-            if added["id"] < len(types):
-                types[added["id"]] = g.TokenType.CONTROL if added.get("special") else g.TokenType.USER_DEFINED
+    for added in tokenizer_json.get("added_tokens", []):  # special ones are control tokens, the rest user-defined
+        if added["id"] < len(types):
+            types[added["id"]] = g.TokenType.CONTROL if added.get("special") else g.TokenType.USER_DEFINED
     if len(tokens) > vocab_size:
         raise ATPError(f"the tokenizer has {len(tokens)} tokens but the model's vocab_size is {vocab_size}")
     for i in range(len(tokens), vocab_size):  # embedding rows beyond the tokenizer, as llama.cpp's converter pads
         tokens.append(f"[PAD{i}]")
-        scores.append(-1000.0)
         types.append(g.TokenType.UNUSED)
     writer.add_tokenizer_model(tokenizer_model)
-    if pre:
-        writer.add_tokenizer_pre(pre)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
-    if tokenizer_model == "llama":
-        writer.add_token_scores(scores)
     writer.add_token_types(types)
-    special = g.SpecialVocab(model_dir, load_merges=tokenizer_model == "gpt2", n_vocab=len(tokens))
+    special = g.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
     special.add_special_token.update(_adds_special_tokens(model_dir, special.special_token_ids))
     special.add_to_gguf(writer, quiet=True)
     return {"tokenizer_model": tokenizer_model, "pre": pre, "tokens": len(tokens),
