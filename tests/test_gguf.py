@@ -342,3 +342,34 @@ def test_unsupported_tokenizers_are_refused(change, message, tmp_path, tokenizer
     with pytest.raises(ATPError, match=message):
         export_gguf(path, tmp_path / "m.gguf")
     assert not list(tmp_path.glob("*.gguf*")) and not list(tmp_path.glob(".m.gguf*"))
+
+
+def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path, tokenizer):
+    llama_cpp_runtime()
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    model = tiny(rope_parameters=rope, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    tensors = read_gguf(tmp_path / "m.gguf")[1]
+    assert tensors["rope_freqs.weight"] == ((16,), "F32") and "output.weight" not in tensors  # tied: no copy
+    result, _ = compare(model, tmp_path / "m.gguf", prompt_ids(tokenizer, 64))
+    assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] <= F32_BOUND * max(1.0, result["max_abs_logit"])
+
+
+def test_per_layer_keys_of_ten_or_more_layers(tmp_path, tokenizer):
+    # transformers writes per_layer_config keys zero-padded ("01" ... "11") once there are ten layers or more
+    model = tiny(num_hidden_layers=12)
+    space = HeadMLPSpace.from_config(model.config, mlp_block=32)
+    gates = space.full_gates()
+    for layer in range(12):
+        gates["heads"][layer, : layer % 4] = 0
+    path = save_pruned(build_pruned(model, space.kept_structure(gates)), tokenizer, tmp_path / "m")
+    assert "01" in json.loads((path / "config.json").read_text())["per_layer_config"]
+    export_gguf(path, tmp_path / "m.gguf", "f16")
+    fields, tensors = read_gguf(tmp_path / "m.gguf")
+    # groups 4+4, 3+4 (-> 4+4 with a zero query head), 2+4 and 1+4 (-> 3 KV heads of 2 query heads each)
+    assert fields["deci.attention.head_count"] == [[8, 8, 6, 6][layer % 4] for layer in range(12)]
+    for layer in range(12):
+        assert tensors[f"blk.{layer}.attn_q.weight"][0][1] == 32 * fields["deci.attention.head_count"][layer]

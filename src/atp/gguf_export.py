@@ -88,10 +88,11 @@ def layer_widths(config: dict) -> list[dict]:
     heads = config["num_attention_heads"]
     base = {"num_attention_heads": heads, "num_key_value_heads": config.get("num_key_value_heads") or heads,
             "intermediate_size": config["intermediate_size"], "kv_map": config.get("kv_map")}
-    per_layer = config.get("per_layer_config") or {}
+    # keys are layer numbers as strings, zero-padded to a common width ("01" ... "29")
+    per_layer = {int(k): v for k, v in (config.get("per_layer_config") or {}).items()}
     layers = []
     for i in range(config["num_hidden_layers"]):
-        w = {**base, **per_layer.get(str(i), per_layer.get(i, {}))}
+        w = {**base, **per_layer.get(i, {})}
         layers.append({"heads": w["num_attention_heads"], "kv_heads": w["num_key_value_heads"],
                        "ff": w["intermediate_size"], "kv_map": w["kv_map"]})
     return layers

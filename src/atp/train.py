@@ -512,12 +512,13 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
         export_format="heterogeneous" if is_heterogeneous(merged.config) else "uniform",
         total_seconds=time.time() - started,
     )
-    if cfg.gguf:
+    write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
+    if cfg.gguf:  # after the report, so that a GGUF error leaves the run's results in place
         from .gguf_export import export_gguf, format_export
 
         report["gguf"] = export_gguf(model_dir, cfg.gguf, cfg.gguf_type)
         accelerator.print(format_export(report["gguf"]))
-    write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
+        write_text_atomic(run_dir / "report.json", json.dumps(report, indent=2))
     return report
 
 
