@@ -1,6 +1,7 @@
 """GGUF export for llama.cpp (llama-cli, llama-server, Ollama, LM Studio, llama-cpp-python).
 
-Dense and uniform models become the family's own GGUF architecture (`llama` for Llama and Mistral, `qwen2`).
+Dense and uniform models become the family's own GGUF architecture (`llama` for Llama and Mistral, `qwen2`;
+Qwen2 with fewer query heads than hidden_size / head_dim becomes `llama`, which llama.cpp sizes by head count).
 Heterogeneous exports become `deci` GGUFs (llama.cpp's Nemotron-NAS architecture), which read per-layer
 arrays for `attention.head_count`, `attention.head_count_kv` and `feed_forward_length`, 0 meaning a removed
 block. The `gguf` package does the rest: tensor names, the writer, vocabulary and special-token metadata,
@@ -394,6 +395,8 @@ def export_gguf(model_dir, out_path, gguf_type: str = "f16", *, overwrite: bool 
     family, heterogeneous = family_of(config)
     layers = plan(config)
     arch = FAMILIES[family] if is_uniform(layers) else "deci"
+    if arch == "qwen2" and layers[0]["gguf_heads"] * head_dim_of(config) != config["hidden_size"]:
+        arch = "llama"  # llama.cpp's qwen2 wants query width == hidden size; llama reads Q/K/V biases too
     arch_enum = next(a for a, name in g.MODEL_ARCH_NAMES.items() if name == arch)
     head_dim = head_dim_of(config)
     state = load_state(model_dir)
@@ -480,7 +483,7 @@ def check_against_transformers(model_dir, gguf_path, text: str = "The patient wa
 
     model, tokenizer = load_model(str(model_dir))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:64]
-    llm = llamacpp.load(gguf_path, n_ctx=max(64, len(ids)))
+    llm = llamacpp.load(gguf_path, n_ctx=max(64, len(ids)), f32_cache=True)
     result = llamacpp.agreement(llamacpp.hf_logits(model, ids), llamacpp.logits(llm, ids))
     result["tokens"] = len(ids)
     return result

@@ -25,17 +25,20 @@ def require():
     return llama_cpp
 
 
-def load(path, *, n_ctx: int = 512, logits_all: bool = True, n_threads: int | None = None, n_batch: int | None = None):
-    """A llama_cpp.Llama for a .gguf file, with llama.cpp's logging off."""
+def load(path, *, n_ctx: int = 512, logits_all: bool = True, n_threads: int | None = None, n_batch: int | None = None,
+         f32_cache: bool = False):
+    """A llama_cpp.Llama for a .gguf file, with llama.cpp's logging off. f32_cache: keep K and V in f32 rather
+    than llama.cpp's default f16, for comparisons that should show float rounding only."""
     llama_cpp = require()
     path = Path(path)
     if not path.is_file():
         raise ATPError(f"no GGUF file at {path}")
     threads = n_threads or os.cpu_count() or 1
     batch = n_batch or n_ctx
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=batch, n_ubatch=batch, logits_all=logits_all,
-                               n_threads=threads, n_threads_batch=threads, verbose=False)
+                               n_threads=threads, n_threads_batch=threads, verbose=False, **cache)
     except (ValueError, RuntimeError) as err:
         raise ATPError(f"llama.cpp could not load {path}: {err}") from None
 
