@@ -373,6 +373,9 @@ def atomic_file(target: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a model file is as readable as any other
         os.replace(tmp, target)
     except OSError as err:
         raise ATPError(f"cannot write {target}: {err}") from None
@@ -485,6 +488,7 @@ def check_against_transformers(model_dir, gguf_path, text: str = "The patient wa
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:64]
     llm = llamacpp.load(gguf_path, n_ctx=max(64, len(ids)), f32_cache=True)
     result = llamacpp.agreement(llamacpp.hf_logits(model, ids), llamacpp.logits(llm, ids))
+    llm.close()
     result["tokens"] = len(ids)
     return result
 

@@ -26,9 +26,11 @@ def require():
 
 
 def load(path, *, n_ctx: int = 512, logits_all: bool = True, n_threads: int | None = None, n_batch: int | None = None,
-         f32_cache: bool = False):
+         f32_cache: bool = False, flash_attn: bool = False):
     """A llama_cpp.Llama for a .gguf file, with llama.cpp's logging off. f32_cache: keep K and V in f32 rather
-    than llama.cpp's default f16, for comparisons that should show float rounding only."""
+    than llama.cpp's default f16, for comparisons that should show float rounding only. flash_attn: as llama.cpp's own
+    programs resolve their default (`-fa auto`) on CPU; without it llama.cpp pads the V cache of layers with
+    fewer KV heads to the widest layer."""
     llama_cpp = require()
     path = Path(path)
     if not path.is_file():
@@ -38,7 +40,7 @@ def load(path, *, n_ctx: int = 512, logits_all: bool = True, n_threads: int | No
     cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=batch, n_ubatch=batch, logits_all=logits_all,
-                               n_threads=threads, n_threads_batch=threads, verbose=False, **cache)
+                               n_threads=threads, n_threads_batch=threads, verbose=False, flash_attn=flash_attn, **cache)
     except (ValueError, RuntimeError) as err:
         raise ATPError(f"llama.cpp could not load {path}: {err}") from None
 
@@ -121,13 +123,13 @@ def _timed(fn) -> float:
 
 
 def bench_gguf(paths: dict, *, repeats: int = 5, prefill_length: int = 512, new_tokens: int = 128,
-               decode_prompt: int = 32, warmup: int = 1, n_threads: int | None = None) -> dict:
+               decode_prompt: int = 32, warmup: int = 1, n_threads: int | None = None, flash_attn: bool = True) -> dict:
     """paths: {label: .gguf}. Prefill (batch 1, one llama_decode of prefill_length tokens) and decode (one token
     per llama_decode after a decode_prompt-token prompt) throughput, medians, models measured in alternation."""
     labels = list(paths)
     n_ctx = max(prefill_length, decode_prompt + new_tokens) + 8
-    models = {label: load(paths[label], n_ctx=n_ctx, logits_all=False, n_threads=n_threads, n_batch=prefill_length)
-              for label in labels}
+    models = {label: load(paths[label], n_ctx=n_ctx, logits_all=False, n_threads=n_threads, n_batch=prefill_length,
+                          flash_attn=flash_attn) for label in labels}
     vocab = min(m.n_vocab() for m in models.values())
     rng = np.random.default_rng(0)
     prefill_ids = rng.integers(3, vocab, prefill_length).tolist()
@@ -160,12 +162,14 @@ def bench_gguf(paths: dict, *, repeats: int = 5, prefill_length: int = 512, new_
             "prefill_b1_tokens_per_s": prefill_length / statistics.median(timings[label]["prefill"]),
             "decode_tokens_per_s": new_tokens / statistics.median(timings[label]["decode"]),
         }
+    for llm in models.values():
+        llm.close()
     base = results[labels[0]]
     for label in labels[1:]:
         results[label]["ratio_to_" + labels[0]] = {k: v / base[k] for k, v in results[label].items()
                                                    if isinstance(v, (int, float))}
     threads = n_threads or os.cpu_count()
-    return {"device": f"cpu, llama.cpp ({threads} threads)", "dtype": "gguf", "repeats": repeats,
+    return {"device": f"cpu, llama.cpp ({threads} threads, flash attention {'on' if flash_attn else 'off'})", "dtype": "gguf", "repeats": repeats,
             "prefill_length": prefill_length, "new_tokens": new_tokens, "models": results}
 
 
