@@ -55,6 +55,9 @@ def main():
                 summary = export_gguf(resolve_model(name), path, gguf_type)
                 llm = llamacpp.load(path, n_ctx=args.window)
                 rows = [llamacpp.logits(llm, w) for w in windows]
+                texts = [tokenizer.decode(w) for w in windows[:4]]
+                same_tokens = all(llm.tokenize(t.encode(), add_bos=False, special=True)
+                                  == tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
                 ppl = llamacpp.perplexity(windows, lambda ids, it=iter(rows): next(it))
                 agree = [llamacpp.agreement(h, r) for h, r in zip(hf_rows, rows)]
                 row = {"model": name, "type": gguf_type, "architecture": summary["architecture"], "task": task,
@@ -64,10 +67,10 @@ def main():
                        "max_abs_logit_diff": max(a["max_abs_logit_diff"] for a in agree),
                        "max_abs_logit": max(a["max_abs_logit"] for a in agree),
                        "kv_cache_added_fraction": summary["kv_cache_added_fraction"],
-                       "file_mib": summary["bytes"] / 2**20, "seconds": time.time() - started}
+                       "file_mib": summary["bytes"] / 2**20, "same_tokenization": same_tokens, "seconds": time.time() - started}
                 print(json.dumps(row), flush=True)
                 results.append(row)
-                del llm
+                llm.close()
     print(f"\n| model | type | arch | ppl transformers | ppl llama.cpp | diff | top-1 agreement | max abs logit diff |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
