@@ -2,6 +2,7 @@
 folder (../shared/data, or generated rows in its formats where it is absent) and the real_data marker."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -62,18 +63,29 @@ def tiny_model(family: str = "llama", gqa: bool = True, seed: int = 0, attn: str
 REAL_DATA = all((SHARED_DATA / name).exists() for name in FILES)
 
 
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_data: asserts what only the real ../shared/data gives (run where it "
                                        "exists, e.g. CI; `make test-real-data` selects these alone)")
+    config.addinivalue_line("markers", "llamacpp: runs GGUF files in llama.cpp (the gguf extra, `make gguf`; "
+                                       "`make test-gguf` selects these alone)")
 
 
 def pytest_report_header(config):
     where = f"real domain data at {SHARED_DATA}" if REAL_DATA else \
         f"no real domain data at {SHARED_DATA}: generated rows stand in, real_data tests are deselected"
-    return f"atp: {where}"
+    runtime = "llama.cpp installed" if LLAMA_CPP else "llama.cpp not installed (`make gguf`): llamacpp tests are deselected"
+    return [f"atp: {where}", f"atp: {runtime}"]
 
 
 def pytest_collection_modifyitems(config, items):
+    if not LLAMA_CPP:
+        marked = [item for item in items if item.get_closest_marker("llamacpp")]
+        if marked:
+            items[:] = [item for item in items if not item.get_closest_marker("llamacpp")]
+            config.hook.pytest_deselected(items=marked)
     if REAL_DATA:
         return
     marked = [item for item in items if item.get_closest_marker("real_data")]

@@ -144,11 +144,20 @@ def add_bench_arguments(parser):
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+    parser.add_argument("--runtime", choices=["transformers", "llama.cpp"], default="transformers",
+                        help="llama.cpp: .gguf files as given, model folders exported at --gguf-type (needs the gguf extra)")
+    parser.add_argument("--gguf-type", default="q8_0", choices=["f32", "f16", "q8_0", "q4_0"],
+                        help="with --runtime llama.cpp: the type model folders are exported at")
     return parser
 
 
 def run_bench_command(args) -> int:
     import json
+
+    if getattr(args, "runtime", "transformers") == "llama.cpp":
+        from .llamacpp import run_llamacpp_bench
+
+        return run_llamacpp_bench(args)
 
     from . import validation
     from .fsutil import check_writable_file, write_text_atomic

@@ -1,4 +1,4 @@
-"""Command line: atp prepare | eval | prune | bench | compare | demo."""
+"""Command line: atp prepare | eval | prune | export | bench | compare | demo."""
 from __future__ import annotations
 
 import argparse
@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its newest intact checkpoint")
     add_config_arguments(p, ATPConfig)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", help="write a dense, uniform or heterogeneous model as a GGUF file for llama.cpp")
+    from .gguf_export import add_export_arguments, run_export_command
+
+    add_export_arguments(p)
+    p.set_defaults(func=run_export_command)
 
     p = sub.add_parser("bench", help="speed and size of a dense and pruned models side by side (ratios, medians)")
     from .bench import add_bench_arguments, run_bench_command

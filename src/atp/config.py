@@ -123,6 +123,9 @@ class ATPConfig:
     check_tolerance: float = field(default=1e-3, metadata={
         "help": "export check: the reloaded model's max |logit diff| from the masked model must be at most "
                 "this times the largest |logit| (at least 1)"})
+    gguf: str | None = field(default=None, metadata={
+        "help": "also write the exported model as a GGUF file for llama.cpp at this path (see atp export)"})
+    gguf_type: str = field(default="f16", metadata={"help": "GGUF tensor type: f32, f16, q8_0 or q4_0"})
 
     def validate(self) -> None:
         """Every value checked before any work starts: types, ranges, choices, and the training data named."""
@@ -240,7 +243,7 @@ def check_types(values: dict, where: str | None = None) -> None:
         raise ATPError(f"{label} must be {what}, got {value!r}{hint}")
 
 
-CHOICES = {"lasso": ("ramp", "lr-scaled"), "lora_mask": ("frozen", "both", "frozen-output"),
+CHOICES = {"gguf_type": ("f32", "f16", "q8_0", "q4_0"), "lasso": ("ramp", "lr-scaled"), "lora_mask": ("frozen", "both", "frozen-output"),
            "lora_decisions": ("deterministic", "sampled")}
 
 
@@ -392,7 +395,8 @@ def check_same_data(recorded: dict | None, cfg: ATPConfig, where: str) -> None:
 
 
 # options that do not change what a run computes; everything else must match to resume
-NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints", "gradient_checkpointing")
+NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints", "gradient_checkpointing",
+                "gguf", "gguf_type")
 
 
 # options added after runs were first recorded, with the value that reproduces those runs: a recorded

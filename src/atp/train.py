@@ -157,6 +157,12 @@ class PruneRecipe:
         write_text_atomic(self.run_dir / "report.json", json.dumps(report, indent=2))
         if self.outputs is not None:
             self.outputs.keep()
+        if self.cfg.gguf:  # after the report, so that a GGUF error leaves the run's results in place
+            from .gguf_export import export_gguf, format_export
+
+            report["gguf"] = export_gguf(report["model_dir"], self.cfg.gguf, self.cfg.gguf_type)
+            self.accelerator.print(format_export(report["gguf"]))
+            write_text_atomic(self.run_dir / "report.json", json.dumps(report, indent=2))
         return report
 
     # set-up

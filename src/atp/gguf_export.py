@@ -1,0 +1,510 @@
+"""GGUF export for llama.cpp (llama-cli, llama-server, Ollama, LM Studio, llama-cpp-python).
+
+Dense and uniform models become the family's own GGUF architecture (`llama` for Llama and Mistral, `qwen2`;
+Qwen2 with fewer query heads than hidden_size / head_dim becomes `llama`, which llama.cpp sizes by head count).
+Heterogeneous exports become `deci` GGUFs (llama.cpp's Nemotron-NAS architecture), which read per-layer
+arrays for `attention.head_count`, `attention.head_count_kv` and `feed_forward_length`, 0 meaning a removed
+block. The `gguf` package does the rest: tensor names, the writer, vocabulary and special-token metadata,
+quantization. llama.cpp's converter (convert_hf_to_gguf.py) is not installable from PyPI and needs its own,
+newer gguf-py, so it is not imported; what it does beyond the `gguf` package is done here:
+  - Q/K rows are permuted from Hugging Face's rotate-half order to llama.cpp's interleaved RoPE (`llama`, `deci`);
+  - uneven GQA groups (a per-layer `kv_map`) are made even, exactly: each KV head's query heads are made
+    contiguous (o_proj's columns follow), KV heads are duplicated and zero query heads padded so that every
+    group has the same size (the cheapest choice per layer; the KV-cache cost is reported);
+  - the BPE pre-tokenizer name is read from tokenizer.json's pre-tokenizer (the converter hashes token ids).
+Quantized types need every matrix row length to be a multiple of the type's block size (32): otherwise the
+export stops with an error naming the tensors, before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .errors import ATPError
+
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> GGUF architecture (dense)
+PRUNED_TYPES = {"atp_llama": "llama", "atp_mistral": "mistral", "atp_qwen2": "qwen2"}
+NEOX_ROPE = ("qwen2",)  # GGUF architectures whose RoPE is Hugging Face's rotate-half order: no Q/K permutation
+ZERO_MLP = 32  # width of the all-zero MLP given to a layer that keeps attention but no MLP channels (see plan)
+
+# tokenizer.json Split regexes of the Llama-3 and Qwen2 tokenizers, and llama.cpp's names for them
+SPLIT_PRE = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+}
+
+
+def _gguf():
+    import gguf
+
+    return gguf
+
+
+def qtype_of(gguf_type: str):
+    g = _gguf()
+    if gguf_type not in GGUF_TYPES:
+        raise ATPError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got '{gguf_type}'")
+    return {"f32": g.GGMLQuantizationType.F32, "f16": g.GGMLQuantizationType.F16,
+            "q8_0": g.GGMLQuantizationType.Q8_0, "q4_0": g.GGMLQuantizationType.Q4_0}[gguf_type]
+
+
+def file_type_of(gguf_type: str):
+    t = _gguf().LlamaFileType
+    return {"f32": t.ALL_F32, "f16": t.MOSTLY_F16, "q8_0": t.MOSTLY_Q8_0, "q4_0": t.MOSTLY_Q4_0}[gguf_type]
+
+
+# ---- shapes ----
+
+def read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise ATPError(f"{model_dir} has no config.json; pass a Hugging Face model folder (e.g. OUT/model of atp prune)")
+    return json.loads(path.read_text())
+
+
+def family_of(config: dict) -> tuple[str, bool]:
+    """(dense model_type, heterogeneous?) or a clear error for architectures llama.cpp export does not cover."""
+    model_type = config.get("model_type")
+    if model_type in FAMILIES:
+        return model_type, False
+    if model_type in PRUNED_TYPES:
+        return PRUNED_TYPES[model_type], bool(config.get("per_layer_config"))
+    raise ATPError(f"GGUF export supports Llama, Mistral and Qwen2 models (and their atp exports); "
+                   f"{config.get('architectures') or model_type} is not one of them")
+
+
+def layer_widths(config: dict) -> list[dict]:
+    """Per layer: heads, kv_heads, ff and kv_map (None for even groups), from the global values and
+    transformers' per_layer_config (which records only what differs)."""
+    heads = config["num_attention_heads"]
+    base = {"num_attention_heads": heads, "num_key_value_heads": config.get("num_key_value_heads") or heads,
+            "intermediate_size": config["intermediate_size"], "kv_map": config.get("kv_map")}
+    # keys are layer numbers as strings, zero-padded to a common width ("01" ... "29")
+    per_layer = {int(k): v for k, v in (config.get("per_layer_config") or {}).items()}
+    layers = []
+    for i in range(config["num_hidden_layers"]):
+        w = {**base, **per_layer.get(i, {})}
+        layers.append({"heads": w["num_attention_heads"], "kv_heads": w["num_key_value_heads"],
+                       "ff": w["intermediate_size"], "kv_map": w["kv_map"]})
+    return layers
+
+
+def even_groups(heads: int, kv_heads: int, kv_map: list[int] | None) -> dict:
+    """Make a layer's GQA groups even for llama.cpp, exactly.
+
+    Returns q_order (the source query head at each new position, None for an all-zero padding head),
+    kv_order (the source KV head of each new KV head; repeats are duplicates) and the group size. Of the
+    group sizes that work (every KV head's g query heads split into ceil(g / size) copies, the last one
+    padded with zero query heads), the one that adds the fewest projection rows is chosen, then the one
+    with the smaller KV cache."""
+    if kv_map is None:
+        group = heads // kv_heads if kv_heads else 0
+        return {"q_order": list(range(heads)), "kv_order": list(range(kv_heads)), "group": group}
+    members = [[h for h, k in enumerate(kv_map) if k == kv] for kv in range(kv_heads)]
+    best = None
+    for size in range(1, max(len(m) for m in members) + 1):
+        copies = [math.ceil(len(m) / size) for m in members]
+        n_kv, n_q = sum(copies), size * sum(copies)
+        cost = (2 * n_kv + 2 * n_q, n_kv)  # k, v rows + q rows, o columns; then KV cache
+        if best is None or cost < best[0]:
+            best = (cost, size, copies)
+    _, size, copies = best
+    q_order, kv_order = [], []
+    for kv, (m, c) in enumerate(zip(members, copies)):
+        q_order += m + [None] * (c * size - len(m))
+        kv_order += [kv] * c
+    return {"q_order": q_order, "kv_order": kv_order, "group": size}
+
+
+def plan(config: dict) -> list[dict]:
+    """What each layer becomes in the GGUF: query / KV head order, MLP width (see ZERO_MLP)."""
+    layers = []
+    n = config["num_hidden_layers"]
+    for i, w in enumerate(layer_widths(config)):
+        if (w["heads"] == 0) != (w["kv_heads"] == 0):
+            raise ATPError(f"layer {i} keeps {w['heads']} query heads and {w['kv_heads']} KV heads; "
+                           "llama.cpp needs both or neither")
+        groups = even_groups(w["heads"], w["kv_heads"], w["kv_map"])
+        # llama.cpp's deci graph skips the rest of a layer without MLP (dropping its attention output), and
+        # the last layer's output-row selection happens there: such layers get an all-zero MLP instead.
+        zero_mlp = w["ff"] == 0 and (w["heads"] > 0 or i == n - 1 or config.get("mlp_bias", False))
+        layers.append({**w, **groups, "gguf_heads": len(groups["q_order"]), "gguf_kv_heads": len(groups["kv_order"]),
+                       "gguf_ff": ZERO_MLP if zero_mlp else w["ff"], "zero_mlp": zero_mlp})
+    return layers
+
+
+def is_uniform(layers: list[dict]) -> bool:
+    first = layers[0]
+    return all(l["gguf_heads"] == first["gguf_heads"] and l["gguf_kv_heads"] == first["gguf_kv_heads"]
+               and l["gguf_ff"] == first["gguf_ff"] for l in layers) and first["gguf_heads"] > 0 and first["gguf_ff"] > 0
+
+
+# ---- tensors ----
+
+def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ATPError(f"{model_dir} holds no .safetensors weights")
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                state[name] = f.get_tensor(name)
+    return state
+
+
+def rope_permute(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Hugging Face's rotate-half row order -> llama.cpp's interleaved pairs, within each head."""
+    if n_heads == 0:
+        return rows
+    return rows.reshape(n_heads, 2, rows.shape[0] // n_heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def _heads(t: torch.Tensor, order: list, head_dim: int, dim: int = 0) -> torch.Tensor:
+    """Pick heads (blocks of head_dim rows, or columns with dim=1) in `order`; None gives a zero head."""
+    blocks = []
+    for h in order:
+        if h is None:
+            shape = list(t.shape)
+            shape[dim] = head_dim
+            blocks.append(t.new_zeros(shape))
+        else:
+            blocks.append(t.narrow(dim, h * head_dim, head_dim))
+    return torch.cat(blocks, dim=dim)
+
+
+def layer_tensors(state, i: int, layer: dict, head_dim: int, hidden: int, permute: bool):
+    """(Hugging Face name, tensor) pairs of layer i as llama.cpp wants them."""
+    prefix = f"model.layers.{i}."
+    out = []
+    o_bias = state.get(prefix + "self_attn.o_proj.bias")
+    if not layer["gguf_heads"] and o_bias is not None and o_bias.abs().max() > 0:
+        raise ATPError(f"layer {i} keeps no attention heads but a nonzero o_proj bias, which llama.cpp cannot express")
+    if layer["gguf_heads"]:
+        out.append((prefix + "input_layernorm.weight", state[prefix + "input_layernorm.weight"]))
+        for proj, order in (("q_proj", layer["q_order"]), ("k_proj", layer["kv_order"]), ("v_proj", layer["kv_order"])):
+            for kind in ("weight", "bias"):
+                name = f"{prefix}self_attn.{proj}.{kind}"
+                if name not in state:
+                    continue
+                t = _heads(state[name], order, head_dim)
+                if permute and proj != "v_proj":
+                    t = rope_permute(t, len(order))
+                out.append((name, t))
+        o_name = prefix + "self_attn.o_proj.weight"
+        out.append((o_name, _heads(state[o_name], layer["q_order"], head_dim, dim=1)))
+        if prefix + "self_attn.o_proj.bias" in state:
+            out.append((prefix + "self_attn.o_proj.bias", state[prefix + "self_attn.o_proj.bias"]))
+    if layer["gguf_ff"]:
+        out.append((prefix + "post_attention_layernorm.weight", state[prefix + "post_attention_layernorm.weight"]))
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            weight, bias = f"{prefix}mlp.{proj}.weight", f"{prefix}mlp.{proj}.bias"
+            if layer["zero_mlp"]:  # see plan(): all-zero channels add nothing (a down_proj bias is kept)
+                out.append((weight, torch.zeros((hidden, ZERO_MLP) if proj == "down_proj" else (ZERO_MLP, hidden))))
+                if bias in state:
+                    out.append((bias, state[bias] if proj == "down_proj" else torch.zeros(ZERO_MLP)))
+                continue
+            out += [(name, state[name]) for name in (weight, bias) if name in state]
+    return out
+
+
+def all_tensors(config: dict, state: dict, layers: list[dict], arch: str):
+    head_dim = head_dim_of(config)
+    permute = arch not in NEOX_ROPE
+    yield "model.embed_tokens.weight", state["model.embed_tokens.weight"]
+    for i, layer in enumerate(layers):
+        yield from layer_tensors(state, i, layer, head_dim, config["hidden_size"], permute)
+    yield "model.norm.weight", state["model.norm.weight"]
+    if "lm_head.weight" in state and not config.get("tie_word_embeddings", False):
+        yield "lm_head.weight", state["lm_head.weight"]
+
+
+def head_dim_of(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def quantize_all(named, arch_enum, n_layers: int, gguf_type: str):
+    """[(gguf name, data, raw dtype)]; a clear error naming every matrix the type cannot hold."""
+    g = _gguf()
+    names = g.get_tensor_name_map(arch_enum, n_layers)
+    qtype = qtype_of(gguf_type)
+    block = g.GGML_QUANT_SIZES[qtype][0]
+    out, bad = [], []
+    for hf_name, tensor in named:
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ATPError(f"internal error: no GGUF name for tensor {hf_name}")
+        data = tensor.detach().to(torch.float32).numpy()
+        if data.ndim == 1:  # norms and biases stay f32, as llama.cpp's converter keeps them
+            out.append((name, data, None))
+        elif data.shape[-1] % block:
+            bad.append(f"{name} (rows of {data.shape[-1]})")
+        else:
+            out.append((name, data, qtype))
+    if bad:
+        raise ATPError(f"--gguf-type {gguf_type} stores rows in blocks of {block} values, and these matrices' row "
+                       f"lengths are not multiples of {block}: {', '.join(bad[:6])}"
+                       f"{f' and {len(bad) - 6} more' if len(bad) > 6 else ''}. Use --gguf-type f16 or f32, or prune "
+                       f"with --mlp-block (or --round-to) a multiple of {block}")
+    return [(name, g.quants.quantize(data, qtype) if qtype is not None else data, qtype) for name, data, qtype in out]
+
+
+# ---- metadata ----
+
+def rope_metadata(writer, model_dir: Path, config: dict, head_dim: int):
+    """RoPE base and scaling; Llama-3 scaling becomes llama.cpp's rope_freqs tensor (per-frequency divisors)."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    writer.add_rope_freq_base(float(theta))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind == "default":
+        return None
+    if kind == "linear":
+        writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+        return None
+    if kind == "llama3":
+        from transformers import AutoConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        from . import hf_modeling
+
+        hf_modeling.register()
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+        plain = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        return ("rope_freqs.weight", (plain / scaled.float()).float())
+    raise ATPError(f"GGUF export does not support RoPE scaling '{kind}' (supported: default, linear, llama3)")
+
+
+def pre_tokenizer_name(tokenizer_json: dict) -> str:
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
+    if any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps):
+        kinds = []  # llama.cpp's BPE never adds a prefix space
+    name = None
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        name = "gpt-2"
+    elif kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        name = "smollm"
+    elif kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        name = SPLIT_PRE.get((steps[0].get("pattern") or {}).get("Regex"))
+    if name is None or (normalizer is not None and not (normalizer == "NFC" and name == "qwen2")):
+        raise ATPError(f"GGUF export: the tokenizer's pre-tokenizer ({pre.get('type')}: {kinds or 'with a prefix space'}"
+                       f"{f', normalizer {normalizer}' if normalizer else ''}) is not one llama.cpp is known to "
+                       "reproduce here (GPT-2 / SmolLM / Llama-3 / Qwen2 byte-level BPE)")
+    return name
+
+
+def vocab_metadata(writer, model_dir: Path, vocab_size: int) -> dict:
+    """Tokens, types, merges, special tokens and chat template from the model's tokenizer files."""
+    g = _gguf()
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        raise ATPError(f"{model_dir} has no tokenizer.json; save the model's (fast) tokenizer beside it")
+    tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
+    model = tokenizer_json.get("model", {})
+    decoder = (tokenizer_json.get("decoder") or {}).get("type")
+    if not (model.get("type") == "BPE" and decoder == "ByteLevel" and not model.get("byte_fallback")):
+        # SentencePiece-style vocabularies (Llama 2, Mistral v0.1) need the scores of tokenizer.model, which
+        # llama.cpp merges by; that path is not built or tested here
+        raise ATPError(f"GGUF export supports byte-level BPE tokenizers (GPT-2, SmolLM2, Llama 3, Qwen2); "
+                       f"{path} holds a {model.get('type')} model with a {decoder} decoder"
+                       f"{' and byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}")
+    vocab, tokenizer_model, pre = g.vocab.BpeVocab(model_dir), "gpt2", pre_tokenizer_name(tokenizer_json)
+    tokens, types = [], []
+    for text, _, kind in vocab.all_tokens():
+        tokens.append(text)
+        types.append(kind)
+    for added in tokenizer_json.get("added_tokens", []):  # special ones are control tokens, the rest user-defined
+        if added["id"] < len(types):
+            types[added["id"]] = g.TokenType.CONTROL if added.get("special") else g.TokenType.USER_DEFINED
+    if len(tokens) > vocab_size:
+        raise ATPError(f"the tokenizer has {len(tokens)} tokens but the model's vocab_size is {vocab_size}")
+    for i in range(len(tokens), vocab_size):  # embedding rows beyond the tokenizer, as llama.cpp's converter pads
+        tokens.append(f"[PAD{i}]")
+        types.append(g.TokenType.UNUSED)
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = g.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens))
+    special.add_special_token.update(_adds_special_tokens(model_dir, special.special_token_ids))
+    special.add_to_gguf(writer, quiet=True)
+    return {"tokenizer_model": tokenizer_model, "pre": pre, "tokens": len(tokens),
+            "special_token_ids": dict(special.special_token_ids), "chat_template": special.chat_template is not None}
+
+
+def _adds_special_tokens(model_dir: Path, ids: dict) -> dict:
+    """Whether the tokenizer puts BOS / EOS around a text, as it actually behaves."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise ATPError(f"could not load the tokenizer in {model_dir}: {err}") from None
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return {"bos": "bos" in ids and len(with_special) > len(plain) and with_special[0] == ids["bos"],
+            "eos": "eos" in ids and len(with_special) > len(plain) and with_special[-1] == ids["eos"]}
+
+
+# ---- writing ----
+
+@contextmanager
+def atomic_file(target: Path):
+    """A temp path beside `target`; it replaces target only if the block succeeds, else it is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a model file is as readable as any other
+        os.replace(tmp, target)
+    except OSError as err:
+        raise ATPError(f"cannot write {target}: {err}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def export_gguf(model_dir, out_path, gguf_type: str = "f16", *, overwrite: bool = True) -> dict:
+    """Write MODEL_DIR (a Hugging Face folder: dense, uniform or heterogeneous atp export) as a GGUF file.
+    Returns a summary: architecture, per-layer widths, KV-cache cost of evening GQA groups, etc."""
+    g = _gguf()
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if out_path.suffix != ".gguf":
+        raise ATPError(f"the GGUF output path should end in .gguf, got {out_path}")
+    if out_path.exists() and not overwrite:
+        raise ATPError(f"{out_path} already exists; pass --overwrite to replace it")
+    qtype_of(gguf_type)
+    config = read_config(model_dir)
+    family, heterogeneous = family_of(config)
+    layers = plan(config)
+    arch = FAMILIES[family] if is_uniform(layers) else "deci"
+    if arch == "qwen2" and layers[0]["gguf_heads"] * head_dim_of(config) != config["hidden_size"]:
+        arch = "llama"  # llama.cpp's qwen2 wants query width == hidden size; llama reads Q/K/V biases too
+    arch_enum = next(a for a, name in g.MODEL_ARCH_NAMES.items() if name == arch)
+    head_dim = head_dim_of(config)
+    state = load_state(model_dir)
+    named = list(all_tensors(config, state, layers, arch))
+
+    writer = g.GGUFWriter(None, arch)
+    writer.add_name(config.get("_name_or_path") or model_dir.name)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    per_layer = arch == "deci"
+    writer.add_feed_forward_length([l["gguf_ff"] for l in layers] if per_layer else layers[0]["gguf_ff"])
+    writer.add_head_count([l["gguf_heads"] for l in layers] if per_layer else layers[0]["gguf_heads"])
+    writer.add_head_count_kv([l["gguf_kv_heads"] for l in layers] if per_layer else layers[0]["gguf_kv_heads"])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(file_type_of(gguf_type))
+    rope_freqs = rope_metadata(writer, model_dir, config, head_dim)
+    vocab = vocab_metadata(writer, model_dir, config["vocab_size"])
+    tensors = quantize_all(named, arch_enum, config["num_hidden_layers"], gguf_type)
+    if rope_freqs is not None:
+        tensors.append((rope_freqs[0], rope_freqs[1].numpy(), None))
+    for name, data, raw in tensors:
+        writer.add_tensor(name, data, raw_dtype=raw)
+
+    with atomic_file(out_path) as tmp:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    kv_source = sum(l["kv_heads"] for l in layers)
+    kv_gguf = sum(l["gguf_kv_heads"] for l in layers)
+    return {
+        "path": str(out_path), "architecture": arch, "gguf_type": gguf_type, "bytes": out_path.stat().st_size,
+        "heterogeneous": heterogeneous,
+        "layers": [{"heads": l["gguf_heads"], "kv_heads": l["gguf_kv_heads"], "ff": l["gguf_ff"],
+                    "source_heads": l["heads"], "source_kv_heads": l["kv_heads"], "source_ff": l["ff"]} for l in layers],
+        # KV cache per token: K and V, head_dim values each, per KV head (f16 cache, llama.cpp's default)
+        "kv_cache_bytes_per_token": 2 * kv_gguf * head_dim * 2,
+        "kv_cache_added_fraction": (kv_gguf - kv_source) / kv_source if kv_source else 0.0,
+        "duplicated_kv_heads": kv_gguf - kv_source,
+        "padded_query_heads": sum(l["gguf_heads"] - l["heads"] for l in layers),
+        "zero_mlp_layers": [i for i, l in enumerate(layers) if l["zero_mlp"]],
+        "vocab": vocab,
+    }
+
+
+def format_export(summary: dict) -> str:
+    lines = [f"wrote {summary['path']}: {summary['architecture']} GGUF, {summary['gguf_type']}, "
+             f"{summary['bytes'] / 2**20:.1f} MiB, {len(summary['layers'])} layers"]
+    if summary["duplicated_kv_heads"] or summary["padded_query_heads"]:
+        lines.append(f"uneven GQA groups made even: {summary['duplicated_kv_heads']} duplicated KV heads "
+                     f"(KV cache +{summary['kv_cache_added_fraction']:.1%}), {summary['padded_query_heads']} zero query heads")
+    if summary["zero_mlp_layers"]:
+        lines.append(f"layers {summary['zero_mlp_layers']} keep no MLP channels: written with an all-zero MLP of "
+                     f"{ZERO_MLP} channels (llama.cpp's deci graph needs one; the output is unchanged)")
+    lines.append(f"KV cache {summary['kv_cache_bytes_per_token']:,} bytes per token (f16)")
+    return "\n".join(lines)
+
+
+# ---- command line ----
+
+def add_export_arguments(parser):
+    parser.add_argument("--model", required=True, help="model folder (e.g. OUT/model of atp prune), embedded name or hub id")
+    parser.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
+    parser.add_argument("--gguf-type", default="f16", choices=GGUF_TYPES,
+                        help="tensor type: f32, f16 (default), q8_0 or q4_0 (quantized with the gguf package)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf")
+    parser.add_argument("--check", action=__import__("argparse").BooleanOptionalAction, default=None,
+                        help="load the file in llama.cpp and compare its logits with transformers on a short text "
+                             "(default: when llama-cpp-python is installed)")
+    return parser
+
+
+def check_against_transformers(model_dir, gguf_path, text: str = "The patient was treated with aspirin. "
+                               "The court held that the statute applies to the case.") -> dict:
+    """Top-1 agreement and max |logit diff| of llama.cpp (the GGUF) against transformers (the folder)."""
+    from . import llamacpp
+    from .models import load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:64]
+    llm = llamacpp.load(gguf_path, n_ctx=max(64, len(ids)), f32_cache=True)
+    result = llamacpp.agreement(llamacpp.hf_logits(model, ids), llamacpp.logits(llm, ids))
+    llm.close()
+    result["tokens"] = len(ids)
+    return result
+
+
+def run_export_command(args) -> int:
+    from .models import resolve_model
+
+    model_dir = resolve_model(args.model)
+    summary = export_gguf(model_dir, args.gguf, args.gguf_type, overwrite=args.overwrite)
+    print(format_export(summary))
+    check = args.check
+    if check is None:
+        import importlib.util
+
+        check = importlib.util.find_spec("llama_cpp") is not None
+    if check:
+        result = check_against_transformers(model_dir, args.gguf)
+        print(f"llama.cpp vs transformers on {result['tokens']} tokens: top-1 agreement {result['top1_agreement']:.3f}, "
+              f"max |logit diff| {result['max_abs_logit_diff']:.3g} (largest |logit| {result['max_abs_logit']:.3g})")
+    return 0
