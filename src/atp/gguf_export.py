@@ -278,9 +278,9 @@ def rope_metadata(writer, model_dir: Path, config: dict, head_dim: int):
         from transformers import AutoConfig
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        from . import hf_modeling
+        from .arch import register
 
-        hf_modeling.register()
+        register()
         hf_config = AutoConfig.from_pretrained(model_dir)
         scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
         plain = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
