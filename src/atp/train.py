@@ -112,6 +112,8 @@ class ATPConfig:
             raise ATPError("give training data: --domain NAME or --train-file TASK=PATH")
         if self.gguf_type not in ("f32", "f16", "q8_0", "q4_0"):
             raise ATPError(f"--gguf-type must be f32, f16, q8_0 or q4_0, got '{self.gguf_type}'")
+        if self.gguf is not None and not str(self.gguf).endswith(".gguf"):
+            raise ATPError(f"--gguf takes a path ending in .gguf, got '{self.gguf}'")
 
     @classmethod
     def from_yaml(cls, path) -> dict:
