@@ -170,6 +170,8 @@ def test_prune_gguf_options_leave_the_fingerprint_alone(tmp_path):
     assert fingerprint(dataclasses.replace(cfg, gguf="x.gguf", gguf_type="q8_0")) == fingerprint(cfg)
     with pytest.raises(ATPError, match="--gguf-type must be"):
         ATPConfig(gguf_type="q5_k").validate()
+    with pytest.raises(ATPError, match="ending in .gguf"):
+        ATPConfig(gguf="model.bin").validate()
 
 
 # ---- in llama.cpp ----

@@ -148,6 +148,7 @@ def add_bench_arguments(parser):
                         help="llama.cpp: .gguf files as given, model folders exported at --gguf-type (needs the gguf extra)")
     parser.add_argument("--gguf-type", default="q8_0", choices=["f32", "f16", "q8_0", "q4_0"],
                         help="with --runtime llama.cpp: the type model folders are exported at")
+    parser.add_argument("--threads", type=int, help="with --runtime llama.cpp: CPU threads (default: all cores)")
     return parser
 
 

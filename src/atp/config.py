@@ -164,6 +164,8 @@ class ATPConfig:
             raise ATPError(f"--target-warmup must be in [0, 1], got {self.target_warmup}")
         if not 0 <= self.generator_frac <= 1:
             raise ATPError(f"--generator-frac must be in [0, 1], got {self.generator_frac}")
+        if self.gguf is not None and not str(self.gguf).endswith(".gguf"):
+            raise ATPError(f"--gguf takes a path ending in .gguf, got '{self.gguf}'")
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ATPError(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

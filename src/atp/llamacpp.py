@@ -195,7 +195,8 @@ def run_llamacpp_bench(args) -> int:
                 path = Path(folder) / "model.gguf"
                 export_gguf(resolve_model(name), path, args.gguf_type)
             paths[name if name not in paths else f"{name} #{len(paths)}"] = path
-        result = bench_gguf(paths, repeats=args.repeats, prefill_length=args.prefill_length, new_tokens=args.new_tokens)
+        result = bench_gguf(paths, repeats=args.repeats, prefill_length=args.prefill_length, new_tokens=args.new_tokens,
+                            n_threads=getattr(args, "threads", None))
         result["dtype"] = "; ".join(sorted({_file_type(p) for p in paths.values()}))
     print(format_bench(result))
     if args.out:
