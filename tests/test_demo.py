@@ -65,7 +65,7 @@ def test_sources_without_a_data_folder_use_the_fallback_files(no_data_folder):
     legal = demo_sources("legal")
     assert sorted(legal) == ["perplexity", "rouge"] and "not the pruning domain" not in legal["rouge"].note
     legal_texts = [legal["perplexity"].task.text(r) for r in legal["perplexity"].records]
-    assert legal_texts == [r["document"] for r in lexsum[8:]]
+    assert legal_texts == [r["document"] for r in lexsum[8:]] and legal["perplexity"].name == "multilexsum documents"
     assert held_out_example(legal)[1].response == " Case 8 about jail conditions."
 
 
@@ -137,6 +137,8 @@ def test_demo_end_to_end(tiny_model_dir, shared_data, tmp_path, capsys, recwarn)
     assert pruned_params < dense_params
     assert "| parameters" in report_text and f"{dense_params:,}" in report_text and f"{pruned_params:,}" in report_text
     assert f"{pruned_params / dense_params:.2f}x" in report_text
+    truncated = results["report"]["truncated_examples"]
+    assert truncated > 0 and f"{truncated} examples were longer than 48 tokens" in report_text
 
     # quality on the held-out records: perplexity recomputed on the dev split's texts, the majority class
     records = split(get_task("pubmed_text").load(shared_data / "healthcare" / "pubmedqa_train.jsonl"), "dev")[:4]

@@ -24,9 +24,10 @@ from .fsutil import write_text_atomic
 # a question in each domain for the side-by-side answers (asked in the tokenizer's chat format)
 QUESTIONS = {"healthcare": "What are the common symptoms of iron deficiency anaemia?",
              "legal": "What does a plaintiff have to prove to win a negligence claim?"}
-# the running text of a task's records, for perplexity when a domain has no plain-text task
-TEXT_FIELDS = {"medqa": "question", "pubmedqa": "CONTEXTS", "hqs": "CHQ", "casehold": "citing_prompt",
-               "multilexsum": "document", "billsum": "source"}
+# the running text of a task's records (field, what it holds), for perplexity when a domain has no text task
+TEXT_FIELDS = {"medqa": ("question", "questions"), "pubmedqa": ("CONTEXTS", "abstracts"), "hqs": ("CHQ", "questions"),
+               "casehold": ("citing_prompt", "citing texts"), "multilexsum": ("document", "documents"),
+               "billsum": ("source", "bills")}
 OUTPUTS = ("demo.md", "demo_results.json")
 
 
@@ -98,9 +99,9 @@ def demo_sources(domain: str, data_dir=None) -> dict[str, Source]:
     if "perplexity" not in sources:
         for task, records in loaded:
             if task.name in TEXT_FIELDS:
-                field = TEXT_FIELDS[task.name]
+                field, what = TEXT_FIELDS[task.name]
                 text_task = data.PerplexityTask(f"{task.name}_text", domain, field)
-                sources["perplexity"] = Source(text_task, data.split(records, "dev"), f"{task.name} {field}s",
+                sources["perplexity"] = Source(text_task, data.split(records, "dev"), f"{task.name} {what}",
                                                f"the {field} text of {task.name}, dev split, from {origin}")
                 break
     if "rouge" not in sources and root is None:
@@ -274,7 +275,10 @@ def render(results: dict) -> str:
         f"# atp demo: {cfg['model']} pruned to {cfg['sparsity']:.0%} on {cfg['domain']} data",
         "",
         f"- Training: one ATP run of {cfg['max_steps']} steps (batch {cfg['batch_size']}, {cfg['max_length']} tokens) "
-        f"on the training split of {', '.join(results['trained_on'])}, {_minutes(report['train_seconds'])}.",
+        f"on the training split of {', '.join(results['trained_on'])}, {_minutes(report['train_seconds'])}."
+        + (f" {report['truncated_examples']} examples were longer than {cfg['max_length']} tokens: they lost the "
+           "start of their prompt, and their response only where it alone is longer."
+           if report.get("truncated_examples") else ""),
         f"- Result: {report['exported_params']:,} of {report['dense_params']:,} parameters kept, "
         f"sparsity {report['prunable_sparsity']:.3f} of the prunable (decoder-block) parameters "
         f"(target {report['target_sparsity']}); saved to {report['model_dir']}."
