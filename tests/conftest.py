@@ -20,7 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ATP_DATA_DIR", REPO.parent / "shared" / "data"))
 
 FAMILIES = list(ARCHS)  # every family in atp's architecture table
-EXTRA = {"mistral": {"sliding_window": None}}  # per family, beyond the shared tiny sizes
+EXTRA = {  # per family, beyond the shared tiny sizes
+    "mistral": {"sliding_window": None},
+    # every other layer slides over 4 tokens, so that sliding and global layers differ on 12-token inputs
+    "gemma3_text": {"sliding_window": 4, "sliding_window_pattern": 2, "query_pre_attn_scalar": 8},
+}
 
 
 def tiny_config(family: str = "llama", gqa: bool = True, vocab_size: int = 512, **overrides):

@@ -17,7 +17,7 @@ ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
 @pytest.mark.parametrize("family, overrides", [
     ("llama", {}), ("llama", {"attention_bias": True, "mlp_bias": True}), ("mistral", {}), ("qwen2", {}),
-    ("qwen3", {}), ("qwen3", {"attention_bias": True}),
+    ("qwen3", {}), ("qwen3", {"attention_bias": True}), ("gemma3_text", {}), ("gemma3_text", {"attention_bias": True}),
 ])
 def test_table_entry_describes_the_model(family, overrides):
     model = tiny_model(family, True, **overrides)
@@ -50,7 +50,7 @@ def test_pruned_types_map_back_to_their_family():
         config_cls, model_cls = arch.pruned_classes
         assert config_cls.model_type == f"atp_{family}" and model_cls.config_class is config_cls
         assert arch_for(config_cls()) is arch
-    with pytest.raises(ATPError, match="not supported; supported families: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ATPError, match="not supported; supported families: gemma3_text, llama, mistral, qwen2, qwen3"):
         arch_for(type("C", (), {"model_type": "atp_gpt2"})())
 
 

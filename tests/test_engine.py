@@ -171,7 +171,7 @@ def test_save_refuses_existing_dir(tmp_path, tokenizer):
 def test_unsupported_architecture_named():
     from transformers import GPT2Config
 
-    with pytest.raises(ATPError, match="supported families: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ATPError, match="supported families: gemma3_text, llama, mistral, qwen2, qwen3"):
         HeadMLPSpace.from_config(GPT2Config())
 
 

