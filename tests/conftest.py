@@ -85,6 +85,8 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if not LLAMA_CPP and os.environ.get("ATP_REQUIRE_LLAMACPP") == "1":
+        raise pytest.UsageError("ATP_REQUIRE_LLAMACPP=1 but llama_cpp is not importable: run `make gguf`")
     if not LLAMA_CPP:
         marked = [item for item in items if item.get_closest_marker("llamacpp")]
         if marked:
