@@ -104,6 +104,14 @@ class ATPConfig:
         "help": "calibration batches per generator step (their task losses are averaged; more batches, less noise)"})
     generator_clip: float = field(default=0.0, metadata={
         "help": "clip the generator's gradient norm to this (0: no clipping)"})
+    generator_ema: float = field(default=0.0, metadata={
+        "help": "decay of an exponential moving average of the gate logits, updated after each generator step; "
+                "the decisions that mask LoRA steps, and those calibrated at the freeze, follow the average "
+                "(0: off; e.g. 0.8)"})
+    ratio_penalty: str = field(default="log", metadata={
+        "help": "how generator steps hold the remaining ratio r to its target t: log (alpha * |log r - log t|) "
+                "or lagrangian (Sheared-LLaMA: l1 (r - t) + l2 (r - t)^2 with multipliers raised by gradient "
+                "ascent, at alpha times the generator's learning rate)"})
     distill: float = field(default=0.0, metadata={
         "help": "knowledge distillation weight w: LoRA and generator steps minimise (1 - w) * task loss + w * "
                 "T^2 * KL(teacher || model) over every real token (0: task loss only)"})
@@ -152,6 +160,8 @@ class ATPConfig:
         for name in ("alpha", "lam", "save_every", "check_tolerance", "generator_clip"):
             if not getattr(self, name) >= 0:
                 raise ATPError(f"{flag(name)} must be at least 0, got {getattr(self, name)}")
+        if not 0 <= self.generator_ema < 1:
+            raise ATPError(f"--generator-ema must be in [0, 1) (the moving average's decay), got {self.generator_ema}")
         if not 0 <= self.distill <= 1:
             raise ATPError(f"--distill must be in [0, 1] (the weight of the distillation loss), got {self.distill}")
         if not self.distill_temperature > 0:
@@ -246,7 +256,7 @@ def check_types(values: dict, where: str | None = None) -> None:
 
 
 CHOICES = {"gguf_type": ("f32", "f16", "q8_0", "q4_0"), "lasso": ("ramp", "lr-scaled"), "lora_mask": ("frozen", "both", "frozen-output"),
-           "lora_decisions": ("deterministic", "sampled")}
+           "lora_decisions": ("deterministic", "sampled"), "ratio_penalty": ("log", "lagrangian")}
 
 
 def upgrade_record(values: dict) -> dict:
@@ -406,7 +416,7 @@ NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints
 # stay resumable and their compare cells stay valid
 LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-scaled", "lora_mask": "both",
                  "lora_decisions": "deterministic", "generator_batches": 1, "generator_clip": 0.0, "distill": 0.0,
-                 "distill_temperature": 1.0, "teacher": "self"}
+                 "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log"}
 
 
 def inert_options(cfg: ATPConfig) -> set[str]:
@@ -417,7 +427,7 @@ def inert_options(cfg: ATPConfig) -> set[str]:
     if not Schedule.from_config(cfg).learns_decisions:  # no LoRA steps under the generator's decisions
         inert |= {"lasso", "lora_mask", "lora_decisions"}
     if not cfg.prune or cfg.method in SCORED:  # no generator at all
-        inert |= {"generator_batches", "generator_clip"}
+        inert |= {"generator_batches", "generator_clip", "generator_ema", "ratio_penalty"}
     if cfg.distill == 0:
         inert |= {"distill_temperature", "teacher"}
     return inert

@@ -2,6 +2,9 @@
 
 Training mode samples Gumbel-sigmoid gates with a straight-through hard threshold; eval mode returns
 deterministic hard decisions (logit + offset > 0). The offset starts every gate well inside "keep".
+With `ema` > 0 the decisions (what LoRA steps, the freeze and the export use) follow an exponential moving
+average of the logits, updated after every generator step; the search itself (sampled gates, ratio loss)
+uses the current logits. With `lagrangian`, the ratio constraint's two multipliers live here too.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ class DecisionGenerator(nn.Module):
         offset: float = 3.0,
         seed: int = 0,
         rule: ShapeRule | None = None,
+        ema: float = 0.0,
+        lagrangian: bool = False,
     ):
         super().__init__()
         self.space = space
@@ -27,6 +32,7 @@ class DecisionGenerator(nn.Module):
         self.temperature = temperature
         self.offset = offset
         self.seed = seed
+        self.ema = ema
         num_layers = next(iter(space.gate_shapes.values()))[0]
         init = torch.Generator().manual_seed(seed)
         self.inputs = nn.Parameter(torch.randn(num_layers, hidden, generator=init) * 0.5)
@@ -44,16 +50,42 @@ class DecisionGenerator(nn.Module):
                 for head in layer_heads:
                     head.weight.mul_(0.1)
                     head.bias.zero_()
+        if ema > 0:  # registered only when used, so earlier checkpoints load unchanged
+            with torch.no_grad():
+                for kind, value in self.raw_logits().items():
+                    self.register_buffer(f"ema_{kind}", value.clone())
+        if lagrangian:  # Sheared-LLaMA's multipliers of (r - t) and (r - t)^2, raised by gradient ascent
+            self.lagrange = nn.Parameter(torch.zeros(2))
 
-    def logits(self) -> Gates:
+    def raw_logits(self) -> Gates:
         states, _ = self.rnn(self.inputs.float().unsqueeze(0))
         states = states.squeeze(0)
-        return {
-            kind: torch.stack([head(states[i]) for i, head in enumerate(layer_heads)])
-            + self.offset
-            + getattr(self, f"shift_{kind}")
-            for kind, layer_heads in self.heads.items()
-        }
+        return {kind: torch.stack([head(states[i]) for i, head in enumerate(layer_heads)])
+                for kind, layer_heads in self.heads.items()}
+
+    def _shifted(self, raw: Gates) -> Gates:
+        return {kind: value + self.offset + getattr(self, f"shift_{kind}") for kind, value in raw.items()}
+
+    def logits(self) -> Gates:
+        return self._shifted(self.raw_logits())
+
+    def decision_logits(self) -> Gates:
+        """The logits the decisions come from: the moving average when `ema` is on, else the current ones."""
+        if self.ema <= 0:
+            return self.logits()
+        return self._shifted({kind: getattr(self, f"ema_{kind}") for kind in self.heads})
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """After a generator step: ema <- ema * decay + logits * (1 - decay)."""
+        if self.ema <= 0:
+            return
+        for kind, value in self.raw_logits().items():
+            getattr(self, f"ema_{kind}").mul_(self.ema).add_(value, alpha=1 - self.ema)
+
+    def search_parameters(self) -> list[nn.Parameter]:
+        """What the generator's loss descends on (everything but the Lagrange multipliers)."""
+        return [p for name, p in self.named_parameters() if name != "lagrange"]
 
     def hard(self, logits: Gates) -> Gates:
         """0/1 decisions from logits, projected onto the shape rule (uniform widths, rounded widths)."""
@@ -66,9 +98,9 @@ class DecisionGenerator(nn.Module):
 
     def forward(self, step: int | None = None) -> Gates:
         """Gates for one step. `step` seeds the Gumbel noise so that every process draws the same sample."""
-        logits = self.logits()
         if not self.training:
-            return self.hard(logits)
+            return self.hard(self.decision_logits())
+        logits = self.logits()
         noise_gen = None if step is None else torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         noisy = {}
         for kind, value in logits.items():
@@ -88,7 +120,7 @@ class DecisionGenerator(nn.Module):
         Decisions only grow with a shift, so bisection finds each. The shifts are buffers, saved with the state."""
         kinds = list(self.space.gate_shapes)
         for kinds_to_shift in (kinds, kinds[-1:]):
-            logits = self.logits()
+            logits = self.decision_logits()
             span = max(float(v.abs().max()) for v in logits.values()) + 1.0
 
             def ratio_at(shift):
@@ -105,5 +137,5 @@ class DecisionGenerator(nn.Module):
 
     @torch.no_grad()
     def decisions(self) -> Gates:
-        """Deterministic hard decisions, whatever the module's mode."""
-        return self.hard(self.logits())
+        """Deterministic hard decisions (from the moving average when `ema` is on), whatever the module's mode."""
+        return self.hard(self.decision_logits())

@@ -27,6 +27,13 @@ def ratio_loss(ratio: torch.Tensor, target: float) -> torch.Tensor:
     return torch.abs(torch.log(ratio) - torch.log(torch.as_tensor(target, dtype=ratio.dtype)))
 
 
+def lagrangian_penalty(ratio: torch.Tensor, target: float, multipliers: torch.Tensor) -> torch.Tensor:
+    """Sheared-LLaMA's constraint term l1 * (r - t) + l2 * (r - t)^2. The generator descends on it and the
+    multipliers ascend (their gradient is negated before the step), so the pressure grows while r misses t."""
+    gap = ratio - target
+    return multipliers[0] * gap + multipliers[1] * gap * gap
+
+
 def _lora_pieces(model, space: PruningSpace):
     """Yield (layer, group, weight, axis, group_index) for every LoRA matrix that belongs to a group of a
     selected kind (`GateKind.lora_pieces`)."""

@@ -294,8 +294,12 @@ class PruneRecipe:
         if not cfg.prune:
             return
         self.generator = DecisionGenerator(self.space, cfg.generator_hidden, cfg.temperature, cfg.offset, cfg.seed,
-                                           self.rule)
-        self.opt_gen = torch.optim.AdamW(self.generator.parameters(), lr=cfg.generator_lr, weight_decay=0.0)
+                                           self.rule, ema=cfg.generator_ema,
+                                           lagrangian=cfg.ratio_penalty == "lagrangian")
+        groups = [{"params": self.generator.search_parameters()}]
+        if cfg.ratio_penalty == "lagrangian":  # short searches need the multipliers to rise fast
+            groups.append({"params": [self.generator.lagrange], "lr": cfg.alpha * cfg.generator_lr})
+        self.opt_gen = torch.optim.AdamW(groups, lr=cfg.generator_lr, weight_decay=0.0)
         self.optimizers["generator"] = self.opt_gen
         # both paths masked, and the frozen-path-only mode of LoRA steps in the generator phase
         self.controller = GateController(self.peft_model, self.space, mode="both", modes=(cfg.lora_mask,))
@@ -452,24 +456,36 @@ class PruneRecipe:
                 self.controller.set(generator(step=step))
                 loss = self.batch_loss(next(self.calib_iter)) / batches_per_step
                 check_finite(step, generator_loss=loss)
-                loss.backward(inputs=list(generator.parameters()))
+                loss.backward(inputs=generator.search_parameters())
                 total += loss.item()
                 for name, value in self.loss_parts.items():
                     parts[f"generator_{name}_loss"] = parts.get(f"generator_{name}_loss", 0.0) + value.item() / batches_per_step
             ratio = self.space.remaining_ratio(generator.deterministic_gates())
-            r_loss = regularization.ratio_loss(ratio, self.schedule.target_at(step))
-            weighted = self.cfg.alpha * r_loss
+            r_loss, weighted = self.ratio_terms(ratio, step)
             check_finite(step, ratio_loss=r_loss, generator_loss=total + weighted)
             weighted.backward(inputs=list(generator.parameters()))
+            if self.cfg.ratio_penalty == "lagrangian":
+                generator.lagrange.grad.neg_()  # the multipliers ascend
         if self.world > 1:
             for p in generator.parameters():
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
         if self.cfg.generator_clip > 0:
-            torch.nn.utils.clip_grad_norm_(generator.parameters(), self.cfg.generator_clip)
+            torch.nn.utils.clip_grad_norm_(generator.search_parameters(), self.cfg.generator_clip)
         self.opt_gen.step()
+        generator.update_ema()
+        if self.cfg.ratio_penalty == "lagrangian":
+            parts.update(lagrange_1=generator.lagrange[0].item(), lagrange_2=generator.lagrange[1].item())
         window.add(**parts, ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
         self.step_times["generator"].append(time.perf_counter() - t0)
+
+    def ratio_terms(self, ratio: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ratio loss (logged) and the term the generator minimises: alpha * ratio loss, or the Lagrangian."""
+        target = self.schedule.target_at(step)
+        r_loss = regularization.ratio_loss(ratio, target)
+        if self.cfg.ratio_penalty == "lagrangian":
+            return r_loss, regularization.lagrangian_penalty(ratio, target, self.generator.lagrange)
+        return r_loss, self.cfg.alpha * r_loss
 
     def lora_step(self, step: int, new_decisions: bool) -> None:
         """LoRA step under the step's mask mode (the frozen path only while the generator searches, with the
