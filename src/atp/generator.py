@@ -1,4 +1,5 @@
-"""Pruning-decision generator: learned per-layer inputs -> bi-GRU -> per-layer heads -> one logit per gate.
+"""Pruning-decision generator: learned per-layer inputs -> bi-GRU -> per-layer heads -> one logit per gate (a
+model-wide kind, hidden channels, has one head reading the mean of the layers' states).
 
 Training mode samples Gumbel-sigmoid gates with a straight-through hard threshold; eval mode returns
 deterministic hard decisions (logit + offset > 0). The offset starts every gate well inside "keep".
@@ -27,14 +28,14 @@ class DecisionGenerator(nn.Module):
         self.temperature = temperature
         self.offset = offset
         self.seed = seed
-        num_layers = next(iter(space.gate_shapes.values()))[0]
+        num_layers = space.num_layers
         init = torch.Generator().manual_seed(seed)
         self.inputs = nn.Parameter(torch.randn(num_layers, hidden, generator=init) * 0.5)
         self.rnn = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
         self.heads = nn.ModuleDict(
             {
-                kind: nn.ModuleList(nn.Linear(2 * hidden, width) for _ in range(num_layers))
-                for kind, (_, width) in space.gate_shapes.items()
+                kind: nn.ModuleList(nn.Linear(2 * hidden, width) for _ in range(rows))
+                for kind, (rows, width) in space.gate_shapes.items()
             }
         )
         for kind in space.gate_shapes:
@@ -48,8 +49,9 @@ class DecisionGenerator(nn.Module):
     def logits(self) -> Gates:
         states, _ = self.rnn(self.inputs.float().unsqueeze(0))
         states = states.squeeze(0)
+        rows = {len(states): states, 1: states.mean(0, keepdim=True)}  # per layer, or model-wide (mean state)
         return {
-            kind: torch.stack([head(states[i]) for i, head in enumerate(layer_heads)])
+            kind: torch.stack([head(rows[len(layer_heads)][i]) for i, head in enumerate(layer_heads)])
             + self.offset
             + getattr(self, f"shift_{kind}")
             for kind, layer_heads in self.heads.items()
