@@ -423,3 +423,19 @@ def test_train_prunes_hidden_channels_end_to_end(sparsity_of, tiny_model_dir, tr
     assert loaded.config.hidden_size == report["hidden_size"] == stored(model_dir)["model.norm.weight"][0]
     with torch.no_grad():
         assert torch.isfinite(loaded(ids()).logits).all()
+
+
+def test_train_hidden_alone_exports_a_plain_checkpoint(tiny_model_dir, train_file, tmp_path):
+    """Hidden channels alone shrink every count in proportion: a quarter of the model is 12 of the 48 channels, and
+    with 36 channels (6 heads divide it) every layer keeps its widths, so the export is a plain LlamaForCausalLM."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = ATPConfig(model=str(tiny_model_dir), domain=None, train_files=[f"pubmedqa={train_file}"],
+                    out=str(tmp_path / "run"), max_steps=6, batch_size=2, max_length=48, hidden_block=4,
+                    generator_every=1, generator_lr=3e-2, alpha=8.0, save_every=0, sparsity=0.25, space=["hidden"],
+                    sparsity_of="model")
+    report = train(cfg, progress=False)
+    assert report["logits_check"]["passed"] and report["export_format"] == "uniform"
+    assert report["hidden_size"] == 36 and report["model_sparsity"] == pytest.approx(0.25, abs=1e-12)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert type(loaded).__name__ == "LlamaForCausalLM" and loaded.config.hidden_size == 36

@@ -87,22 +87,24 @@ class DecisionGenerator(nn.Module):
     def calibrate_offset(self, ratio_of, target: float, iters: int = 40) -> float:
         """Shift logits so that the hard decisions' remaining ratio comes closest to `target`: first one shift
         for every gate, then one for the finest-grained kind alone (the last), to close what a coarse step left.
-        Decisions only grow with a shift, so bisection finds each. The shifts are buffers, saved with the state."""
+        Decisions only grow with a shift, so bisection finds each. The shifts are buffers, saved with the state;
+        each candidate is judged on the decisions those buffers give (the float32 sum that `logits` computes), so a
+        gate that the bisection leaves just above zero stays kept."""
         kinds = list(self.space.gate_shapes)
         for kinds_to_shift in (kinds, kinds[-1:]):
-            logits = self.logits()
-            span = max(float(v.abs().max()) for v in logits.values()) + 1.0
+            span = max(float(v.abs().max()) for v in self.logits().values()) + 1.0
+            start = {kind: getattr(self, f"shift_{kind}").clone() for kind in kinds_to_shift}
 
             def ratio_at(shift):
-                return float(ratio_of(self.hard({k: v + (shift if k in kinds_to_shift else 0.0) for k, v in logits.items()})))
+                for kind in kinds_to_shift:
+                    getattr(self, f"shift_{kind}").copy_(start[kind] + shift)
+                return float(ratio_of(self.decisions()))
 
             low, high = -span, span
             for _ in range(iters):
                 mid = (low + high) / 2
                 low, high = (mid, high) if ratio_at(mid) < target else (low, mid)
-            best = min((low, high), key=lambda s: abs(ratio_at(s) - target))
-            for kind in kinds_to_shift:
-                getattr(self, f"shift_{kind}").add_(best)
+            ratio_at(min((low, high), key=lambda s: abs(ratio_at(s) - target)))
         return float(ratio_of(self.decisions()))
 
     @torch.no_grad()
