@@ -439,3 +439,49 @@ def test_train_hidden_alone_exports_a_plain_checkpoint(tiny_model_dir, train_fil
     assert report["hidden_size"] == 36 and report["model_sparsity"] == pytest.approx(0.25, abs=1e-12)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert type(loaded).__name__ == "LlamaForCausalLM" and loaded.config.hidden_size == 36
+
+
+# ----------------------------------------------------------------------------- GGUF (llama.cpp)
+
+def gguf_folder(kind, tmp_path, tokenizer):
+    """test_gguf's tiny Llama (hidden 64, head_dim 32) with one of its two hidden blocks of 32 pruned: hidden 32,
+    which its 4 kept heads divide (uniform) or with test_gguf's uneven heads and channels (heterogeneous)."""
+    from test_gguf import heterogeneous_gates, tiny
+
+    model = tiny("llama")
+    space = PruningSpace.from_config(model.config, mlp_block=32, kinds=["hidden", "heads", "mlp"], hidden_block=32)
+    gates = {**space.full_gates(), **(heterogeneous_gates(space) if kind == "heterogeneous" else {})}
+    if kind == "uniform":
+        gates["heads"][:, 4:] = 0
+    gates["hidden"][0, 0] = 0
+    path = save_pruned(build_pruned(model, space.kept_structure(gates)), tokenizer, tmp_path / kind)
+    return path, load_pruned(path)
+
+
+@pytest.mark.parametrize("kind,arch", [("uniform", "llama"), ("heterogeneous", "deci")])
+def test_gguf_export_reads_the_smaller_hidden_size(kind, arch, tmp_path, tokenizer):
+    from atp.gguf_export import export_gguf
+    from test_gguf import read_gguf
+
+    path, _ = gguf_folder(kind, tmp_path, tokenizer)
+    assert json.loads((path / "config.json").read_text())["hidden_size"] == 32
+    summary = export_gguf(path, tmp_path / "m.gguf", "q8_0")
+    fields, tensors = read_gguf(tmp_path / "m.gguf")
+    assert fields["general.architecture"] == arch == summary["architecture"]
+    assert fields[f"{arch}.embedding_length"] == 32 and fields[f"{arch}.attention.key_length"] == 32
+    assert tensors["token_embd.weight"] == ((32, 512), "Q8_0") and tensors["output_norm.weight"] == ((32,), "F32")
+    assert tensors["blk.0.attn_q.weight"][0][0] == 32 and tensors["blk.0.ffn_down.weight"][0][1] == 32
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("kind", ["uniform", "heterogeneous"])
+def test_llama_cpp_runs_a_hidden_pruned_model(kind, tmp_path, tokenizer):
+    from atp.gguf_export import export_gguf
+    from test_gguf import F32_BOUND, compare, llama_cpp_runtime, prompt_ids
+
+    llama_cpp_runtime()
+    path, model = gguf_folder(kind, tmp_path, tokenizer)
+    export_gguf(path, tmp_path / "m.gguf", "f32")
+    result, _ = compare(model, tmp_path / "m.gguf", prompt_ids(tokenizer))
+    assert result["top1_agreement"] == 1.0, result
+    assert result["max_abs_logit_diff"] <= F32_BOUND * max(1.0, result["max_abs_logit"]), result
