@@ -130,8 +130,10 @@ class GateKind:
 
     def keep_least(self, hard: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Hard decisions with at least `min_kept` gates kept in every row (the best-scored ones)."""
+        if not self.min_kept:
+            return hard
         short = hard.sum(dim=1) < self.min_kept
-        if not self.min_kept or not bool(short.any()):
+        if not bool(short.any()):
             return hard
         top = keep_top(scores, torch.full((hard.shape[0],), self.min_kept))
         return torch.where(short.unsqueeze(1), torch.maximum(hard, top), hard)

@@ -1,7 +1,7 @@
 """Pruning space: which structures can be pruned, and exact parameter counts under given gates.
 
 A space is made of the selected gate kinds (`atp.kinds`; `--space`, default heads and mlp). Gates are a
-dict of tensors, one entry per selected kind, each shaped [num_layers, gates_per_layer]:
+dict of tensors, one entry per selected kind, each shaped [num_layers, gates_per_layer] (hidden: [1, gates]):
   "heads": one gate per query head; a KV head goes when the last query head reading it goes.
   "mlp":   one gate per block of `mlp_block` intermediate channels (the last block may be shorter);
   "blocks": two gates per layer, its whole attention block and its whole MLP block;
