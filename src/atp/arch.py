@@ -27,6 +27,12 @@ class Arch:
     head_norms: tuple[str, ...] = ()  # norms inside attention over head_dim, shared by all heads (Qwen3 q_norm, k_norm)
     norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")  # per layer, over hidden_size
     attention_norms: tuple[str, ...] = ("input_layernorm",)  # those of `norms` that go with the attention block
+    rms_norms: bool = True  # every norm over hidden_size is an RMSNorm (hidden pruning renormalises over kept channels)
+    norm_offset: float = 0.0  # an RMSNorm multiplies by (norm_offset + weight) (Gemma: 1)
+    embed_scale: bool = False  # the embedding output is multiplied by sqrt(hidden_size) (Gemma)
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
     layers: str = "model.layers"
     attention: str = "self_attn"
     mlp: str = "mlp"
@@ -93,9 +99,9 @@ ARCHS = {a.model_type: a for a in (
     # a scaled embedding (a buffer, not a parameter)
     Arch("gemma3_text", "Gemma 3", "Gemma3TextConfig", "transformers.models.gemma3.modeling_gemma3", "Gemma3",
          biases=lambda c: (c.attention_bias, c.attention_bias, False), head_norms=("q_norm", "k_norm"),
-         norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+         heads_divide_hidden=True, norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                 "post_feedforward_layernorm"),
-         attention_norms=("input_layernorm", "post_attention_layernorm")),
+         attention_norms=("input_layernorm", "post_attention_layernorm"), norm_offset=1.0, embed_scale=True),
 )}
 
 

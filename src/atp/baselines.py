@@ -8,7 +8,10 @@ Groups (the same ones ATP's generator decides on):
   query head h:  the rows of q_proj and the columns of o_proj that belong to h;
   MLP block b:   the rows of gate_proj and up_proj and the columns of down_proj of its channels;
   a layer's attention / MLP block (--space blocks): all weights of its projections (activation: all input
-                 channels of o_proj / down_proj).
+                 channels of o_proj / down_proj);
+  hidden block (--space hidden): the input columns of q/k/v/gate/up and the output rows of o/down of its channels
+                 in every layer, summed over the layers before the norm / absolute value (taylor, magnitude,
+                 random; activation cannot score it).
 Scores (higher = more important), computed on the pretrained weights (LoRA is still zero):
   taylor      |sum over the group of w * dL/dw|: LLM-Pruner's first-order estimate of the loss change
               when the group is removed, with dL/dw summed over `calib_batches` calibration batches.
@@ -47,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ATPError
+from .kinds import KINDS
 from .masking import decoder_layers
 from .space import Gates, PruningSpace
 
@@ -67,8 +71,12 @@ def _group_sums(space: PruningSpace, stats: dict[str, torch.Tensor]) -> list[tor
 
 
 def _stack(space: PruningSpace, per_layer: list[list[torch.Tensor]]) -> Gates:
-    return {kind.name: torch.stack([scores[i] for scores in per_layer]).float().cpu()
-            for i, kind in enumerate(space.kind_objects)}
+    """Per-layer sums as [layers, gates] tables; a model-wide kind's (hidden channels) summed over the layers."""
+    out = {}
+    for i, kind in enumerate(space.kind_objects):
+        table = torch.stack([scores[i] for scores in per_layer]).float().cpu()
+        out[kind.name] = table.sum(0, keepdim=True) if kind.model_wide else table
+    return out
 
 
 def magnitude_scores(model, space: PruningSpace) -> Gates:
@@ -76,8 +84,8 @@ def magnitude_scores(model, space: PruningSpace) -> Gates:
     with torch.no_grad():
         for layer in decoder_layers(model):
             stats = {k: _weight(m).float().pow(2) for k, m in _projections(space, layer).items()}
-            per_layer.append([sums.sqrt() for sums in _group_sums(space, stats)])
-    return _stack(space, per_layer)
+            per_layer.append(_group_sums(space, stats))
+    return {kind: sums.sqrt() for kind, sums in _stack(space, per_layer).items()}
 
 
 def taylor_scores(model, space: PruningSpace, batches, device) -> Gates:
@@ -96,13 +104,13 @@ def taylor_scores(model, space: PruningSpace, batches, device) -> Gates:
         with torch.no_grad():
             for layer in decoder_layers(model):
                 stats = {k: (_weight(m) * _weight(m).grad).float() for k, m in _projections(space, layer).items()}
-                per_layer.append([sums.abs() for sums in _group_sums(space, stats)])
+                per_layer.append(_group_sums(space, stats))
     finally:
         for w, flag in zip(weights, flags):
             w.grad = None
             w.requires_grad_(flag)
         model.train(was_training)
-    return _stack(space, per_layer)
+    return {kind: sums.abs() for kind, sums in _stack(space, per_layer).items()}
 
 
 def activation_scores(model, space: PruningSpace, batches, device) -> Gates:
@@ -164,7 +172,9 @@ def select(space: PruningSpace, scores: Gates, sparsity: float, allocation: str)
     """Prune the least important groups of each kind so that the remaining ratio of prunable parameters
     comes closest to 1 - sparsity, every kind giving up the same fraction of its own parameters."""
     orders = {kind: order(scores[kind], allocation) for kind in space.gate_shapes}
-    total = space.prunable_params()
+    # at most every gate but the `min_kept` of each row (a model keeps a hidden channel)
+    limit = {kind: len(orders[kind]) - KINDS[kind].min_kept * rows for kind, (rows, _) in space.gate_shapes.items()}
+    total = space.target_params()
 
     def gates(counts: dict[str, int]) -> Gates:
         out = space.full_gates()
@@ -184,13 +194,13 @@ def select(space: PruningSpace, scores: Gates, sparsity: float, allocation: str)
         return min({max(0, low - 1), low}, key=lambda n: (abs(fn(n) - target), n))
 
     kinds = list(space.gate_shapes)  # the last kind is the finest: it closes the gap
-    most = {kind: removed({kind: len(orders[kind])}) for kind in kinds}
+    most = {kind: removed({kind: limit[kind]}) for kind in kinds}
     share = sparsity * total / sum(most.values())  # the same fraction from every kind
     counts = {}
     for kind in kinds[:-1]:
-        counts[kind] = closest(lambda n: removed({kind: n}), share * most[kind], len(orders[kind]))
+        counts[kind] = closest(lambda n: removed({kind: n}), share * most[kind], limit[kind])
     last = kinds[-1]
-    counts[last] = closest(lambda n: removed({**counts, last: n}), sparsity * total, len(orders[last]))
+    counts[last] = closest(lambda n: removed({**counts, last: n}), sparsity * total, limit[last])
     return gates(counts)
 
 
@@ -224,6 +234,14 @@ SCORED = tuple(name for name, m in METHODS.items() if m.scored)  # decisions fro
 ALLOCATION = {name: m.allocation for name, m in METHODS.items()}
 
 
+def check_kinds_scored(method: str, kinds) -> None:
+    """A clear error where a selected gate kind cannot be scored by this method."""
+    for name in kinds:
+        reason = KINDS[name].unsupported_methods.get(method) if name in KINDS else None
+        if reason:
+            raise ATPError(f"--method {method} does not support --space {name}: {reason}")
+
+
 def check_method(method: str) -> Method:
     if method not in METHODS:
         raise ATPError(f"unknown --method '{method}'; choices: {', '.join(METHODS)}")
@@ -237,6 +255,7 @@ def fixed_decisions(method: str, model, space: PruningSpace, sparsity: float, ba
     chosen = check_method(method)
     if not chosen.scored:
         raise ATPError(f"method '{method}' has no importance score; scored methods: {', '.join(SCORED)}")
+    check_kinds_scored(method, space.kinds)
     scores = chosen.score(model, space, batches, device, seed)
     gates = select(space, scores, sparsity, chosen.allocation)
     info = {"allocation": chosen.allocation, "calibration_batches": len(batches) if chosen.calibration else 0,

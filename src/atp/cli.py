@@ -56,8 +56,8 @@ def print_prune_report(report: dict) -> None:
     check = report.get("logits_check", {})
     print(
         f"exported {report['exported_params']:,} of {report['dense_params']:,} parameters: "
-        f"sparsity {report['prunable_sparsity']:.4f} over prunable parameters "
-        f"(target {report['target_sparsity']}), {report['model_sparsity']:.4f} over the whole model"
+        f"sparsity {report['prunable_sparsity']:.4f} over prunable parameters, {report['model_sparsity']:.4f} over "
+        f"the whole model (target {report['target_sparsity']} of the {report.get('sparsity_of', 'prunable')} parameters)"
     )
     if check:
         print(f"logits check: max |diff| {check['max_abs_logit_diff']:.2e} (allowed {check['allowed']:.2e}) "

@@ -42,8 +42,15 @@ class ATPConfig:
         "help": "atp (one-stage), or a two-stage baseline whose decisions are fixed on the pretrained model before "
                 "LoRA tuning: taylor, magnitude, activation, random, frozen-generator (see atp.baselines)"})
     sparsity: float = field(default=0.4, metadata={
-        "help": "target fraction of prunable (decoder-block) parameters to remove, in (0, 1)"})
+        "help": "target fraction of parameters to remove, in (0, 1): of the prunable (decoder-block) parameters or "
+                "of the whole model (--sparsity-of)"})
+    sparsity_of: str = field(default="prunable", metadata={
+        "help": "what --sparsity is a fraction of: prunable (the decoder blocks' parameters) or model (every "
+                "parameter, embeddings and LM head included, which --space hidden also shrinks)"})
     mlp_block: int = field(default=32, metadata={"help": "MLP channels per gate (kept MLP widths are multiples of it)"})
+    hidden_block: int = field(default=32, metadata={
+        "help": "hidden channels per gate with --space hidden (the kept hidden size is a multiple of it, or the "
+                "full size; q8_0 / q4_0 GGUF files need multiples of 32)"})
     space: list[str] = field(default_factory=lambda: ["heads", "mlp"], metadata={"help": _space_help})
     uniform: bool = field(default=False, metadata={
         "help": "keep the same widths in every layer, so the export is a plain LlamaForCausalLM / Qwen2ForCausalLM "
@@ -149,7 +156,8 @@ class ATPConfig:
             return f"--{name.replace('_', '-')}"
 
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lora_r", "generator_every", "mlp_block",
-                     "generator_hidden", "log_every", "keep_checkpoints", "calib_batches", "generator_batches"):
+                     "generator_hidden", "log_every", "keep_checkpoints", "calib_batches", "generator_batches",
+                     "hidden_block"):
             if getattr(self, name) < 1:
                 raise ATPError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.calib_max_length is not None and self.calib_max_length < 1:
@@ -179,11 +187,13 @@ class ATPConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ATPError(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        from .baselines import SCORED, check_method
+        from .baselines import SCORED, check_kinds_scored, check_method
         from .kinds import check_kinds
 
         check_method(self.method)
         check_kinds(self.space)
+        if self.prune:
+            check_kinds_scored(self.method, self.space)
         if self.prune and self.method in SCORED and (self.uniform or self.round_to):
             raise ATPError(f"--uniform and --round-to apply to the generator's decisions (atp, frozen-generator), "
                            f"not to --method {self.method}")
@@ -256,7 +266,8 @@ def check_types(values: dict, where: str | None = None) -> None:
 
 
 CHOICES = {"gguf_type": ("f32", "f16", "q8_0", "q4_0"), "lasso": ("ramp", "lr-scaled"), "lora_mask": ("frozen", "both", "frozen-output"),
-           "lora_decisions": ("deterministic", "sampled"), "ratio_penalty": ("log", "lagrangian")}
+           "lora_decisions": ("deterministic", "sampled"), "ratio_penalty": ("log", "lagrangian"),
+           "sparsity_of": ("prunable", "model")}
 
 
 def upgrade_record(values: dict) -> dict:
@@ -416,7 +427,8 @@ NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints
 # stay resumable and their compare cells stay valid
 LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-scaled", "lora_mask": "both",
                  "lora_decisions": "deterministic", "generator_batches": 1, "generator_clip": 0.0, "distill": 0.0,
-                 "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log"}
+                 "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
+                 "sparsity_of": "prunable", "hidden_block": 32}
 
 
 def inert_options(cfg: ATPConfig) -> set[str]:
@@ -430,6 +442,8 @@ def inert_options(cfg: ATPConfig) -> set[str]:
         inert |= {"generator_batches", "generator_clip", "generator_ema", "ratio_penalty"}
     if cfg.distill == 0:
         inert |= {"distill_temperature", "teacher"}
+    if "hidden" not in cfg.space:
+        inert.add("hidden_block")
     return inert
 
 

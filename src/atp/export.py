@@ -7,7 +7,8 @@ The result is a normal HF folder (safetensors, config, tokenizer):
   - heterogeneous: widths differ per layer and live in transformers' `per_layer_config` (removed blocks under
     `skip`, with no weights left); the folder carries `modeling_atp.py` (see `atp.hf_modeling`) named in
     `auto_map`, for `trust_remote_code=True`.
-`atp_pruning` in the config records the original indices of the kept query heads, per layer.
+`atp_pruning` in the config records the original indices of the kept query heads, per layer, and of the kept
+hidden channels where those were pruned (the model then has a smaller hidden_size).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import hf_modeling
+from . import hf_modeling, hidden
 from .arch import ARCHS, arch_for, check_supported, register
 from .errors import ATPError
 from .fsutil import atomic_dir
@@ -34,7 +35,7 @@ _NOT_ARCHITECTURE = ("architectures", "auto_map", "model_type", "transformers_ve
 
 def sliced_state(model, kept_structure: list[dict], head_dim: int) -> dict[str, torch.Tensor]:
     """The (LoRA-merged) model's state dict with only the kept rows and columns of every decoder layer, and
-    nothing of its removed blocks."""
+    nothing of its removed blocks; with hidden channels pruned, only their kept channels everywhere."""
     dense = base_model(model)
     arch = arch_for(dense.config)
     state = dict(dense.state_dict())
@@ -55,6 +56,8 @@ def sliced_state(model, kept_structure: list[dict], head_dim: int) -> dict[str, 
                 if cols is not None:
                     weight = weight.index_select(1, cols.to(weight.device))
                 state[f"{prefix}.weight"] = weight.clone()
+    if kept_structure and kept_structure[0].get("hidden") is not None:
+        hidden.slice_outside(state, kept_structure[0]["hidden"], arch, dense.config)
     return state
 
 
@@ -64,14 +67,16 @@ def layer_widths(kept_structure: list[dict]) -> list[dict]:
             for kept in kept_structure]
 
 
-def uniform_allowed(config, widths: list[dict]) -> bool:
-    """Can these widths be written as the family's own config (same numbers in every layer, even groups)?"""
+def uniform_allowed(config, widths: list[dict], hidden_size: int | None = None) -> bool:
+    """Can these widths (with this hidden size, by default the config's) be written as the family's own config
+    (same numbers in every layer, even groups)?"""
     first = widths[0]
+    hidden_size = hidden_size or config.hidden_size
     if any(w != first for w in widths) or first["kv_map"] is not None or first.get("skip"):
         return False
     if first["num_attention_heads"] == 0 or first["intermediate_size"] == 0:
         return False
-    return not arch_for(config).heads_divide_hidden or config.hidden_size % first["num_attention_heads"] == 0
+    return not arch_for(config).heads_divide_hidden or hidden_size % first["num_attention_heads"] == 0
 
 
 def pruned_config(config, kept_structure: list[dict]):
@@ -80,8 +85,11 @@ def pruned_config(config, kept_structure: list[dict]):
         raise ATPError(f"cannot export model type '{config.model_type}'; supported families: {', '.join(ARCHS)}")
     values = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
     values["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kept_hidden = kept_structure[0].get("hidden")
+    if kept_hidden is not None:
+        values["hidden_size"] = len(kept_hidden)
     widths = layer_widths(kept_structure)
-    if uniform_allowed(config, widths):
+    if uniform_allowed(config, widths, values["hidden_size"]):
         values.update({k: v for k, v in widths[0].items() if k not in ("kv_map", "skip")})
         new = type(config)(**values)
     else:
@@ -90,7 +98,10 @@ def pruned_config(config, kept_structure: list[dict]):
         new = config_cls(**values, kv_map=None, per_layer_config=dict(enumerate(widths)))
         new.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.{config_cls.__name__}",
                         "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{model_cls.__name__}"}
-    setattr(new, CONFIG_KEY, {"kept_heads": [k["heads"] for k in kept_structure]})
+    record = {"kept_heads": [k["heads"] for k in kept_structure]}
+    if kept_hidden is not None:
+        record["kept_hidden"] = kept_hidden
+    setattr(new, CONFIG_KEY, record)
     return new
 
 
@@ -120,6 +131,8 @@ def build_pruned(model, kept_structure: list[dict]):
     with torch.device(device):
         pruned.model.rotary_emb = type(dense.model.rotary_emb)(config=config)
     _copy_meta_buffers(pruned, dense)
+    if config.hidden_size != dense.config.hidden_size:
+        hidden.reset_embed_scale(pruned, arch_for(dense.config))
     if config.tie_word_embeddings:
         pruned.tie_weights()
     pruned.config.use_cache = True
@@ -138,15 +151,17 @@ def _copy_meta_buffers(pruned, dense) -> None:
             pruned.get_submodule(owner)._buffers[leaf] = dense_buffers[name].clone()
 
 
-def count_safetensors_params(path) -> int:
-    """Parameters stored in a folder's safetensors files (tied weights stored once)."""
+def count_safetensors_params(path, prefix: str = "") -> int:
+    """Parameters stored in a folder's safetensors files (tied weights stored once), of the tensors whose names
+    start with `prefix` (e.g. the decoder layers')."""
     from safetensors import safe_open
 
     total = 0
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                total += math.prod(f.get_slice(name).get_shape())
+                if name.startswith(prefix):
+                    total += math.prod(f.get_slice(name).get_shape())
     return total
 
 

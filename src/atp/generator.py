@@ -1,4 +1,5 @@
-"""Pruning-decision generator: learned per-layer inputs -> bi-GRU -> per-layer heads -> one logit per gate.
+"""Pruning-decision generator: learned per-layer inputs -> bi-GRU -> per-layer heads -> one logit per gate (a
+model-wide kind, hidden channels, has one head reading the mean of the layers' states).
 
 Training mode samples Gumbel-sigmoid gates with a straight-through hard threshold; eval mode returns
 deterministic hard decisions (logit + offset > 0). The offset starts every gate well inside "keep".
@@ -33,14 +34,14 @@ class DecisionGenerator(nn.Module):
         self.offset = offset
         self.seed = seed
         self.ema = ema
-        num_layers = next(iter(space.gate_shapes.values()))[0]
+        num_layers = space.num_layers
         init = torch.Generator().manual_seed(seed)
         self.inputs = nn.Parameter(torch.randn(num_layers, hidden, generator=init) * 0.5)
         self.rnn = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
         self.heads = nn.ModuleDict(
             {
-                kind: nn.ModuleList(nn.Linear(2 * hidden, width) for _ in range(num_layers))
-                for kind, (_, width) in space.gate_shapes.items()
+                kind: nn.ModuleList(nn.Linear(2 * hidden, width) for _ in range(rows))
+                for kind, (rows, width) in space.gate_shapes.items()
             }
         )
         for kind in space.gate_shapes:
@@ -60,7 +61,8 @@ class DecisionGenerator(nn.Module):
     def raw_logits(self) -> Gates:
         states, _ = self.rnn(self.inputs.float().unsqueeze(0))
         states = states.squeeze(0)
-        return {kind: torch.stack([head(states[i]) for i, head in enumerate(layer_heads)])
+        rows = {len(states): states, 1: states.mean(0, keepdim=True)}  # per layer, or model-wide (mean state)
+        return {kind: torch.stack([head(rows[len(layer_heads)][i]) for i, head in enumerate(layer_heads)])
                 for kind, layer_heads in self.heads.items()}
 
     def _shifted(self, raw: Gates) -> Gates:
@@ -117,22 +119,24 @@ class DecisionGenerator(nn.Module):
     def calibrate_offset(self, ratio_of, target: float, iters: int = 40) -> float:
         """Shift logits so that the hard decisions' remaining ratio comes closest to `target`: first one shift
         for every gate, then one for the finest-grained kind alone (the last), to close what a coarse step left.
-        Decisions only grow with a shift, so bisection finds each. The shifts are buffers, saved with the state."""
+        Decisions only grow with a shift, so bisection finds each. The shifts are buffers, saved with the state;
+        each candidate is judged on the decisions those buffers give (the float32 sum that `logits` computes), so a
+        gate that the bisection leaves just above zero stays kept."""
         kinds = list(self.space.gate_shapes)
         for kinds_to_shift in (kinds, kinds[-1:]):
-            logits = self.decision_logits()
-            span = max(float(v.abs().max()) for v in logits.values()) + 1.0
+            span = max(float(v.abs().max()) for v in self.decision_logits().values()) + 1.0
+            start = {kind: getattr(self, f"shift_{kind}").clone() for kind in kinds_to_shift}
 
             def ratio_at(shift):
-                return float(ratio_of(self.hard({k: v + (shift if k in kinds_to_shift else 0.0) for k, v in logits.items()})))
+                for kind in kinds_to_shift:
+                    getattr(self, f"shift_{kind}").copy_(start[kind] + shift)
+                return float(ratio_of(self.decisions()))
 
             low, high = -span, span
             for _ in range(iters):
                 mid = (low + high) / 2
                 low, high = (mid, high) if ratio_at(mid) < target else (low, mid)
-            best = min((low, high), key=lambda s: abs(ratio_at(s) - target))
-            for kind in kinds_to_shift:
-                getattr(self, f"shift_{kind}").add_(best)
+            ratio_at(min((low, high), key=lambda s: abs(ratio_at(s) - target)))
         return float(ratio_of(self.decisions()))
 
     @torch.no_grad()

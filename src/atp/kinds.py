@@ -7,7 +7,8 @@ A kind knows, given a `PruningSpace` (the model's dimensions and its `atp.arch` 
   lasso       which LoRA rows (of B) and columns (of A) belong to each of its groups;
   export      which rows and columns of which projections a layer keeps, which of its weights go altogether,
               and the widths recorded for it;
-  baselines   how per-weight importance statistics reduce to one score per gate;
+  baselines   how per-weight importance statistics reduce to one score per gate (per layer; a model-wide kind's
+              are summed over layers), and which methods cannot score it;
   exact       whether masking equals physical removal (then the export must match the masked model).
 Gate values: 1 keeps the structure, 0 prunes it. A kind may contain finer kinds (`contains`): a removed
 attention block removes all its heads, so the space multiplies the finer kind's gates by the block's gate.
@@ -58,9 +59,18 @@ class GateKind:
     score_roles: tuple[str, ...]  # projections whose weights the importance scores read
     output_roles: tuple[str, ...]  # the projections that read the structures (activation scores)
     contains: tuple[str, ...] = ()  # per gate column, a finer kind whose gates in the layer this gate multiplies
+    model_wide = False  # one row of gates for the whole model instead of one per layer
+    min_kept = 0  # gates every row must keep (a model needs a hidden channel)
+    unsupported_methods: dict[str, str] = {}  # baseline method -> why it cannot score this kind
+
+    def rows(self, space) -> int:
+        return 1 if self.model_wide else space.num_layers
 
     def width(self, space) -> int:
         raise NotImplementedError
+
+    def check_space(self, space) -> None:
+        """A clear error where the model cannot have this kind pruned."""
 
     def dense_params(self, space) -> int:
         """Parameters of all the kind's structures in one layer."""
@@ -117,6 +127,16 @@ class GateKind:
     def project(self, space, rule, hard: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Hard decisions that obey a `space.ShapeRule`."""
         return hard
+
+    def keep_least(self, hard: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Hard decisions with at least `min_kept` gates kept in every row (the best-scored ones)."""
+        if not self.min_kept:
+            return hard
+        short = hard.sum(dim=1) < self.min_kept
+        if not bool(short.any()):
+            return hard
+        top = keep_top(scores, torch.full((hard.shape[0],), self.min_kept))
+        return torch.where(short.unsqueeze(1), torch.maximum(hard, top), hard)
 
     def check_rule(self, space, rule) -> None:
         pass
@@ -363,9 +383,89 @@ class BlockKind(GateKind):
                            "drop 'blocks' from --space or drop --uniform")
 
 
+class HiddenKind(GateKind):
+    """Hidden (embedding) channels in blocks of `hidden_block`, Minitron's embedding-channel pruning: one row of gates
+    for the whole model. A pruned channel goes from the embeddings, every projection that reads or writes the
+    residual stream (columns of q/k/v/gate/up, rows and bias entries of o/down), every norm over hidden_size and the
+    LM head: the export has a smaller hidden_size. Its masks act on the residual stream itself (`atp.hidden`), the
+    same in every mask mode: the norms (frozen weights) cut a pruned channel in all of them, so its LoRA pieces get no
+    gradient and group lasso drives them to zero. Counts: every other count is linear in hidden_size, so the space
+    counts with the kept channels in its place (`PruningSpace.counting_view`)."""
+
+    name = "hidden"
+    description = ("hidden (embedding) channels in blocks of --hidden-block, one set shared by the embeddings, every "
+                   "layer, every norm and the LM head (the export has a smaller hidden size)")
+    model_wide = True
+    min_kept = 1
+    unsupported_methods = {"activation": "Wanda-sp scores read the inputs of o_proj / down_proj, which say nothing "
+                                         "about hidden channels; use taylor, magnitude, random or frozen-generator"}
+    hooks = {mode: () for mode in MASK_MODES}  # the residual-stream hooks are `atp.hidden.stream_modules`
+    readers = ("q", "k", "v", "gate", "up")  # the projections whose input columns are hidden channels
+    writers = ("o", "down")  # those whose output rows (and bias entries) are
+    lora_pieces = (tuple(("hidden", role, "A", 1) for role in readers)
+                   + tuple(("hidden", role, "B", 0) for role in writers))
+    score_roles = readers + writers
+    output_roles = ()
+
+    def width(self, space):
+        return space.num_hidden_blocks
+
+    def check_space(self, space):
+        if not space.arch.rms_norms:
+            raise ATPError(f"--space hidden needs RMSNorm everywhere on the residual stream (norms are renormalised "
+                           f"over the kept channels); {space.arch.label} models are not supported")
+        if space.num_hidden_blocks < 2:
+            raise ATPError(f"--hidden-block {space.hidden_block} puts all {space.hidden_size} hidden channels in one "
+                           "block, which must stay: nothing could be pruned; choose a smaller --hidden-block")
+
+    def dense_params(self, space):
+        return 0  # counted by the kinds that read and write the channels, through hidden_size
+
+    def fixed_params(self, space):
+        return 0
+
+    def remaining_terms(self, space, gates):
+        return []
+
+    def masks(self, space, gates, names):
+        channels = space.hidden_mask(gates)  # [1, hidden_size]
+        # a norm over the k kept channels is the dense norm of the input scaled by sqrt(hidden_size / k)
+        return {"hidden": channels, "hidden_scale": torch.sqrt(space.hidden_size / channels.sum().clamp_min(1))}
+
+    def groups(self, space):
+        return {"hidden": (space.num_hidden_blocks, space.hidden_block)}  # per layer: its own LoRA pieces
+
+    def pruned(self, space, gates):
+        return {"hidden": (1 - gates.detach()).expand(space.num_layers, -1)}
+
+    def kept(self, space, gate_row):
+        channels = torch.nonzero(space.hidden_mask(gate_row) > 0.5).flatten().tolist()
+        return {"hidden": None if len(channels) == space.hidden_size else channels}
+
+    def widths(self, kept):
+        return {}  # the model's hidden_size, not a per-layer width
+
+    def slices(self, kept, head_dim):
+        if kept.get("hidden") is None:
+            return {}
+        channels = torch.tensor(kept["hidden"], dtype=torch.long)
+        return {**{role: (None, channels) for role in self.readers},
+                **{role: (channels, None) for role in self.writers}}
+
+    def unit(self, space):
+        return space.hidden_block
+
+    def group_sums(self, space, stats):
+        columns = sum(stats[role].sum(0) for role in self.readers) + sum(stats[role].sum(1) for role in self.writers)
+        return chunk_sums(columns, space.hidden_block)
+
+    def activation_sums(self, space, columns):
+        raise ATPError(f"--method activation does not support --space hidden: {self.unsupported_methods['activation']}")
+
+
 # name -> kind; this order is the order of gate dicts (the generator's calibration shifts the last kind, the
 # finest, on its own; coarser kinds come first)
-KINDS = {kind.name: kind for kind in (BlockKind(), HeadKind(), MLPChannelKind())}
+KINDS = {kind.name: kind for kind in (BlockKind(), HiddenKind(), HeadKind(), MLPChannelKind())}
 DEFAULT_KINDS = ("heads", "mlp")
 
 

@@ -5,7 +5,9 @@ A group is everything LoRA adds to one structure (each gate kind lists its piece
   KV head g:  rows of B in k_proj and v_proj for g;
   MLP block:  rows of B in gate_proj and up_proj, and columns of A in down_proj, for its channels;
   attention / MLP block of a layer (--space blocks): all rows of B in q/k/v_proj and all columns of A in
-              o_proj, or all rows of B in gate/up_proj and all columns of A in down_proj.
+              o_proj, or all rows of B in gate/up_proj and all columns of A in down_proj;
+  hidden block, per layer (--space hidden): columns of A in q/k/v/gate/up_proj and rows of B in o/down_proj for
+              its channels.
 """
 from __future__ import annotations
 

@@ -232,7 +232,8 @@ class PruneRecipe:
             self.accelerator.print(f"note: --max-length {cfg.max_length} exceeds the model's context of {context} "
                                    f"tokens; sequences are truncated to {context}")
             cfg.max_length = context
-        self.space = PruningSpace.from_config(self.model.config, mlp_block=cfg.mlp_block, kinds=cfg.space)
+        self.space = PruningSpace.from_config(self.model.config, mlp_block=cfg.mlp_block, kinds=cfg.space,
+                                              hidden_block=cfg.hidden_block, sparsity_of=cfg.sparsity_of)
         self.rule = ShapeRule(uniform=cfg.uniform, round_to=cfg.round_to)
         if cfg.prune:
             check_reachable(self.space, cfg.sparsity)
@@ -349,8 +350,8 @@ class PruneRecipe:
             gates, info = fixed_decisions(cfg.method, accelerator.unwrap_model(self.peft_model), space, cfg.sparsity,
                                           data, cfg.seed, accelerator.device)
         gates = {k: v.to(accelerator.device) for k, v in gates.items()}
-        sparsity = space.sparsity(gates)["prunable_sparsity"]
-        accelerator.print(f"{cfg.method}: decisions fixed before tuning at prunable sparsity {sparsity:.4f} "
+        sparsity = space.sparsity(gates)[f"{cfg.sparsity_of}_sparsity"]
+        accelerator.print(f"{cfg.method}: decisions fixed before tuning at {cfg.sparsity_of} sparsity {sparsity:.4f} "
                           f"({info['allocation']} allocation, {info['selection_seconds']:.0f}s)")
         return gates, info
 
@@ -542,7 +543,8 @@ class PruneRecipe:
                   "lr": self.lr_scheduler.get_last_lr()[0], "flips": self.flips}
         if self.decisions is not None:
             sp = self.space.sparsity(self.decisions)
-            record.update(ratio=1 - sp["prunable_sparsity"], prunable_sparsity=sp["prunable_sparsity"])
+            record.update(ratio=1 - sp[f"{self.cfg.sparsity_of}_sparsity"], prunable_sparsity=sp["prunable_sparsity"],
+                          model_sparsity=sp["model_sparsity"])
         self.flips = 0
         if self.accelerator.is_main_process:
             with open(self.log_path, "a") as f:
@@ -591,8 +593,8 @@ class PruneRecipe:
         cfg, space, times = self.cfg, self.space, self.step_times
         exported = count_safetensors_params(model_dir)
         dense_total = space.total_params()
-        removed = dense_total - exported
         kept = space.kept_structure(final)
+        decided = space.sparsity(final)
         return {
             "logits_check": check,
             "pruned_lora_group_norm_sum": pruned_lora_norm,  # at export
@@ -601,14 +603,18 @@ class PruneRecipe:
             "exported_params": exported,
             "dense_params": dense_total,
             "prunable_params": space.prunable_params(),
-            "prunable_sparsity": removed / space.prunable_params(),
-            "model_sparsity": removed / dense_total,
+            "prunable_sparsity": exported_sparsity(space, model_dir, "prunable"),
+            "model_sparsity": exported_sparsity(space, model_dir, "model"),
             "target_sparsity": cfg.sparsity if cfg.prune else 0.0,
+            "sparsity_of": cfg.sparsity_of,
             "method": cfg.method if cfg.prune else "dense-lora",
-            "decisions_sparsity": space.sparsity(final)["prunable_sparsity"],
+            "decisions_sparsity": decided["prunable_sparsity"],
+            "decisions_model_sparsity": decided["model_sparsity"],
             "decisions_info": self.chosen or {},
             "dense_shape": {"num_layers": space.num_layers, "num_heads": space.num_heads,
-                            "num_kv_heads": space.num_kv_heads, "intermediate_size": space.intermediate_size},
+                            "num_kv_heads": space.num_kv_heads, "intermediate_size": space.intermediate_size,
+                            "hidden_size": space.hidden_size},
+            "hidden_size": merged.config.hidden_size,
             "mean_lora_step_seconds": _mean(times["lora"]),
             "mean_generator_step_seconds": _mean(times["generator"]),
             "generator_steps": len(times["generator"]),
@@ -645,10 +651,10 @@ def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, che
     result goes into `check`, a mismatch raises ATPError (and the folder is not moved into place). A pruned
     model must also have the target sparsity (within sparsity_tolerance) and finite logits."""
     if cfg.prune:
-        measured = (space.total_params() - count_safetensors_params(path)) / space.prunable_params()
+        measured = exported_sparsity(space, path, cfg.sparsity_of)
         allowed = sparsity_tolerance(cfg, space)
         if not abs(measured - cfg.sparsity) <= allowed:
-            raise ATPError(f"refusing to export: the pruned model has prunable sparsity {measured:.4f}, but the target "
+            raise ATPError(f"refusing to export: the pruned model has {cfg.sparsity_of} sparsity {measured:.4f}, but the target "
                            f"is {cfg.sparsity} (more than {allowed:.3g} apart); the pruning decisions did not "
                            "reach the target (did the generator diverge? see log.jsonl)")
     loaded, _ = load_model(str(path), attn_implementation=cfg.attn_implementation)
@@ -680,8 +686,15 @@ def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, che
                        f"{allowed:.3g} ({cfg.check_tolerance:g} x the largest |logit|, {scale:.3g}){exact}")
 
 
+def exported_sparsity(space, path, of: str) -> float:
+    """Sparsity of a saved model folder over the dense model's decoder blocks ("prunable") or all its parameters."""
+    if of == "model":
+        return 1 - count_safetensors_params(path) / space.total_params()
+    return 1 - count_safetensors_params(path, prefix=space.arch.layers + ".") / space.prunable_params()
+
+
 FLOAT64_RECHECK_MAX_PARAMS = 2_000_000_000
-SPARSITY_TOLERANCE = 0.05  # most an export's measured prunable sparsity may differ from the target ...
+SPARSITY_TOLERANCE = 0.05  # most an export's measured sparsity may differ from the target ...
 
 
 def sparsity_tolerance(cfg: ATPConfig, space) -> float:
@@ -727,11 +740,13 @@ def _mean(values):
 
 
 def check_reachable(space, sparsity: float) -> None:
-    """The most the space can remove is everything but the fixed parameters (norms, output biases)."""
-    most = 1 - float(space.remaining_prunable({k: torch.zeros(v) for k, v in space.gate_shapes.items()})) / space.prunable_params()
+    """The most the space can remove is everything but the fixed parameters (norms, output biases; the embeddings
+    and LM head unless hidden channels are pruned, and one block of those stays)."""
+    most = 1 - float(space.remaining_ratio(space.fewest_gates()))
     if sparsity > most - 0.01:
+        of = "whole model's parameters" if space.sparsity_of == "model" else "prunable parameters"
         raise ATPError(f"--sparsity {sparsity} cannot be reached: this pruning space can remove at most "
-                       f"{most:.4f} of the prunable parameters (norms and output biases stay)")
+                       f"{most:.4f} of the {of} (norms and output biases stay)")
 
 
 def check_finite(step: int, **terms) -> None:
