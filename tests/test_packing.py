@@ -6,13 +6,13 @@ import random
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
 from safetensors.torch import load_file
 
 from atp.data import Example, collate, collate_packed, pack, tokenize_example
 from atp.distill import SelfTeacher
 from atp.errors import ATPError
 from atp.train import ATPConfig, batches, check_packing, train
+from conftest import FAMILIES, tiny_model
 
 WORDS = ("patient dose aspirin pain fever heart blood test daily week doctor tablet night sleep cough child "
          "mother water food diet side effect").split()
@@ -114,7 +114,8 @@ def test_packed_batches_fill_rows_and_count_tokens(tokenizer):
     halves = [batches(rows, size // 2, tokenizer.pad_token_id, seed=3, rank=r, world=2, pack_width=width)
               for r in (0, 1)]
     a, b = next(halves[0]), next(halves[1])
-    assert (a.tokens, a.real, a.total) == (b.tokens, b.real, b.total) == (first[0].tokens, first[0].real, first[0].total)
+    counts = (first[0].tokens, first[0].real, first[0].total)
+    assert (a.tokens, a.real, a.total) == (b.tokens, b.real, b.total) == counts
     torch.testing.assert_close(torch.cat([a.inputs["input_ids"], b.inputs["input_ids"]])[[0, 2, 1, 3]],
                                first[0].inputs["input_ids"])
 

@@ -211,3 +211,39 @@ def test_schedule_of_the_full_phase():
     assert Schedule.from_config(ATPConfig(max_steps=10, generator_frac=0.0, recovery="full")).full_from == 1
     for lora in (ATPConfig(max_steps=10), ATPConfig(max_steps=10, recovery="full", prune=False)):
         assert Schedule.from_config(lora).full_from == 0 and not Schedule.from_config(lora).is_full_step(10)
+
+
+def test_two_processes_match_one_process_with_full_recovery_and_packing(tiny_model_dir, train_file, tmp_path):
+    """accelerate launch --num_processes 2 (gloo): the full phase re-wraps the model for DDP over the weights that
+    train then; packed batches are split by rows. Same export as one process with the same global batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), "ACCELERATE_USE_CPU": "true"}
+    short = tmp_path / "hqs.jsonl"  # short records, several to a packed row
+    rows = [json.loads(line) for line in open(train_file)]
+    short.write_text("".join(json.dumps({"CHQ": r["QUESTION"], "Summary": r["final_decision"]}) + "\n" for r in rows))
+
+    def run(cmd, out, batch):
+        args = ["prune", "--model", str(tiny_model_dir), "--domain", "", "--train-file", f"hqs={short}",
+                "--out", str(out), "--max-steps", "12", "--batch-size", str(batch), "--max-length", "96",
+                "--mlp-block", "4", "--save-every", "0", "--generator-lr", "0.03", "--sparsity", "0.4",
+                "--generator-frac", "0.5", "--recovery", "full", "--recovery-lr", "1e-3", "--packing"]
+        done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads((out / "report.json").read_text())
+
+    one = run([sys.executable, "-m", "atp.cli"], tmp_path / "one", 4)
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    two = run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "-m", "atp.cli"], tmp_path / "two", 2)
+    assert two["processes"] == 2 and one["full_recovery_steps"] == two["full_recovery_steps"] == 6
+    assert one["layers"] == two["layers"] and one["train_tokens"] == two["train_tokens"]
+    assert one["pad_fraction"] == two["pad_fraction"] < 0.3
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
