@@ -165,7 +165,8 @@ class PruneRecipe:
         self.window = LogWindow()
         self.step_times = {"lora": [], "generator": [], "full": []}
         self.token_counts = {"real": 0, "total": 0}  # tokens of the training batches (LoRA and full steps) run here
-        self.full_params = self.full_optimizer = self.full_scheduler = self.opt_full = None  # --recovery full, once it starts
+        # --recovery full, once it starts: the trained weights by name, their optimizer (also as accelerate wraps it)
+        self.full_params = self.full_optimizer = self.full_scheduler = self.opt_full = None
         self.generator = self.opt_gen = self.controller = None
         self.fixed = self.chosen = None  # a two-stage baseline's decisions and their summary
         self.freeze_norms = {}  # pruned groups' LoRA norm before and after the freeze's last proximal step
@@ -223,6 +224,10 @@ class PruneRecipe:
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                        mixed_precision=cfg.mixed_precision)
         self.world = self.accelerator.num_processes
+        sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+        if cfg.recovery == "full" and sharded:
+            raise ATPError(f"--recovery full runs in one process or with DDP; it is not implemented for "
+                           f"{self.accelerator.distributed_type.value} (use --recovery lora)")
         set_seed(cfg.seed)
         self.check_run_dir()
         self.started = time.time()
