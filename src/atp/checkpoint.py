@@ -1,4 +1,6 @@
 """Crash-safe checkpoints: LoRA, generator, optimizers, scheduler and RNG, written atomically with a manifest.
+In the --recovery full phase also every trained decoder weight (full.safetensors) and its AdamW state
+(full_optimizer.safetensors; the optimizer's small settings go into state.pt).
 
 Each checkpoint is a folder `checkpoints/step-NNNNNN` made in a temp folder and renamed into place. Its
 `manifest.json` holds the SHA-256 of every file and the run's config fingerprint; a checkpoint whose
@@ -31,15 +33,18 @@ def _sha256(path: Path) -> str:
 
 
 def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, scheduler, fingerprint: str,
-         keep: int, decisions: tuple[dict, dict] | None = None, data_sha256: dict | None = None) -> Path:
+         keep: int, decisions: tuple[dict, dict] | None = None, data_sha256: dict | None = None,
+         full: tuple[dict, torch.optim.Optimizer, object] | None = None) -> Path:
     """decisions: (gates, info) of a run whose decisions were fixed before tuning (two-stage baselines).
-    data_sha256: the SHA-256 of each data file the run reads, recorded next to the fingerprint for --resume."""
+    data_sha256: the SHA-256 of each data file the run reads, recorded next to the fingerprint for --resume.
+    full: (weights by name, optimizer, learning-rate scheduler) of the --recovery full phase."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     lora = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
     gen = {k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()} if generator is not None else {}
-    for what, tensors in (("LoRA weight", lora), ("generator weight", gen)):
+    weights = {k: v.detach().contiguous().cpu() for k, v in full[0].items()} if full is not None else {}
+    for what, tensors in (("LoRA weight", lora), ("generator weight", gen), ("decoder weight", weights)):
         for name, value in tensors.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise ATPError(f"refusing to save the checkpoint of step {step}: {what} {name} holds NaN or Inf "
@@ -53,15 +58,18 @@ def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, sche
             gates, info = decisions
             (tmp / "decisions.json").write_text(json.dumps({"gates": {k: v.tolist() for k, v in gates.items()},
                                                              "info": info}))
-        torch.save(
-            {
-                "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "step": step,
-            },
-            tmp / "state.pt",
-        )
+        state = {
+            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "step": step,
+        }
+        if full is not None:
+            save_file(weights, str(tmp / "full.safetensors"))
+            tensors, state["full_optimizer"] = split_optimizer_state(full[1].state_dict())
+            save_file(tensors, str(tmp / "full_optimizer.safetensors"))
+            state["full_scheduler"] = full[2].state_dict()
+        torch.save(state, tmp / "state.pt")
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         manifest = {"step": step, "fingerprint": fingerprint, "files": files}
         if data_sha256 is not None:
@@ -113,6 +121,47 @@ def load_decisions(path: Path, device="cpu") -> tuple[dict, dict]:
     except (OSError, json.JSONDecodeError) as err:
         raise ATPError(f"{path.name}: no readable fixed decisions ({err})") from None
     return {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in saved["gates"].items()}, saved["info"]
+
+
+def split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state_dict as its per-parameter tensors, named "INDEX.KEY" (for safetensors), and the rest."""
+    tensors, rest = {}, {"param_groups": state_dict["param_groups"], "state": {}}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                rest["state"].setdefault(index, {})[key] = value
+    return tensors, rest
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    """The inverse of split_optimizer_state."""
+    state = {int(index): dict(values) for index, values in rest["state"].items()}
+    for name, value in tensors.items():
+        index, _, key = name.partition(".")
+        state.setdefault(int(index), {})[key] = value
+    return {"param_groups": rest["param_groups"], "state": state}
+
+
+def load_full(path: Path, weights: dict, optimizer, scheduler) -> None:
+    """The --recovery full phase's decoder weights (into the tensors of `weights`, by name), AdamW state and
+    learning-rate schedule."""
+    from safetensors.torch import load_file
+
+    if not (path / "full.safetensors").exists():
+        raise ATPError(f"{path.name}: a checkpoint of the full recovery phase, but full.safetensors is missing")
+    saved = load_file(str(path / "full.safetensors"))
+    if set(saved) != set(weights):
+        raise ATPError(f"{path.name}: full.safetensors holds other weights than this model trains "
+                       f"({len(saved)} saved, {len(weights)} here)")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            tensor.copy_(saved[name])
+    state = torch.load(path / "state.pt", weights_only=True)
+    optimizer.load_state_dict(join_optimizer_state(load_file(str(path / "full_optimizer.safetensors")),
+                                                   state["full_optimizer"]))
+    scheduler.load_state_dict(state["full_scheduler"])
 
 
 def load(path: Path, peft_model, generator, optimizers: dict, scheduler) -> int:

@@ -62,6 +62,10 @@ class ATPConfig:
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 256
+    packing: bool = field(default=False, metadata={
+        "help": "pack whole training examples into rows of exactly --max-length tokens (first fit, in the shuffled "
+                "order), with positions restarting at each example and no attention across examples, instead of "
+                "padding each batch to its longest example; calibration batches stay unpacked"})
     lr: float = 3e-4
     lora_r: int = 8
     lora_alpha: int = 16
@@ -127,6 +131,15 @@ class ATPConfig:
         "help": "distillation teacher: self (the dense pretrained model: adapters disabled, gates open, no extra "
                 "memory) or a run directory made by `atp prune --no-prune` on the same domain (a dense + LoRA "
                 "teacher)"})
+    recovery: str = field(default="lora", metadata={
+        "help": "training after the decisions are fixed (the steps after int(generator_frac * max_steps), for ATP and "
+                "the two-stage baselines alike): lora (LoRA continues) or full (LoRA is merged into the weights and "
+                "every weight of the decoder layers trains, pruned structures still masked and the generator frozen; "
+                "gradients and two AdamW states for all those weights take three more copies of them in memory, "
+                "far more than LoRA on large models)"})
+    recovery_lr: float = field(default=5e-5, metadata={
+        "help": "peak learning rate of --recovery full (its own warm-up and cosine over the phase with "
+                "--restart-lr, else the run's one cosine)"})
     log_every: int = 10
     save_every: int = 100
     keep_checkpoints: int = 2
@@ -162,7 +175,7 @@ class ATPConfig:
                 raise ATPError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.calib_max_length is not None and self.calib_max_length < 1:
             raise ATPError(f"{flag('calib_max_length')} must be at least 1, got {self.calib_max_length}")
-        for name in ("lr", "generator_lr", "temperature", "lora_alpha"):
+        for name in ("lr", "generator_lr", "temperature", "lora_alpha", "recovery_lr"):
             if not getattr(self, name) > 0:
                 raise ATPError(f"{flag(name)} must be greater than 0, got {getattr(self, name)}")
         for name in ("alpha", "lam", "save_every", "check_tolerance", "generator_clip"):
@@ -197,9 +210,21 @@ class ATPConfig:
         if self.prune and self.method in SCORED and (self.uniform or self.round_to):
             raise ATPError(f"--uniform and --round-to apply to the generator's decisions (atp, frozen-generator), "
                            f"not to --method {self.method}")
+        self.check_recovery()
         if not self.domain and not self.train_files:
             raise ATPError("give training data: --domain NAME or --train-file TASK=PATH")
         self.check_data_names()
+
+    def check_recovery(self) -> None:
+        """--recovery full needs a phase with fixed decisions after some steps of the run."""
+        if self.recovery != "full":
+            return
+        if not self.prune:
+            raise ATPError("--recovery full trains all weights once the pruning decisions are fixed; --no-prune has "
+                           "no pruning decisions (use --recovery lora, or prune)")
+        if int(self.generator_frac * self.max_steps) >= self.max_steps:
+            raise ATPError(f"--recovery full needs steps after the decisions are fixed, but --generator-frac "
+                           f"{self.generator_frac} leaves none of the {self.max_steps} steps; lower --generator-frac")
 
     def check_data_names(self) -> None:
         """The domain exists; each --train-file is TASK=PATH with a known task and a file (or hub id) there."""
@@ -267,7 +292,7 @@ def check_types(values: dict, where: str | None = None) -> None:
 
 CHOICES = {"gguf_type": ("f32", "f16", "q8_0", "q4_0"), "lasso": ("ramp", "lr-scaled"), "lora_mask": ("frozen", "both", "frozen-output"),
            "lora_decisions": ("deterministic", "sampled"), "ratio_penalty": ("log", "lagrangian"),
-           "sparsity_of": ("prunable", "model")}
+           "sparsity_of": ("prunable", "model"), "recovery": ("lora", "full")}
 
 
 def upgrade_record(values: dict) -> dict:
@@ -428,14 +453,18 @@ NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints
 LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-scaled", "lora_mask": "both",
                  "lora_decisions": "deterministic", "generator_batches": 1, "generator_clip": 0.0, "distill": 0.0,
                  "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
-                 "sparsity_of": "prunable", "hidden_block": 32}
+                 "sparsity_of": "prunable", "hidden_block": 32, "packing": False, "recovery": "lora",
+                 "recovery_lr": 5e-5}
 
 
 def inert_options(cfg: ATPConfig) -> set[str]:
     """Options that cannot change what this run computes (left out of its fingerprint)."""
     from .baselines import SCORED
 
-    inert = set() if Schedule.from_config(cfg).fixed_phase_start else {"restart_lr"}
+    restarted = Schedule.from_config(dataclasses.replace(cfg, restart_lr=True))
+    inert = set() if restarted.lr_restart_step else {"restart_lr"}
+    if cfg.recovery != "full":
+        inert.add("recovery_lr")
     if not Schedule.from_config(cfg).learns_decisions:  # no LoRA steps under the generator's decisions
         inert |= {"lasso", "lora_mask", "lora_decisions"}
     if not cfg.prune or cfg.method in SCORED:  # no generator at all

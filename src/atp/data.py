@@ -489,3 +489,59 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     input_ids, attention_mask = pad([x["input_ids"] for x in batch], pad_id)
     labels, _ = pad([x["labels"] for x in batch], -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- packing
+
+PACK_OPEN_ROWS = 16  # rows that wait for a fitting example before the oldest goes out part-filled
+
+
+def pack(order, lengths: list[int], width: int, open_rows: int = PACK_OPEN_ROWS):
+    """Rows of whole examples (lists of their indices), at most `width` tokens each. Each example of `order` (an
+    iterable of indices, endless or not) goes into the first open row with room for it, else into a new row; a
+    row that is exactly full goes out at once, the oldest when more than `open_rows` are open, the rest at the
+    end. Deterministic given the order."""
+    rows: list[list] = []  # [tokens used, indices]
+    for i in order:
+        n = lengths[i]
+        if not 0 < n <= width:
+            raise ATPError(f"cannot pack an example of {n} tokens into rows of {width}")
+        k = next((k for k, row in enumerate(rows) if row[0] + n <= width), len(rows))
+        if k == len(rows):
+            rows.append([0, []])
+        rows[k][0] += n
+        rows[k][1].append(i)
+        if rows[k][0] == width:
+            yield rows.pop(k)[1]
+        elif len(rows) > open_rows:
+            yield rows.pop(0)[1]
+    for _, indices in rows:
+        yield indices
+
+
+def collate_packed(rows: list[list[dict]], pad_id: int, width: int) -> tuple[dict, torch.Tensor]:
+    """Packed rows (lists of tokenized examples) to tensors input_ids, labels and position_ids of `width` tokens,
+    and the mask of real (non-padding) tokens. Positions restart at 0 with each example and with the padding
+    that ends a row which is not full. That is how transformers tells packed sequences apart: with no
+    attention_mask (none is returned) its causal mask is block-diagonal over them in every attention
+    implementation (flash attention reads the same boundaries from position_ids). The first label of each
+    example is -100, as it is never predicted unpacked either, so the loss is the sum of the examples' losses."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        used = sum(len(x["input_ids"]) for x in row)
+        if used > width:
+            raise ATPError(f"a packed row holds {used} tokens, more than {width}")
+        at = 0
+        for x in row:
+            n = len(x["input_ids"])
+            ids[r, at : at + n] = torch.tensor(x["input_ids"], dtype=torch.long)
+            labels[r, at + 1 : at + n] = torch.tensor(x["labels"][1:], dtype=torch.long)
+            positions[r, at : at + n] = torch.arange(n)
+            real[r, at : at + n] = True
+            at += n
+        if at < width:
+            positions[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}, real

@@ -48,7 +48,7 @@ class SelfTeacher:
     def logits(self, batch: dict) -> torch.Tensor:
         adapters_off = getattr(self.peft_model, "disable_adapter", None)
         with self.gates_off(), (adapters_off() if adapters_off else contextlib.nullcontext()):
-            return self.peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return self.peft_model(**model_inputs(batch)).logits
 
 
 class ModelTeacher:
@@ -74,4 +74,10 @@ class ModelTeacher:
 
     @torch.no_grad()
     def logits(self, batch: dict) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return self.model(**model_inputs(batch)).logits
+
+
+def model_inputs(batch: dict) -> dict:
+    """The batch's inputs without its labels. A packed batch has position_ids and no attention_mask, and with a
+    cache transformers would not read its example boundaries: no cache."""
+    return {**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}, "use_cache": False}

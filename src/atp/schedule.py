@@ -6,7 +6,9 @@
                                        group-lasso threshold ramp
     steps freeze_at + 1 .. max_steps   fixed-decision phase: LoRA steps only, the LoRA learning rate restarted
                                        (with restart_lr); both paths of pruned structures masked, their
-                                       LoRA kept at zero
+                                       LoRA kept at zero; with recovery "full" (ATP and the
+                                       two-stage baselines alike) LoRA is merged into the weights at the
+                                       start of this phase and every decoder weight trains (full_from)
 
 Steps count from 1 and are optimizer updates of LoRA. Plain LoRA and the two-stage baselines have no
 generator phase: every step is a LoRA step on fixed (or no) decisions.
@@ -29,13 +31,16 @@ class Schedule:
     lam: float
     lasso: str = "lr-scaled"  # "ramp": proximal threshold grows to the largest pruned norm at the freeze
     lora_mask: str = "both"  # mask mode of LoRA steps in the generator phase
+    full_from: int = 0  # recovery "full": the first step that trains all decoder weights (0: never)
 
     @classmethod
     def from_config(cls, cfg) -> Schedule:
-        return cls(max_steps=cfg.max_steps, freeze_at=int(cfg.generator_frac * cfg.max_steps),
+        freeze_at = int(cfg.generator_frac * cfg.max_steps)
+        full = cfg.prune and cfg.recovery == "full" and freeze_at < cfg.max_steps
+        return cls(max_steps=cfg.max_steps, freeze_at=freeze_at,
                    generator_every=cfg.generator_every, learns_decisions=cfg.prune and cfg.method == "atp",
                    restart_lr=cfg.restart_lr, sparsity=cfg.sparsity, target_warmup=cfg.target_warmup, lam=cfg.lam,
-                   lasso=cfg.lasso, lora_mask=cfg.lora_mask)
+                   lasso=cfg.lasso, lora_mask=cfg.lora_mask, full_from=freeze_at + 1 if full else 0)
 
     # phases
 
@@ -62,6 +67,10 @@ class Schedule:
         """The step after which ATP's LoRA tunes fixed decisions; 0 when a run has no such phase after
         generator steps (baselines fix their decisions before step 1; generator_frac 0 or 1)."""
         return self.freeze_at if self.learns_decisions and 0 < self.freeze_at < self.max_steps else 0
+
+    def is_full_step(self, step: int) -> bool:
+        """recovery "full": this step trains every decoder weight (LoRA merged in) instead of LoRA."""
+        return bool(self.full_from) and step >= self.full_from
 
     def in_generator_phase(self, step: int) -> bool:
         return self.learns_decisions and step <= self.freeze_at
@@ -94,8 +103,11 @@ class Schedule:
 
     @property
     def lr_restart_step(self) -> int:
-        """The LoRA learning-rate schedule starts again after this many updates (0: never)."""
-        return self.fixed_phase_start if self.restart_lr else 0
+        """The learning-rate schedule starts again after this many updates (0: never): at ATP's freeze, or
+        where recovery "full" begins (for the two-stage baselines too)."""
+        if not self.restart_lr:
+            return 0
+        return self.full_from - 1 if self.full_from else self.fixed_phase_start
 
     def lora_lr_factor(self, updates: int) -> float:
         """LoRA learning-rate multiplier after `updates` optimizer updates: linear warm-up over 5% of the steps,

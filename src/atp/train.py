@@ -10,11 +10,13 @@ step does what. accelerate provides devices, mixed precision, gradient accumulat
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
 import random
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -79,21 +81,61 @@ def tokenize_all(tokenizer, examples, max_length):
     return rows, truncated
 
 
-def batches(rows, batch_size, pad_id, seed, rank=0, world=1):
+class Batch(typing.NamedTuple):
+    """One global batch as this process sees it."""
+    inputs: dict  # this process's shard: the model's keyword arguments
+    tokens: int  # label tokens in the whole global batch (what the loss is normalised by)
+    mask: torch.Tensor  # this shard's real (non-padding) tokens
+    real: int  # real tokens in the whole global batch
+    total: int  # tokens the whole global batch occupies, padding included
+
+
+def batches(rows, batch_size, pad_id, seed, rank=0, world=1, pack_width: int | None = None):
     """Endless shuffled global batches of batch_size * world rows (each epoch reshuffled with its own seed).
     Yields this process's shard, collated, and the number of label tokens in the whole global batch, so
-    that the loss is normalised by the global count: N processes then compute what one process would."""
-    from .data import collate
+    that the loss is normalised by the global count: N processes then compute what one process would.
+    pack_width: rows are packed examples (atp.data.pack over the same shuffled order, epochs running on into
+    each other) of exactly that many tokens, instead of single examples padded to the shard's longest."""
+    from .data import collate, collate_packed, pack
 
     size = batch_size * world
+
+    def label_tokens(chosen):
+        return max(1, sum(sum(label != -100 for label in rows[i]["labels"][1:]) for i in chosen))
+
+    if pack_width is not None:
+        lengths = [len(row["input_ids"]) for row in rows]
+        packed, group = pack(shuffled(len(rows), seed), lengths, pack_width), []
+        for indices in packed:
+            group.append(indices)
+            if len(group) < size:
+                continue
+            real = sum(lengths[i] for indices in group for i in indices)
+            inputs, mask = collate_packed([[rows[i] for i in indices] for indices in group[rank::world]], pad_id,
+                                          pack_width)
+            yield Batch(inputs, label_tokens([i for indices in group for i in indices]), mask, real, size * pack_width)
+            group = []
+        return
     epoch = 0
     while True:
         order = list(range(len(rows)))
         random.Random(seed * 7919 + epoch).shuffle(order)
         for start in range(0, len(order) - size + 1, size):
             chosen = order[start : start + size]
-            tokens = sum(sum(label != -100 for label in rows[i]["labels"][1:]) for i in chosen)
-            yield collate([rows[i] for i in chosen[rank::world]], pad_id), max(1, tokens)
+            lengths = [len(rows[i]["input_ids"]) for i in chosen]
+            total = sum(len(lengths[r::world]) * max(lengths[r::world]) for r in range(world))  # each shard padded
+            inputs = collate([rows[i] for i in chosen[rank::world]], pad_id)
+            yield Batch(inputs, label_tokens(chosen), inputs["attention_mask"].bool(), sum(lengths), total)
+        epoch += 1
+
+
+def shuffled(n: int, seed: int):
+    """Endless indices 0 .. n-1, each epoch in its own shuffled order (the order `batches` uses)."""
+    epoch = 0
+    while True:
+        order = list(range(n))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        yield from order
         epoch += 1
 
 
@@ -121,7 +163,10 @@ class PruneRecipe:
         self.run_dir = Path(cfg.out)
         self.log_path = self.run_dir / "log.jsonl"
         self.window = LogWindow()
-        self.step_times = {"lora": [], "generator": []}
+        self.step_times = {"lora": [], "generator": [], "full": []}
+        self.token_counts = {"real": 0, "total": 0}  # tokens of the training batches (LoRA and full steps) run here
+        # --recovery full, once it starts: the trained weights by name, their optimizer (also as accelerate wraps it)
+        self.full_params = self.full_optimizer = self.full_scheduler = self.opt_full = None
         self.generator = self.opt_gen = self.controller = None
         self.fixed = self.chosen = None  # a two-stage baseline's decisions and their summary
         self.freeze_norms = {}  # pruned groups' LoRA norm before and after the freeze's last proximal step
@@ -179,6 +224,10 @@ class PruneRecipe:
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                        mixed_precision=cfg.mixed_precision)
         self.world = self.accelerator.num_processes
+        sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+        if cfg.recovery == "full" and sharded:
+            raise ATPError(f"--recovery full runs in one process or with DDP; it is not implemented for "
+                           f"{self.accelerator.distributed_type.value} (use --recovery lora)")
         set_seed(cfg.seed)
         self.check_run_dir()
         self.started = time.time()
@@ -258,8 +307,11 @@ class PruneRecipe:
         if self.truncated:
             self.accelerator.print(f"note: {self.truncated} of {len(self.train_examples)} training examples were "
                                    f"truncated to {cfg.max_length} tokens")
+        if cfg.packing:
+            check_packing(self.model, cfg.attn_implementation)
         rank = self.accelerator.process_index
-        self.train_iter = batches(rows, cfg.batch_size, pad_id, cfg.seed, rank, self.world)
+        self.train_iter = batches(rows, cfg.batch_size, pad_id, cfg.seed, rank, self.world,
+                                  pack_width=cfg.max_length if cfg.packing else None)
         self.calib_iter = (batches(self.calib_rows, cfg.batch_size, pad_id, cfg.seed + 1, rank, self.world)
                            if cfg.prune else None)
 
@@ -363,6 +415,9 @@ class PruneRecipe:
                                self.lr_scheduler)
         if self.two_stage:
             self.fixed, self.chosen = checkpoint.load_decisions(path, self.accelerator.device)
+        if self.schedule.is_full_step(done):  # the full recovery phase had begun
+            self.start_full_recovery()
+            checkpoint.load_full(path, self.full_params, self.full_optimizer, self.full_scheduler)
         self.accelerator.print(f"resuming {self.run_dir} from {path.name}")
         for _ in range(done * cfg.grad_accum):  # the same batches an uninterrupted run would see next
             next(self.train_iter)
@@ -393,6 +448,8 @@ class PruneRecipe:
                         disable=not (self.progress and self.accelerator.is_main_process))
         self.peft_model.train()
         for step in self.bar:
+            if step == schedule.full_from:
+                self.start_full_recovery()
             # generator phase: every generator_every-th step begins with a generator step (LoRA frozen)
             if schedule.is_generator_step(step):
                 self.generator_step(step, self.window)
@@ -423,13 +480,12 @@ class PruneRecipe:
         self.accelerator.print(f"generator {when}; decisions calibrated to ratio {reached:.4f}; LoRA norm of pruned "
                                f"groups {before:.4g} -> {after:.4g}")
 
-    def batch_loss(self, batch_and_count) -> torch.Tensor:
+    def batch_loss(self, data: Batch) -> torch.Tensor:
         """The objective on one batch: the mean token loss of this process's shard, normalised by the global
         batch's label tokens, mixed with the distillation loss when --distill is set. The parts are kept in
         self.loss_parts for the log."""
-        batch, tokens = batch_and_count
-        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-        out = self.peft_model(**batch, num_items_in_batch=tokens)
+        batch = {k: v.to(self.accelerator.device) for k, v in data.inputs.items()}
+        out = self.peft_model(**batch, num_items_in_batch=data.tokens)
         task = out.loss * self.world
         self.loss_parts = {"task": task.detach()}
         if self.teacher is None:
@@ -438,7 +494,7 @@ class PruneRecipe:
 
         with self.accelerator.autocast():
             teacher_logits = self.teacher.logits(batch)
-        kd = kd_loss(out.logits, teacher_logits, batch["attention_mask"], self.cfg.distill_temperature)
+        kd = kd_loss(out.logits, teacher_logits, data.mask.to(out.logits.device), self.cfg.distill_temperature)
         self.loss_parts["kd"] = kd.detach()
         return (1 - self.cfg.distill) * task + self.cfg.distill * kd
 
@@ -491,9 +547,13 @@ class PruneRecipe:
     def lora_step(self, step: int, new_decisions: bool) -> None:
         """LoRA step under the step's mask mode (the frozen path only while the generator searches, with the
         default lora_mask), then the group-lasso proximal step on the LoRA of pruned groups. lasso lr-scaled
-        also adds lambda_t * group lasso to the loss. new_decisions: take the generator's decisions first."""
+        also adds lambda_t * group lasso to the loss. new_decisions: take the generator's decisions first.
+        In the full recovery phase the same step trains every decoder weight instead (no group lasso: LoRA is
+        merged in and zero)."""
         cfg, accelerator, schedule = self.cfg, self.accelerator, self.schedule
         t0 = time.perf_counter()
+        full = schedule.is_full_step(step)
+        optimizer, scheduler = (self.opt_full, self.full_scheduler) if full else (self.opt_lora, self.lr_scheduler)
         if self.controller is not None:
             self.controller.use(schedule.lora_mask_at(step))
         if new_decisions:
@@ -501,28 +561,71 @@ class PruneRecipe:
         if cfg.lora_decisions == "sampled" and schedule.in_generator_phase(step):
             with torch.no_grad():  # a fresh Gumbel sample (structured dropout); the log and lasso keep the hard ones
                 self.controller.set(self.generator(step=cfg.max_steps + step))
-        lam = schedule.lasso_weight(step)
+        lam = 0.0 if full else schedule.lasso_weight(step)
         for _ in range(cfg.grad_accum):
             with accelerator.accumulate(self.peft_model):
-                loss = self.batch_loss(next(self.train_iter))
+                data = next(self.train_iter)
+                self.token_counts["real"] += data.real
+                self.token_counts["total"] += data.total
+                loss = self.batch_loss(data)
                 lasso = (regularization.group_lasso(self.peft_model, self.space, self.decisions) if lam > 0
                          else torch.zeros((), device=loss.device))
                 total = loss + lam * lasso
                 check_finite(step, task_loss=loss, group_lasso=lasso, loss=total)
                 accelerator.backward(total)
                 if accelerator.sync_gradients:
-                    self.opt_lora.step()
-                    self.lr_scheduler.step()
-                    self.opt_lora.zero_grad(set_to_none=True)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
         if cfg.proximal and lam > 0:
             threshold = self.lr_scheduler.get_last_lr()[0] * lam
             regularization.proximal_step(self.peft_model, self.space, self.decisions, threshold=threshold)
-        if schedule.lasso_fraction(step) > 0:
+        if not full and schedule.lasso_fraction(step) > 0:
             regularization.ramp_proximal_step(self.peft_model, self.space, self.decisions, schedule.lasso_fraction(step))
             lasso = torch.tensor(self.pruned_lora_norm(self.decisions))
-        self.step_times["lora"].append(time.perf_counter() - t0)
+        self.step_times["full" if full else "lora"].append(time.perf_counter() - t0)
         self.window.add(**{f"{name}_loss": value.item() for name, value in self.loss_parts.items()},
                         group_lasso=lasso.item())
+
+    def start_full_recovery(self) -> None:
+        """--recovery full, where the fixed-decision phase begins: merge LoRA into the weights (LoRA is left at
+        zero and frozen) and train every weight of the decoder layers with their own AdamW and learning-rate
+        schedule; the generator stays frozen. The masks stay in mode "both", so a pruned head's or channel's
+        weights get exactly zero gradient and do not move (the export removes them). The self distillation
+        teacher keeps the dense pretrained weights, in a copy made before the merge."""
+        from peft.tuners.lora import LoraLayer
+
+        from .distill import SelfTeacher
+        from .masking import decoder_layers
+
+        cfg, accelerator = self.cfg, self.accelerator
+        model = accelerator.unwrap_model(self.peft_model)
+        if isinstance(self.teacher, SelfTeacher):
+            self.teacher = SelfTeacher(copy.deepcopy(model).requires_grad_(False), self.teacher.gates_off)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, LoraLayer):
+                    base = module.get_base_layer()
+                    for name in module.active_adapters:
+                        base.weight += module.get_delta_weight(name).to(base.weight.dtype)
+                        module.lora_A[name].weight.zero_()
+                        module.lora_B[name].weight.zero_()
+        trained = {id(p) for layer in decoder_layers(model) for n, p in layer.named_parameters() if "lora_" not in n}
+        self.full_params = {}
+        for name, p in model.named_parameters():
+            p.requires_grad_(id(p) in trained)
+            if id(p) in trained:
+                self.full_params[name] = p
+        optimizer = torch.optim.AdamW(list(self.full_params.values()), lr=cfg.recovery_lr, weight_decay=0.0)
+        self.full_optimizer = optimizer  # as it is before accelerate wraps it, for checkpoints
+        start, factor = self.schedule.full_from - 1, self.schedule.lora_lr_factor
+        self.full_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda updates: factor(start + updates))
+        if self.world > 1:  # DDP again, over the parameters that train now
+            self.peft_model = accelerator.prepare(model)
+        self.opt_full = accelerator.prepare(optimizer)
+        self.accelerator.print(f"full recovery from step {self.schedule.full_from}: LoRA merged, "
+                               f"{sum(p.numel() for p in self.full_params.values()):,} decoder weights train "
+                               f"(peak lr {cfg.recovery_lr:g})")
 
     def pruned_lora_norm(self, decisions) -> float:
         """Sum of the LoRA norms of the groups these decisions prune (0.0 exactly once the lasso zeroed them)."""
@@ -540,7 +643,7 @@ class PruneRecipe:
         """One line of log.jsonl: the means since the last line, lambda_t, the LoRA lr, decisions and flips."""
         record = {"step": step, **self.window.means(), "lam": self.schedule.lasso_weight(step),
                   "lasso_fraction": self.schedule.lasso_fraction(step),
-                  "lr": self.lr_scheduler.get_last_lr()[0], "flips": self.flips}
+                  "lr": (self.full_scheduler or self.lr_scheduler).get_last_lr()[0], "flips": self.flips}
         if self.decisions is not None:
             sp = self.space.sparsity(self.decisions)
             record.update(ratio=1 - sp[f"{self.cfg.sparsity_of}_sparsity"], prunable_sparsity=sp["prunable_sparsity"],
@@ -556,7 +659,9 @@ class PruneRecipe:
         checkpoint.save(self.run_dir, step, self.accelerator.unwrap_model(self.peft_model), self.generator,
                         self.optimizers, self.lr_scheduler, fingerprint(self.cfg), self.cfg.keep_checkpoints,
                         decisions=(self.fixed, self.chosen) if self.fixed is not None else None,
-                        data_sha256=self.data_sha256)
+                        data_sha256=self.data_sha256,
+                        full=((self.full_params, self.full_optimizer, self.full_scheduler) if self.full_params
+                              else None))
         if self.outputs is not None:
             self.outputs.keep()  # the earlier run's outputs go once this run has a checkpoint
 
@@ -619,7 +724,14 @@ class PruneRecipe:
             "mean_generator_step_seconds": _mean(times["generator"]),
             "generator_steps": len(times["generator"]),
             "truncated_examples": self.truncated,
-            "mean_step_seconds": (sum(times["lora"]) + sum(times["generator"])) / max(1, len(times["lora"])),
+            "mean_step_seconds": (sum(times["lora"]) + sum(times["full"]) + sum(times["generator"]))
+                                 / max(1, len(times["lora"]) + len(times["full"])),
+            "full_recovery_steps": len(times["full"]),
+            "mean_full_step_seconds": _mean(times["full"]),
+            # the training batches of the LoRA and full steps this process ran (after a resume: since then)
+            "train_tokens": self.token_counts["real"],  # real (non-padding) tokens, all processes
+            "train_tokens_per_second": self.token_counts["real"] / max(1e-9, sum(times["lora"]) + sum(times["full"])),
+            "pad_fraction": 1 - self.token_counts["real"] / max(1, self.token_counts["total"]),
             "layers": [{**{k: v for k, v in widths.items() if k != "kv_map"}, "kept_heads": layer["heads"]}
                        for widths, layer in zip(layer_widths(kept), kept)],
             "export_format": "heterogeneous" if is_heterogeneous(merged.config) else "uniform",
@@ -737,6 +849,32 @@ class LogWindow:
 
 def _mean(values):
     return sum(values) / len(values) if values else 0.0
+
+
+def check_packing(model, attn_implementation=None) -> None:
+    """--packing relies on the model reading example boundaries from restarting position_ids (transformers'
+    packed-sequence masks). Check on two short made-up sequences that the packed logits equal the logits of each
+    alone; a model that attends across the boundary is refused rather than trained wrongly."""
+    from .data import collate_packed
+
+    lengths = (5, 9)
+    vocab = model.config.vocab_size
+    seqs = [[(3 + 7 * i + 13 * j) % vocab for i in range(n)] for j, n in enumerate(lengths)]
+    rows = [[{"input_ids": ids, "labels": ids} for ids in seqs]]
+    inputs, _ = collate_packed(rows, 0, sum(lengths) + 2)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        packed = model(input_ids=inputs["input_ids"].to(device), position_ids=inputs["position_ids"].to(device),
+                       use_cache=False).logits[0].float()
+        alone = [model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float() for ids in seqs]
+    reference = torch.cat(alone)
+    diff = float((packed[: len(reference)] - reference).abs().max())
+    allowed = 1e-3 * max(1.0, float(reference.abs().max()))
+    if not diff <= allowed:
+        what = attn_implementation or model.config._attn_implementation
+        raise ATPError(f"--packing is not exact for this model ({type(model).__name__}, attention {what}): two "
+                       f"packed examples give logits {diff:.3g} away from each example alone, so it attends across "
+                       "example boundaries; run without --packing")
 
 
 def check_reachable(space, sparsity: float) -> None:
