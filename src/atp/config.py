@@ -51,6 +51,9 @@ class ATPConfig:
     hidden_block: int = field(default=32, metadata={
         "help": "hidden channels per gate with --space hidden (the kept hidden size is a multiple of it, or the "
                 "full size; q8_0 / q4_0 GGUF files need multiples of 32)"})
+    qk_block: int = field(default=4, metadata={
+        "help": "RoPE pairs of query/key dimensions per gate with --space qk-dims (a gate removes 2 * QK_BLOCK "
+                "dimensions from every query and key head of a layer)"})
     space: list[str] = field(default_factory=lambda: ["heads", "mlp"], metadata={"help": _space_help})
     uniform: bool = field(default=False, metadata={
         "help": "keep the same widths in every layer, so the export is a plain LlamaForCausalLM / Qwen2ForCausalLM "
@@ -170,7 +173,7 @@ class ATPConfig:
 
         for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lora_r", "generator_every", "mlp_block",
                      "generator_hidden", "log_every", "keep_checkpoints", "calib_batches", "generator_batches",
-                     "hidden_block"):
+                     "hidden_block", "qk_block"):
             if getattr(self, name) < 1:
                 raise ATPError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.calib_max_length is not None and self.calib_max_length < 1:
@@ -454,7 +457,7 @@ LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-sc
                  "lora_decisions": "deterministic", "generator_batches": 1, "generator_clip": 0.0, "distill": 0.0,
                  "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
                  "sparsity_of": "prunable", "hidden_block": 32, "packing": False, "recovery": "lora",
-                 "recovery_lr": 5e-5}
+                 "recovery_lr": 5e-5, "qk_block": 4}
 
 
 def inert_options(cfg: ATPConfig) -> set[str]:
@@ -473,6 +476,8 @@ def inert_options(cfg: ATPConfig) -> set[str]:
         inert |= {"distill_temperature", "teacher"}
     if "hidden" not in cfg.space:
         inert.add("hidden_block")
+    if "qk-dims" not in cfg.space:
+        inert.add("qk_block")
     return inert
 
 

@@ -7,8 +7,9 @@ The result is a normal HF folder (safetensors, config, tokenizer):
   - heterogeneous: widths differ per layer and live in transformers' `per_layer_config` (removed blocks under
     `skip`, with no weights left); the folder carries `modeling_atp.py` (see `atp.hf_modeling`) named in
     `auto_map`, for `trust_remote_code=True`.
-`atp_pruning` in the config records the original indices of the kept query heads, per layer, and of the kept
-hidden channels where those were pruned (the model then has a smaller hidden_size).
+`atp_pruning` in the config records the original indices of the kept query heads, per layer, of the kept
+hidden channels where those were pruned (the model then has a smaller hidden_size), and of the kept RoPE pairs
+of query/key dimensions where those were pruned (`qk_pairs`, heterogeneous exports only).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import hf_modeling, hidden
-from .arch import ARCHS, arch_for, check_supported, register
+from .arch import ARCHS, ATTENTION_ROLES, MLP_ROLES, arch_for, check_supported, register
 from .errors import ATPError
 from .fsutil import atomic_dir
 from .kinds import KINDS
@@ -28,6 +29,7 @@ from .masking import base_model
 
 CONFIG_KEY = "atp_pruning"
 MODELING_FILE = "modeling_atp.py"
+ROLES = ATTENTION_ROLES + MLP_ROLES
 # keys of a dense config that describe the saved object rather than the architecture
 _NOT_ARCHITECTURE = ("architectures", "auto_map", "model_type", "transformers_version", "per_layer_config", CONFIG_KEY,
                      "_name_or_path", "dtype", "torch_dtype")
@@ -45,7 +47,8 @@ def sliced_state(model, kept_structure: list[dict], head_dim: int) -> dict[str, 
             del state[key]
         for kind in KINDS.values():
             for role, (rows, cols) in kind.slices(kept, head_dim).items():
-                prefix = f"{arch.layers}.{layer}.{arch.path(role)}"
+                path = arch.path(role) if role in ROLES else f"{arch.attention}.{role}"  # per-head q/k norms
+                prefix = f"{arch.layers}.{layer}.{path}"
                 if f"{prefix}.weight" not in state:  # in a removed block
                     continue
                 weight = state[f"{prefix}.weight"]
@@ -72,7 +75,7 @@ def uniform_allowed(config, widths: list[dict], hidden_size: int | None = None) 
     (same numbers in every layer, even groups)?"""
     first = widths[0]
     hidden_size = hidden_size or config.hidden_size
-    if any(w != first for w in widths) or first["kv_map"] is not None or first.get("skip"):
+    if any(w != first for w in widths) or first["kv_map"] is not None or first.get("skip") or first.get("qk_pairs"):
         return False
     if first["num_attention_heads"] == 0 or first["intermediate_size"] == 0:
         return False
@@ -95,12 +98,15 @@ def pruned_config(config, kept_structure: list[dict]):
     else:
         config_cls, model_cls = ARCHS[config.model_type].pruned_classes
         # kv_map's global value is written too, so that generic config readers (e.g. AutoTokenizer) parse the file
-        new = config_cls(**values, kv_map=None, per_layer_config=dict(enumerate(widths)))
+        qk = {"qk_pairs": None} if any("qk_pairs" in w for w in widths) else {}
+        new = config_cls(**values, kv_map=None, **qk, per_layer_config=dict(enumerate(widths)))
         new.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.{config_cls.__name__}",
                         "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{model_cls.__name__}"}
     record = {"kept_heads": [k["heads"] for k in kept_structure]}
     if kept_hidden is not None:
         record["kept_hidden"] = kept_hidden
+    if any(w.get("qk_pairs") for w in widths):  # RoPE pairs kept in every head's queries and keys, per layer
+        record["kept_qk_pairs"] = [w.get("qk_pairs") for w in widths]
     setattr(new, CONFIG_KEY, record)
     return new
 

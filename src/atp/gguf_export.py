@@ -93,6 +93,11 @@ def layer_widths(config: dict) -> list[dict]:
     layers = []
     for i in range(config["num_hidden_layers"]):
         w = {**base, **per_layer.get(i, {})}
+        if w.get("qk_pairs"):
+            raise ATPError(f"layer {i} keeps {2 * len(w['qk_pairs'])} of the {head_dim_of(config)} query/key dimensions "
+                           "of a head (--space qk-dims), which GGUF cannot hold: llama.cpp's key length is one value "
+                           "for every layer and its RoPE rotates a fixed run of frequencies; export this model as a "
+                           "Hugging Face folder, or prune without qk-dims")
         layers.append({"heads": w["num_attention_heads"], "kv_heads": w["num_key_value_heads"],
                        "ff": w["intermediate_size"], "kv_map": w["kv_map"]})
     return layers

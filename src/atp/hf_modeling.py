@@ -10,7 +10,9 @@ Per-layer widths use transformers' `per_layer_config`: `num_attention_heads`, `n
 evenly over their KV heads. A layer may keep no heads or no MLP channels at all. `skip` (transformers' name)
 lists a layer's removed blocks, "attention" and/or "mlp" (recorded with 0 heads / 0 channels): such a block
 has no weights, no norm and no bias, adds nothing to the residual stream, and an attention block without
-heads keeps no KV cache.
+heads keeps no KV cache. `qk_pairs` lists a layer's kept RoPE pairs of query/key dimensions (pair p: dimensions p
+and p + head_dim/2), the same in every head: its queries and keys are 2 * len(qk_pairs) wide, rotated at the kept
+pairs' frequencies, its values and the softmax scale keep the full head_dim.
 """
 from __future__ import annotations
 
@@ -64,12 +66,19 @@ def check_layer(config, layer_idx) -> None:
                              f"one of the {kv_heads} KV heads, using each KV head")
     elif heads and heads % kv_heads:
         raise ValueError(f"layer {layer_idx}: {heads} query heads do not split evenly over {kv_heads} KV heads; give kv_map")
+    pairs = getattr(config, "qk_pairs", None)
+    if pairs is not None:
+        half = config.head_dim // 2
+        if not pairs or list(pairs) != sorted(set(pairs)) or not all(isinstance(p, int) and 0 <= p < half for p in pairs):
+            raise ValueError(f"layer {layer_idx}: qk_pairs {pairs} must list, in increasing order, some of the "
+                             f"{half} RoPE pairs of a head (0 to {half - 1})")
 
 
 class PrunedConfigMixin:
     """Per-layer widths replace the family's global head-divisibility check."""
 
     kv_map: list | None = None
+    qk_pairs: list | None = None
 
     def validate(self):
         family = next(klass for klass in type(self).__mro__ if "__class_validators__" in vars(klass))
@@ -130,6 +139,21 @@ class PrunedAttentionMixin:
             for name in ("q_proj", "k_proj", "v_proj"):
                 setattr(self, name, nn.Linear(hidden, 0, bias=getattr(self, name).bias is not None))
             self.o_proj = nn.Linear(0, hidden, bias=self.o_proj.bias is not None)
+        # kept RoPE pairs of the query/key dimensions: pair p is dimension p and p + head_dim / 2 (rotate_half), at
+        # the frequency of p; values keep the whole head_dim, and the scale stays 1/sqrt(head_dim)-based
+        pairs = list(getattr(config, "qk_pairs", None) or [])
+        half = self.head_dim // 2
+        self.qk_index = pairs + [p + half for p in pairs]  # a plain list, like kv_map
+        self.qk_dim = len(self.qk_index) or self.head_dim
+        self._qk_index = {}
+        if pairs:
+            hidden = config.hidden_size
+            self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_dim, bias=self.q_proj.bias is not None)
+            self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.qk_dim, bias=self.k_proj.bias is not None)
+            for name in ("q_norm", "k_norm"):  # per-head norms (Qwen3, Gemma 3) over the kept dimensions
+                norm = getattr(self, name, None)
+                if norm is not None:
+                    norm.weight = nn.Parameter(norm.weight.detach().new_empty(self.qk_dim))
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         if cache is None:
@@ -142,13 +166,18 @@ class PrunedAttentionMixin:
                 placeholder = hidden_states.new_zeros(shape[0], 1, shape[1], 1)
                 cache.update(placeholder, placeholder, self.layer_idx, kwargs=kwargs)
             return self.o_proj(hidden_states.new_zeros(*shape, 0)), None
-        query = self.q_proj(hidden_states).view(*shape, self.num_heads, head_dim)
-        key = self.k_proj(hidden_states).view(*shape, self.num_kv_heads, head_dim)
+        query = self.q_proj(hidden_states).view(*shape, self.num_heads, self.qk_dim)
+        key = self.k_proj(hidden_states).view(*shape, self.num_kv_heads, self.qk_dim)
         if hasattr(self, "q_norm"):  # per-head norms over head_dim (Qwen3)
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
         value = self.v_proj(hidden_states).view(*shape, self.num_kv_heads, head_dim).transpose(1, 2)
         cos, sin = position_embeddings
+        if self.qk_index:  # the kept pairs' frequencies
+            index = self._qk_index.get(cos.device)
+            if index is None:
+                index = self._qk_index[cos.device] = torch.tensor(self.qk_index, dtype=torch.long, device=cos.device)
+            cos, sin = cos.index_select(-1, index), sin.index_select(-1, index)
         query, key = self.family.apply_rotary_pos_emb(query, key, cos, sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)

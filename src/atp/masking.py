@@ -10,7 +10,9 @@ down_proj, on peft's `base_layer`); LoRA is left alone, so a pruned structure is
 lasso has driven its LoRA pieces to zero. "frozen-output": only the frozen path of o_proj / down_proj.
 Block gates (`--space blocks`) multiply the output of o_proj / down_proj, biases included, in "both" and
 "frozen-output", and the frozen outputs of all the block's projections in "frozen". Hidden-channel gates
-(`--space hidden`) act on the residual stream and its norms in every mode (`atp.hidden`).
+(`--space hidden`) act on the residual stream and its norms in every mode (`atp.hidden`). Query/key dimension gates
+(`--space qk-dims`) multiply the outputs of q_proj / k_proj (at the wrapper in "both", on the frozen path otherwise),
+and make per-head q/k norms normalise over the kept dimensions in every mode.
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import contextlib
 
 import torch
 
-from . import hidden
 from .arch import arch_for
 from .errors import ATPError
 from .kinds import MASK_MODES
@@ -72,8 +73,8 @@ class GateController:
                         else:
                             hook = module.register_forward_hook(self._on_output(hooked, mask, index))
                         self.handles.append(hook)
-        if "hidden" in space.kinds:  # on the residual stream, the same in every mode (atp.hidden)
-            self.handles += hidden.register_hooks(space, base_model(model), lambda: self.masks)
+        for kind in space.kind_objects:  # hooks outside the projections, the same in every mode (e.g. atp.hidden)
+            self.handles += kind.extra_hooks(space, base_model(model), lambda: self.masks)
 
     def use(self, mode: str) -> None:
         """Switch the active mask mode (one of those hooked)."""

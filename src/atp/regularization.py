@@ -7,7 +7,8 @@ A group is everything LoRA adds to one structure (each gate kind lists its piece
   attention / MLP block of a layer (--space blocks): all rows of B in q/k/v_proj and all columns of A in
               o_proj, or all rows of B in gate/up_proj and all columns of A in down_proj;
   hidden block, per layer (--space hidden): columns of A in q/k/v/gate/up_proj and rows of B in o/down_proj for
-              its channels.
+              its channels;
+  query/key dimension block (--space qk-dims): rows of B in q_proj and k_proj for its dimensions in every head.
 """
 from __future__ import annotations
 
@@ -39,7 +40,6 @@ def lagrangian_penalty(ratio: torch.Tensor, target: float, multipliers: torch.Te
 def _lora_pieces(model, space: PruningSpace):
     """Yield (layer, group, weight, axis, group_index) for every LoRA matrix that belongs to a group of a
     selected kind (`GateKind.lora_pieces`)."""
-    units = {group: unit for kind in space.kind_objects for group, (_, unit) in kind.groups(space).items()}
     for index, layer in enumerate(decoder_layers(model)):
         for kind in space.kind_objects:
             for group, role, which, axis in kind.lora_pieces:
@@ -49,8 +49,8 @@ def _lora_pieces(model, space: PruningSpace):
                     continue
                 for adapter in adapters.values():
                     weight = adapter.weight
-                    index_in_group = torch.arange(weight.shape[axis], device=weight.device)
-                    yield index, group, weight, axis, index_in_group // units[group]
+                    groups = kind.lora_groups(space, group, weight.shape[axis])
+                    yield index, group, weight, axis, groups.to(weight.device)
 
 
 def _pruned(space: PruningSpace, gates: Gates) -> dict[str, torch.Tensor]:

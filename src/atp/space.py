@@ -5,7 +5,8 @@ dict of tensors, one entry per selected kind, each shaped [num_layers, gates_per
   "heads": one gate per query head; a KV head goes when the last query head reading it goes.
   "mlp":   one gate per block of `mlp_block` intermediate channels (the last block may be shorter);
   "blocks": two gates per layer, its whole attention block and its whole MLP block;
-  "hidden": one row for the whole model [1, blocks], a gate per block of `hidden_block` hidden channels.
+  "hidden": one row for the whole model [1, blocks], a gate per block of `hidden_block` hidden channels;
+  "qk-dims": one gate per block of `qk_block` RoPE pairs of query/key dimensions, shared by the layer's heads.
 A value of 1 keeps the structure, 0 prunes it; kinds that are not selected stay dense. Kinds compose: the
 effective gate of a head is its own gate times its attention block's gate, a block with no heads (channels)
 left is removed (`effective_gates`), and a block's norms and output bias go only with the whole block. Counts accept soft gates in [0, 1] too, which makes them
@@ -51,6 +52,7 @@ class PruningSpace:
     kinds: tuple[str, ...] = DEFAULT_KINDS  # the selected gate kinds, in registry order
     hidden_block: int = 1  # hidden channels per gate of the "hidden" kind
     sparsity_of: str = "prunable"  # one of SPARSITY_OF: the denominator of remaining_ratio
+    qk_block: int = 4  # RoPE pairs of query/key dimensions per gate of the "qk-dims" kind
 
     def __post_init__(self):
         self.kinds = check_kinds(self.kinds)
@@ -61,9 +63,9 @@ class PruningSpace:
 
     @classmethod
     def from_config(cls, config, mlp_block: int = 1, kinds=DEFAULT_KINDS, hidden_block: int = 1,
-                    sparsity_of: str = "prunable") -> "PruningSpace":
+                    sparsity_of: str = "prunable", qk_block: int = 4) -> "PruningSpace":
         arch = check_supported(config)
-        for name, block in (("mlp_block", mlp_block), ("hidden_block", hidden_block)):
+        for name, block in (("mlp_block", mlp_block), ("hidden_block", hidden_block), ("qk_block", qk_block)):
             if block < 1:
                 raise ATPError(f"{name} must be a positive number of channels, got {block}")
         qkv_bias, o_bias, mlp_bias = arch.biases(config)
@@ -86,6 +88,7 @@ class PruningSpace:
             kinds=kinds,
             hidden_block=hidden_block,
             sparsity_of=sparsity_of,
+            qk_block=qk_block,
         )
 
     @property
@@ -206,7 +209,7 @@ class PruningSpace:
 
     def remaining_prunable(self, gates: Gates) -> torch.Tensor:
         view = self.counting_view(gates)
-        if view.containers:
+        if view.containers or "qk-dims" in view.kinds:  # counts that read other kinds' gates
             return view._remaining_with_blocks(gates)
         total = view.num_layers * view._fixed_per_layer()
         for kind in view.kind_objects:
@@ -231,7 +234,7 @@ class PruningSpace:
                 for column, block in enumerate(kind.blocks):
                     total = total + effective[name][:, column].sum() * self.block_fixed_params(block)
             else:
-                for term in kind.remaining_terms(self, effective[name]):
+                for term in kind.remaining_with(self, effective):
                     total = total + term
         return total
 

@@ -282,7 +282,8 @@ class PruneRecipe:
                                    f"tokens; sequences are truncated to {context}")
             cfg.max_length = context
         self.space = PruningSpace.from_config(self.model.config, mlp_block=cfg.mlp_block, kinds=cfg.space,
-                                              hidden_block=cfg.hidden_block, sparsity_of=cfg.sparsity_of)
+                                              hidden_block=cfg.hidden_block, sparsity_of=cfg.sparsity_of,
+                                              qk_block=cfg.qk_block)
         self.rule = ShapeRule(uniform=cfg.uniform, round_to=cfg.round_to)
         if cfg.prune:
             check_reachable(self.space, cfg.sparsity)
