@@ -94,7 +94,7 @@ def independent_count(model, space, gates) -> int:
 
 
 def test_registry_order_and_options():
-    assert list(KINDS) == ["blocks", "hidden", "heads", "mlp"] and KINDS["blocks"].exact
+    assert list(KINDS) == ["blocks", "hidden", "heads", "qk-dims", "mlp"] and KINDS["blocks"].exact
     assert check_kinds(["mlp", "blocks", "heads"]) == ("blocks", "heads", "mlp")  # coarsest first
     space = PruningSpace.from_config(tiny_model("llama", True).config, mlp_block=4, kinds=ALL)
     assert space.gate_shapes == {"blocks": (3, 2), "heads": (3, 6), "mlp": (3, 16)}

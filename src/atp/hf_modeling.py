@@ -124,6 +124,7 @@ class PrunedAttentionMixin:
     """The family's attention with any number of query and KV heads, including none."""
 
     def __init__(self, config, layer_idx):
+        check_layer(config, layer_idx)  # from_pretrained does not run the config's validate
         safe = copy.copy(config)  # the family constructor divides by these
         safe.num_attention_heads = max(1, config.num_attention_heads)
         safe.num_key_value_heads = max(1, config.num_key_value_heads)
