@@ -235,7 +235,8 @@ def test_export_loads_with_remote_code_alone(family, tmp_path, tokenizer):
     shapes = stored(out)
     heads = int(gates["heads"][1].sum())
     assert shapes["model.layers.1.self_attn.q_proj.weight"] == (heads * 4, model.config.hidden_size)
-    assert shapes["model.layers.1.self_attn.v_proj.weight"][0] == 4 * shapes["model.layers.1.self_attn.k_proj.weight"][0]
+    attention = "model.layers.1.self_attn"
+    assert shapes[f"{attention}.v_proj.weight"][0] == 4 * shapes[f"{attention}.k_proj.weight"][0]
     if family != "llama":
         assert shapes["model.layers.1.self_attn.q_norm.weight"] == (4,)
     loaded = load_pruned(out)
