@@ -66,9 +66,10 @@ def frozen_removed(model, space, gates, output_only=False):
 def test_registry_and_space_option(tiny_model_dir):
     from atp.cli import build_parser, config_from_args
 
-    assert list(KINDS) == ["blocks", "hidden", "heads", "mlp"] and all(k.exact for k in KINDS.values())
+    assert list(KINDS) == ["blocks", "hidden", "heads", "qk-dims", "mlp"] and all(k.exact for k in KINDS.values())
     assert check_kinds(["mlp", "heads", "mlp"]) == ("heads", "mlp")  # registry order, each once
-    with pytest.raises(ATPError, match="unknown kinds 'channels'; choose one or more of: blocks, hidden, heads, mlp"):
+    with pytest.raises(ATPError, match="unknown kinds 'channels'; choose one or more of: blocks, hidden, heads, "
+                                       "qk-dims, mlp"):
         check_kinds(["channels"])
     with pytest.raises(ATPError, match="no kind given"):
         ATPConfig(space=[]).validate()
