@@ -16,7 +16,7 @@ from atp.cli import main
 from atp.errors import ATPError
 from atp.export import build_pruned, load_pruned, save_pruned
 from atp.gguf_export import even_groups, export_gguf, plan, read_config, vocab_metadata
-from atp.space import HeadMLPSpace
+from atp.space import HeadMLPSpace, PruningSpace
 from conftest import tiny_model
 
 TEXTS = ["The patient was treated with aspirin 325 mg twice daily.",
@@ -50,6 +50,14 @@ def save_kind(kind, tmp_path, tokenizer, family="llama"):
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         return path, model
+    if kind == "blocks":  # whole blocks removed (no weights or norms left for them): --space blocks
+        space = PruningSpace.from_config(model.config, mlp_block=32, kinds=("heads", "mlp", "blocks"))
+        gates = heterogeneous_gates(space)
+        gates["blocks"][0, 1] = 0  # layer 0: attention, no MLP block (and no post-attention norm)
+        gates["blocks"][2, 0] = 0  # layer 2: MLP, no attention block
+        pruned = build_pruned(model, space.kept_structure(gates))
+        path = save_pruned(pruned, tokenizer, tmp_path / f"{family}-{kind}")
+        return path, load_pruned(path)
     space = HeadMLPSpace.from_config(model.config, mlp_block=32)
     gates = space.full_gates()
     if kind == "uniform":
@@ -197,7 +205,8 @@ F32_BOUND = 1e-4
 
 
 @pytest.mark.parametrize("family,kind", [("llama", "dense"), ("llama", "uniform"), ("llama", "heterogeneous"),
-                                         ("qwen2", "heterogeneous"), ("mistral", "uniform"), ("qwen2", "dense")])
+                                         ("qwen2", "heterogeneous"), ("mistral", "uniform"), ("qwen2", "dense"),
+                                         ("llama", "blocks")])
 @pytest.mark.llamacpp
 def test_llama_cpp_matches_transformers(family, kind, tmp_path, tokenizer):
     llama_cpp_runtime()

@@ -212,7 +212,9 @@ def layer_tensors(state, i: int, layer: dict, head_dim: int, hidden: int, permut
         if prefix + "self_attn.o_proj.bias" in state:
             out.append((prefix + "self_attn.o_proj.bias", state[prefix + "self_attn.o_proj.bias"]))
     if layer["gguf_ff"]:
-        out.append((prefix + "post_attention_layernorm.weight", state[prefix + "post_attention_layernorm.weight"]))
+        norm = prefix + "post_attention_layernorm.weight"
+        # a removed MLP block (--space blocks) has no norm; the all-zero MLP that stands in for it needs one
+        out.append((norm, state[norm] if norm in state else torch.ones(hidden)))
         for proj in ("gate_proj", "up_proj", "down_proj"):
             weight, bias = f"{prefix}mlp.{proj}.weight", f"{prefix}mlp.{proj}.bias"
             if layer["zero_mlp"]:  # see plan(): all-zero channels add nothing (a down_proj bias is kept)
