@@ -3,14 +3,10 @@ Masking equals physical removal, counts equal an independent count of the export
 no weights, norms or KV cache behind, and exports reload with atp and with trust_remote_code alone."""
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from atp.baselines import SCORED, fixed_decisions
 from atp.bench import _kv_bytes_per_token
@@ -24,7 +20,7 @@ from atp.space import PruningSpace, ShapeRule
 from atp.train import ATPConfig, train
 from conftest import FAMILIES, tiny_model
 from test_baselines import lm_batches
-from test_deploy import LOAD_WITHOUT_ATP
+from test_deploy import assert_loads_without_atp
 from test_engine import ids, random_gates, with_lora
 from test_kinds import frozen_removed, logits_under
 
@@ -192,13 +188,7 @@ def test_export_loads_with_remote_code_alone(family, tmp_path, tokenizer):
     x = ids()
     masked = logits_under(model, space, gates, x, "both")
     out = save_pruned(build_pruned(model, space.kept_structure(gates)), tokenizer, tmp_path / "m")
-    save_file({"ids": x, "logits": masked}, str(tmp_path / "ref.safetensors"))
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_WITHOUT_ATP)
-    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "ref.safetensors")],
-                            capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert_loads_without_atp(out, x, masked, tmp_path)
 
 
 def test_no_attention_left_anywhere_still_generates(tmp_path, tokenizer):

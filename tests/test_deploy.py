@@ -169,6 +169,18 @@ LOAD_WITHOUT_ATP = textwrap.dedent("""
     print("ok")
 """)
 
+def assert_loads_without_atp(out, x, masked, tmp_path) -> None:
+    """In a fresh interpreter without atp on the path, the export at `out` (remote code) gives `masked` on `x`,
+    with eager and sdpa attention and with cached generation."""
+    save_file({"ids": x, "logits": masked}, str(tmp_path / "ref.safetensors"))
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_WITHOUT_ATP)
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "ref.safetensors")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_heterogeneous_export_loads_with_remote_code_alone(family, tmp_path, tokenizer):
@@ -181,13 +193,7 @@ def test_heterogeneous_export_loads_with_remote_code_alone(family, tmp_path, tok
     x = ids()
     masked = masked_logits(model, space, gates, x)
     out = save_pruned(build_pruned(model, space.kept_structure(gates)), tokenizer, tmp_path / "m")
-    save_file({"ids": x, "logits": masked}, str(tmp_path / "ref.safetensors"))
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_WITHOUT_ATP)
-    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "ref.safetensors")],
-                            capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert_loads_without_atp(out, x, masked, tmp_path)
 
 
 def test_atp_import_registers_the_pruned_types(tmp_path, tokenizer):

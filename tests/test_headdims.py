@@ -4,14 +4,9 @@ softmax scale, per-head q/k norms over the kept dimensions), counts equal an ind
 exports reload with atp and with trust_remote_code alone, group lasso, baselines, GGUF refusal, training end to end."""
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from atp.baselines import SCORED, fixed_decisions, magnitude_scores
 from atp.errors import ATPError
@@ -25,9 +20,10 @@ from atp.space import PruningSpace, ShapeRule
 from atp.train import ATPConfig, train
 from test_baselines import lm_batches
 from test_blocks import _block_of, model_for
-from test_deploy import LOAD_WITHOUT_ATP
+from test_deploy import assert_loads_without_atp
 from test_engine import ids, with_lora
 from test_gemma3 import GEMMA_SHAPE
+from test_hidden import close, stored
 from test_kinds import logits_under
 
 QK = "qk-dims"
@@ -102,16 +98,6 @@ def independent_count(model, space, gates) -> int:
                 **{f"{arch.attention}.{norm}.weight": qk for norm in arch.head_norms}}
         total += kept.get(rest, p.numel())
     return total
-
-
-def close(actual, masked):
-    """fp32 rounding grows with the logits (Gemma's scaled embedding and 1 + weight norms make them larger)."""
-    torch.testing.assert_close(actual, masked, rtol=0, atol=1e-5 * max(1.0, float(masked.abs().max())))
-
-
-def stored(path) -> dict:
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
 
 
 # ----------------------------------------------------------------------------- the kind and its counts
@@ -242,13 +228,7 @@ def test_export_loads_with_remote_code_alone(family, tmp_path, tokenizer):
     loaded = load_pruned(out)
     with torch.no_grad():
         close(loaded(x).logits, masked)
-    save_file({"ids": x, "logits": masked}, str(tmp_path / "ref.safetensors"))
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_WITHOUT_ATP)  # eager and sdpa, and cached generation
-    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "ref.safetensors")],
-                            capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert_loads_without_atp(out, x, masked, tmp_path)
     if family == "llama":  # a family GGUF export supports
         with pytest.raises(ATPError, match="layer 1 keeps 4 of the 16 query/key dimensions of a head .* GGUF cannot"):
             export_gguf(out, tmp_path / "m.gguf")

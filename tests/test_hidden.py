@@ -4,14 +4,10 @@ smaller model, counts equal an independent count of the exported weights, export
 checkpoint for uniform widths, remote code otherwise), group lasso, baselines, --sparsity-of, training end to end."""
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from atp.arch import ARCHS
 from atp.baselines import SCORED, fixed_decisions, magnitude_scores
@@ -24,7 +20,7 @@ from atp.space import PruningSpace, ShapeRule
 from atp.train import ATPConfig, check_reachable, train
 from test_baselines import lm_batches
 from test_blocks import _block_of, model_for
-from test_deploy import LOAD_WITHOUT_ATP
+from test_deploy import assert_loads_without_atp
 from test_engine import ids, with_lora
 from test_gemma3 import GEMMA_SHAPE
 from test_kinds import logits_under
@@ -262,13 +258,7 @@ def test_heterogeneous_export_loads_with_remote_code_alone(family, tmp_path, tok
     loaded = load_pruned(out)
     with torch.no_grad():
         close(loaded(x).logits, masked)
-    save_file({"ids": x, "logits": masked}, str(tmp_path / "ref.safetensors"))
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_WITHOUT_ATP)
-    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "ref.safetensors")],
-                            capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert_loads_without_atp(out, x, masked, tmp_path)
 
 
 def test_uniform_rule_keeps_llama_head_counts_dividing_the_kept_hidden_size():
