@@ -14,23 +14,30 @@ from atp.errors import ATPError
 from atp.train import ATPConfig, batches, check_packing, train
 from conftest import FAMILIES, tiny_model
 
-WORDS = ("patient dose aspirin pain fever heart blood test daily week doctor tablet night sleep cough child "
-         "mother water food diet side effect").split()
+def single_token_words(tokenizer, n=40):
+    """Words that are one token each (after a space) in this tokenizer, whichever texts it was trained on, so the
+    examples' lengths in tokens, and so the padding figures below, do not depend on the tokenizer."""
+    words = sorted(t[1:] for t in tokenizer.get_vocab() if t.startswith("Ġ") and t[1:].isalpha() and len(t) > 3)
+    words = [w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1][:n]
+    assert len(words) >= 10, f"the test tokenizer has too few whole words: {words}"
+    return words
 
 
-def short_examples(n=24, seed=0):
+def short_examples(words, n=24, seed=0):
+    """Prompts of 2-14 words and responses of 1-8: about 12 to 32 tokens each."""
     rng = random.Random(seed)
-    return [Example(f"Question: {' '.join(rng.choices(WORDS, k=rng.randint(2, 14)))}\nSummary:",
-                    " " + " ".join(rng.choices(WORDS, k=rng.randint(1, 8)))) for _ in range(n)]
+    return [Example(f"Question: {' '.join(rng.choices(words, k=rng.randint(2, 14)))}\nSummary:",
+                    " " + " ".join(rng.choices(words, k=rng.randint(1, 8)))) for _ in range(n)]
 
 
 @pytest.fixture
-def short_file(tmp_path):
+def short_file(tmp_path, tokenizer):
     """A summarization file (task hqs) of short records of varied lengths."""
     rng = random.Random(1)
+    words = single_token_words(tokenizer)
     path = tmp_path / "hqs.jsonl"
-    path.write_text("".join(json.dumps({"CHQ": " ".join(rng.choices(WORDS, k=rng.randint(1, 6))),
-                                        "Summary": " ".join(rng.choices(WORDS, k=rng.randint(1, 3)))}) + "\n"
+    path.write_text("".join(json.dumps({"CHQ": " ".join(rng.choices(words, k=rng.randint(1, 24))),
+                                        "Summary": " ".join(rng.choices(words, k=rng.randint(1, 6)))}) + "\n"
                             for _ in range(80)))
     return path
 
@@ -50,7 +57,9 @@ def test_pack_keeps_examples_whole_and_in_first_fit_order():
 
 
 def tokenized(tokenizer, max_length=64, n=6):
-    return [tokenize_example(tokenizer, e, max_length) for e in short_examples(n)]
+    rows = [tokenize_example(tokenizer, e, max_length) for e in short_examples(single_token_words(tokenizer), n)]
+    assert max(len(r["input_ids"]) for r in rows) < max_length  # none truncated
+    return rows
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -93,10 +102,10 @@ def test_packed_gradients_equal_unpacked(tokenizer):
 
 
 def test_packed_batches_fill_rows_and_count_tokens(tokenizer):
-    rows = tokenized(tokenizer, max_length=48, n=40)
-    width, size = 48, 4
+    rows = tokenized(tokenizer, max_length=128, n=80)  # 12 to 32 tokens each: four or more to a row
+    width, size = 128, 4
     stream = batches(rows, size, tokenizer.pad_token_id, seed=3, pack_width=width)
-    first = [next(stream) for _ in range(12)]
+    first = [next(stream) for _ in range(3)]
     again = batches(rows, size, tokenizer.pad_token_id, seed=3, pack_width=width)
     for a in first:  # the same seed gives the same batches (what resume relies on)
         b = next(again)
@@ -106,7 +115,7 @@ def test_packed_batches_fill_rows_and_count_tokens(tokenizer):
         assert batch.real == int(batch.mask.sum()) and batch.tokens == int((batch.inputs["labels"] != -100).sum())
     padded = sum(b.total - b.real for b in first) / sum(b.total for b in first)
     unpacked = batches(rows, size, tokenizer.pad_token_id, seed=3)
-    plain = [next(unpacked) for _ in range(12)]
+    plain = [next(unpacked) for _ in range(12)]  # padded to each batch's longest
     assert all(b.real == int(b.mask.sum()) and b.total == b.mask.numel() for b in plain)
     plain_padded = sum(b.total - b.real for b in plain) / sum(b.total for b in plain)
     assert padded < 0.1 < plain_padded, (padded, plain_padded)
@@ -148,7 +157,7 @@ def test_check_packing_refuses_a_model_that_attends_across_examples():
 
 def run_cfg(model_dir, data, out, **kw):
     values = dict(model=str(model_dir), domain=None, train_files=[f"hqs={data}"], out=str(out), sparsity=0.4,
-                  mlp_block=4, max_steps=12, batch_size=4, max_length=64, generator_every=1, generator_frac=0.5,
+                  mlp_block=4, max_steps=12, batch_size=4, max_length=128, generator_every=1, generator_frac=0.5,
                   generator_lr=3e-2, alpha=8.0, log_every=2, save_every=4, keep_checkpoints=3, lr=1e-3)
     values.update(kw)
     return ATPConfig(**values)
@@ -162,10 +171,10 @@ def test_packed_run_exports_reports_throughput_and_resumes(tiny_model_dir, short
     assert packed["logits_check"]["passed"] and abs(packed["prunable_sparsity"] - 0.4) <= 0.05
     for report in (plain, packed):
         assert report["train_tokens"] > 0 and report["train_tokens_per_second"] > 0
-    # what is left is the gaps of rows that no remaining example fitted (examples here are 10 to 30 tokens)
+    # what is left is the gaps of rows that no remaining example fitted (examples here are 15 to 50 tokens)
     assert packed["pad_fraction"] < min(0.1, plain["pad_fraction"] / 2), (packed["pad_fraction"], plain["pad_fraction"])
-    # 12 steps x 4 rows x 64 tokens, less the little padding left in rows that went out part-filled
-    assert packed["train_tokens"] == round(12 * 4 * 64 * (1 - packed["pad_fraction"]))
+    # 12 steps x 4 rows x 128 tokens, less the little padding left in rows that went out part-filled
+    assert packed["train_tokens"] == round(12 * 4 * 128 * (1 - packed["pad_fraction"]))
     assert packed["train_tokens"] > 1.5 * plain["train_tokens"]  # the padded batches are one example per row
     # resume from the checkpoint of step 8 reproduces the packed batches and so the model, bit for bit
     run = tmp_path / "resumed"
