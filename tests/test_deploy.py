@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -200,12 +201,18 @@ def test_atp_import_registers_the_pruned_types(tmp_path, tokenizer):
     model = tiny_model("qwen2", True)
     space = HeadMLPSpace.from_config(model.config, mlp_block=4)
     gates = random_gates(space)
-    out = save_pruned(build_pruned(model, space.kept_structure(gates)), tokenizer, tmp_path / "m")
+    gates["heads"][2] = 0  # 0-size projections: built without torch's "zero-element tensors" warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = save_pruned(build_pruned(model, space.kept_structure(gates)), tokenizer, tmp_path / "m")
     (out / MODELING_FILE).unlink()  # no remote code available: the registered classes must do
     from transformers import AutoModelForCausalLM
 
     x = ids()
-    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with warnings.catch_warnings(record=True) as loading:
+        warnings.simplefilter("always")
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not [w for w in caught + loading if "zero-element" in str(w.message)]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, masked_logits(model, space, gates, x), rtol=0, atol=1e-5)
     assert type(load_pruned(out)).__name__ == "AtpQwen2ForCausalLM"

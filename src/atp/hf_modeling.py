@@ -20,6 +20,7 @@ import contextlib
 import copy
 import importlib
 import logging
+import warnings
 
 import torch
 import transformers
@@ -210,8 +211,11 @@ class PrunedCausalLMMixin:
         for layer_idx, layer in enumerate(self.model.layers):
             layer_config = config.per_layer_config[layer_idx] if config.is_heterogeneous else config
             skip = skipped(layer_config)
-            layer.self_attn = AbsentAttention() if "attention" in skip else self.attention_class(layer_config, layer_idx)
-            layer.mlp = AbsentMLP() if "mlp" in skip else self.mlp_class(layer_config)
+            with warnings.catch_warnings():  # a layer without heads or channels has 0-size projections
+                warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+                layer.self_attn = (AbsentAttention() if "attention" in skip
+                                   else self.attention_class(layer_config, layer_idx))
+                layer.mlp = AbsentMLP() if "mlp" in skip else self.mlp_class(layer_config)
             for block in skip:
                 for norm in self.block_norms[block]:
                     setattr(layer, norm, nn.Identity())
