@@ -14,6 +14,7 @@ from atp.errors import ATPError
 from atp.train import ATPConfig, batches, check_packing, train
 from conftest import FAMILIES, tiny_model
 
+
 def single_token_words(tokenizer, n=40):
     """Words that are one token each (after a space) in this tokenizer, whichever texts it was trained on, so the
     examples' lengths in tokens, and so the padding figures below, do not depend on the tokenizer."""
