@@ -170,6 +170,7 @@ LOAD_WITHOUT_ATP = textwrap.dedent("""
     print("ok")
 """)
 
+
 def assert_loads_without_atp(out, x, masked, tmp_path) -> None:
     """In a fresh interpreter without atp on the path, the export at `out` (remote code) gives `masked` on `x`,
     with eager and sdpa attention and with cached generation."""
@@ -180,7 +181,6 @@ def assert_loads_without_atp(out, x, masked, tmp_path) -> None:
     result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "ref.safetensors")],
                             capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
-
 
 
 @pytest.mark.parametrize("family", FAMILIES)
