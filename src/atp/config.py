@@ -69,7 +69,8 @@ class ATPConfig:
         "help": "pack whole training examples into rows of exactly --max-length tokens (first fit, in the shuffled "
                 "order), with positions restarting at each example and no attention across examples, instead of "
                 "padding each batch to its longest example; calibration batches stay unpacked"})
-    lr: float = 3e-4
+    lr: float = field(default=6e-4, metadata={
+        "help": "peak LoRA learning rate (3e-4 before the fourth wave-2 session: 6e-4 scored higher for ATP and frozen-generator alike over three seeds, docs/benchmarks.md)"})
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
