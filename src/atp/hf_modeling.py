@@ -93,19 +93,26 @@ class PrunedConfigMixin:
 
     @property
     def kv_sharing_modes(self):
-        """Read by transformers' caches: a layer without heads gets a `DummyLayer`, which stores nothing. None
-        (ordinary caches) when no layer keeps heads, since a cache needs one layer that tracks the length."""
+        """Read by transformers' caches: a layer without heads gets a `DummyLayer`, which stores nothing. Layer 0
+        never does: caches read the sequence length from it (`get_seq_length()`; a DummyLayer has none since
+        transformers 5.25), so a layer 0 without heads keeps a one-channel placeholder instead."""
         if not self.is_heterogeneous:
             return None
-        modes = ["reuse" if self.per_layer_config[i].num_attention_heads == 0 else None
-                 for i in range(self.num_hidden_layers)]
-        return modes if None in modes else None
+        modes = [None] + ["reuse" if self.per_layer_config[i].num_attention_heads == 0 else None
+                          for i in range(1, self.num_hidden_layers)]
+        return modes if "reuse" in modes else None
 
 
 class AbsentAttention(nn.Module):
-    """A removed attention block: nothing to store, nothing added to the residual stream."""
+    """A removed attention block: nothing added to the residual stream, and nothing stored but the length
+    placeholder where the cache holds an ordinary layer (see `keep_cache_length`)."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
 
     def forward(self, hidden_states, *args, **kwargs):
+        keep_cache_length(hidden_states, self.layer_idx, kwargs)
         return hidden_states.new_zeros(()), None
 
 
@@ -119,6 +126,18 @@ class AbsentMLP(nn.Module):
 def _stores_nothing(cache, layer_idx) -> bool:
     layers = getattr(cache, "layers", None)
     return layers is not None and layer_idx < len(layers) and type(layers[layer_idx]).__name__ == "DummyLayer"
+
+
+def keep_cache_length(hidden_states, layer_idx: int, kwargs: dict) -> None:
+    """For a layer without heads: caches built from the config hold a DummyLayer here (`kv_sharing_modes`), which
+    stores nothing. Others (layer 0, a cache built without the config, a model without any heads) get a
+    one-channel placeholder that keeps the sequence length."""
+    cache = kwargs.pop("cache", None)
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
+    if cache is not None and not _stores_nothing(cache, layer_idx):
+        placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+        cache.update(placeholder, placeholder, layer_idx, kwargs=kwargs)
 
 
 class PrunedAttentionMixin:
@@ -162,11 +181,7 @@ class PrunedAttentionMixin:
             cache = kwargs.pop("past_key_values", None)
         shape, head_dim = hidden_states.shape[:-1], self.head_dim
         if self.num_heads == 0:
-            # Caches built from the config hold a DummyLayer here (`kv_sharing_modes`). Others (one built without
-            # the config, or a model without any heads) get a one-channel placeholder that keeps the length.
-            if cache is not None and not _stores_nothing(cache, self.layer_idx):
-                placeholder = hidden_states.new_zeros(shape[0], 1, shape[1], 1)
-                cache.update(placeholder, placeholder, self.layer_idx, kwargs=kwargs)
+            keep_cache_length(hidden_states, self.layer_idx, {**kwargs, "cache": cache})
             return self.o_proj(hidden_states.new_zeros(*shape, 0)), None
         query = self.q_proj(hidden_states).view(*shape, self.num_heads, self.qk_dim)
         key = self.k_proj(hidden_states).view(*shape, self.num_kv_heads, self.qk_dim)
@@ -213,7 +228,7 @@ class PrunedCausalLMMixin:
             skip = skipped(layer_config)
             with warnings.catch_warnings():  # a layer without heads or channels has 0-size projections
                 warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
-                layer.self_attn = (AbsentAttention() if "attention" in skip
+                layer.self_attn = (AbsentAttention(layer_idx) if "attention" in skip
                                    else self.attention_class(layer_config, layer_idx))
                 layer.mlp = AbsentMLP() if "mlp" in skip else self.mlp_class(layer_config)
             for block in skip:
