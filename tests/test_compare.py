@@ -115,6 +115,9 @@ def test_compare_config_errors(tmp_path, capsys):
         path.write_text(f"sparsities: [0.4]\nmethods: [atp]\ncell_seeds: {{'{key}': [0, 1]}}\n")
         assert main(["compare", "--config", str(path)]) == 2
         assert f"cell_seeds key '{key}'" in capsys.readouterr().err
+    path.write_text("methods: [atp, taylor]\nbase: random\n")
+    assert main(["compare", "--config", str(path)]) == 2
+    assert "base 'random'" in capsys.readouterr().err
     path.write_text("cell_seeds: {atp: 3}\n")
     assert main(["compare", "--config", str(path)]) == 2
     assert "list of integer seeds" in capsys.readouterr().err
@@ -206,6 +209,13 @@ def test_paired_differences_come_from_per_record_values():
     assert not ppl["higher_is_better"] and diffs[("random", "pubmedqa acc_norm")]["seeds"] == [0]
     # relative: mean of (acc ratio, rouge ratio, ppl ratio) against dense + LoRA; taylor lower on two of three
     assert diffs[("taylor", "relative (informative tasks)")]["low"] > 0
+    # another base, and no dense + LoRA reference: per-task differences only, taken the other way round
+    summary = summarize(results[1:], base="taylor")["healthcare"]
+    diffs = {(d["a"], d["b"], d["measure"]): d for d in summary["differences"]}
+    assert set(diffs) == {("taylor", m, f"{t} {k}") for m in ("atp", "random")
+                          for t, k in (("pubmedqa", "acc_norm"), ("hqs", "rougeL"), ("pubmed_text", "ppl"))}
+    assert diffs[("taylor", "atp", "pubmedqa acc_norm")]["diff"] == pytest.approx(-0.5)
+    assert diffs[("taylor", "atp", "pubmed_text ppl")]["low"] > 0
 
 
 def test_a_failed_cell_does_not_stop_the_comparison(tiny_compare, monkeypatch, capsys):

@@ -49,7 +49,8 @@ LISTS = {"domains": (str, "[healthcare, legal]"), "sparsities": ((int, float), "
          "methods": (str, "[atp, taylor]"), "seeds": (int, "[0, 1]")}  # list keys: item type, example
 SCALARS = {"model": (str, "a string"), "out": (str, "a string"), "data_dir": ((str, type(None)), "a folder"),
            "references": (bool, "true or false"), "train": (dict, "a mapping of option: value"),
-           "eval": (dict, "a mapping of option: value"), "relative_metrics": (dict, "a mapping of task: metric")}
+           "eval": (dict, "a mapping of option: value"), "relative_metrics": (dict, "a mapping of task: metric"),
+           "base": ((str, type(None)), "a method name")}
 
 
 @dataclasses.dataclass
@@ -73,6 +74,8 @@ class CompareSpec:
                  (method atp unless `method` is given); list their names in `methods`
     relative_metrics  metric per task for relative performance, e.g. {casehold: acc}; defaults: multiple
                  choice acc_norm, summarisation rougeL, perplexity ppl
+    base         the method every other pruned method is compared with, paired, at each sparsity (default atp;
+                 without references only the per-task differences, not relative performance)
     """
     model: str = "smollm2-135m"
     out: str = "runs/compare"
@@ -87,6 +90,7 @@ class CompareSpec:
     references: bool = True
     relative_metrics: dict[str, str] = dataclasses.field(default_factory=dict)
     variants: dict[str, dict] = dataclasses.field(default_factory=dict)
+    base: str | None = None
 
     @classmethod
     def load(cls, path) -> CompareSpec:
@@ -113,6 +117,9 @@ class CompareSpec:
         if bad:
             raise ATPError(f"unknown methods {bad} in {path}; choices: {', '.join(known)} "
                            "(or define them under `variants`)")
+        if self.base is not None and self.base not in self.methods:
+            raise ATPError(f"base {self.base!r} in {path} is not one of the methods {self.methods}; the paired "
+                           "differences are base minus each other method")
         for domain in self.domains:
             get_domain(domain)
         wrong = sorted(set(self.train) - (fields - PER_CELL))

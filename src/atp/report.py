@@ -70,12 +70,14 @@ def mean_metrics(results: list[dict]) -> dict:
     return out
 
 
-def summarize(results: list[dict], relative_metrics: dict | None = None, majority: dict | None = None) -> dict:
+def summarize(results: list[dict], relative_metrics: dict | None = None, majority: dict | None = None,
+              base: str = "atp") -> dict:
     """Per domain: rows (method, sparsity) with mean/std of every metric over seeds and relative performance.
 
     majority: {domain: {task: accuracy of always giving the most common answer}}. A multiple-choice task
     on which dense + LoRA does not beat that is at chance for this model: rows also get
-    `relative_above_chance`, the relative performance over the other tasks."""
+    `relative_above_chance`, the relative performance over the other tasks. `differences`: base minus each
+    other pruned method, paired (see differences)."""
     summary = {}
     for domain in dict.fromkeys(r["domain"] for r in results):
         mine = [r for r in results if r["domain"] == domain]
@@ -112,14 +114,11 @@ def summarize(results: list[dict], relative_metrics: dict | None = None, majorit
             rows.append(row)
         summary[domain] = {"primary_metrics": primary, "reference_seeds": [r["seed"] for r in refs], "rows": rows,
                            "majority": levels, "at_chance": at_chance,
-                           "differences": differences(mine, reference, primary, informative) if reference else []}
+                           "base": base, "differences": differences(mine, reference, primary, informative, base)}
     return summary
 
 
 # ----------------------------------------------------------------------------- paired differences
-
-BASE = "atp"  # every other pruned method of a sparsity is compared with this one
-
 
 def _task_rows(metrics: dict, task: str, metric: str):
     """One cell's per-record rows for a task's primary metric: (NLL, tokens) for perplexity, else the values."""
@@ -146,28 +145,30 @@ def _relative_statistic(reference: dict, chosen: dict[str, str]):
     return statistic
 
 
-def differences(results: list[dict], reference: dict, primary: dict[str, str], informative: dict[str, str],
-                resamples: int = 1000) -> list[dict]:
-    """BASE minus each other pruned method at each sparsity, on the seeds both ran, with 95% paired bootstrap
-    intervals over seeds and records: relative performance on the informative tasks (those above chance),
-    and each task's primary metric."""
+def differences(results: list[dict], reference: dict | None, primary: dict[str, str], informative: dict[str, str],
+                base_method: str = "atp", resamples: int = 1000) -> list[dict]:
+    """base_method minus each other pruned method at each sparsity, on the seeds both ran, with 95% paired
+    bootstrap intervals over seeds and records: each task's primary metric, and relative performance on the
+    informative tasks (those above chance) when there is a dense + LoRA reference."""
     from .stats import bootstrap_difference
 
     out = []
     pruned = [r for r in results if r["method"] not in LABELS]
     for sparsity in dict.fromkeys(r["sparsity"] for r in pruned):
         at = [r for r in pruned if r["sparsity"] == sparsity]
-        base = {r["seed"]: r for r in at if r["method"] == BASE}
-        for method in dict.fromkeys(r["method"] for r in at if r["method"] != BASE):
+        base = {r["seed"]: r for r in at if r["method"] == base_method}
+        for method in dict.fromkeys(r["method"] for r in at if r["method"] != base_method):
             other = {r["seed"]: r for r in at if r["method"] == method}
             seeds = sorted(set(base) & set(other))
-            tasks = {t: m for t, m in primary.items() if t in reference
+            tasks = {t: m for t, m in primary.items() if (reference is None or t in reference)
                      and all(_task_rows(c["metrics"], t, m) for s in seeds for c in (base[s], other[s]))}
             if not seeds or not tasks:
                 continue
             per_seed = {name: {t: [_task_rows(cells[s]["metrics"], t, m) for s in seeds] for t, m in tasks.items()}
                         for name, cells in (("a", base), ("b", other))}
-            measures = {"relative (informative tasks)": ({t: m for t, m in informative.items() if t in tasks}, True)}
+            measures = {}
+            if reference is not None:
+                measures["relative (informative tasks)"] = ({t: m for t, m in informative.items() if t in tasks}, True)
             measures.update({f"{t} {m}": ({t: m}, False) for t, m in tasks.items()})
             for label, (chosen, relative) in measures.items():
                 if not chosen:
@@ -177,7 +178,7 @@ def differences(results: list[dict], reference: dict, primary: dict[str, str], i
                 a = {t: per_seed["a"][t] for t in chosen}
                 b = {t: per_seed["b"][t] for t in chosen}
                 result = bootstrap_difference(a, b, stat, resamples=resamples)
-                out.append({"sparsity": sparsity, "a": BASE, "b": method, "measure": label, "seeds": seeds,
+                out.append({"sparsity": sparsity, "a": base_method, "b": method, "measure": label, "seeds": seeds,
                             **{k: result[k] for k in ("diff", "low", "high", "verdict")},
                             "higher_is_better": relative or metric != "ppl"})
     return out
@@ -244,14 +245,15 @@ def write_markdown(spec: CompareSpec, summary: dict, path: Path) -> None:
                          + f" | {_fmt(r.get('relative'))} | {_fmt(r['train_seconds'], 0)} | "
                          f"{_fmt(r['cell_seconds'], 0)} |")
         if part.get("differences"):
-            lines += ["", f"Paired differences, {BASE} minus each method on the seeds both ran, with 95% bootstrap "
+            base = part["base"]
+            lines += ["", f"Paired differences, {base} minus each method on the seeds both ran, with 95% bootstrap "
                       "intervals over seeds and records (higher is better except for perplexity; "
                       "an interval that contains 0 is a tie):", "",
                       "| sparsity | method | measure | seeds | difference | 95% interval | verdict |",
                       "|---|---|---|---|---|---|---|"]
             for d in part["differences"]:
                 better = (d["low"] > 0) == d["higher_is_better"]
-                verdict = "tie" if d["verdict"] == "tie" else f"{BASE} {'better' if better else 'worse'}"
+                verdict = "tie" if d["verdict"] == "tie" else f"{base} {'better' if better else 'worse'}"
                 lines.append(f"| {d['sparsity']:g} | {d['b']} | {d['measure']} | {len(d['seeds'])} | "
                              f"{d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | {verdict} |")
         lines.append("")
@@ -355,7 +357,8 @@ def chance_levels(spec: CompareSpec, domains) -> dict:
 def write_outputs(spec: CompareSpec, results: list[dict], plots: bool = True) -> dict:
     """OUT/results.json (config, summary, cells), OUT/results.md and, with plots, PNGs under OUT/plots."""
     out = Path(spec.out)
-    summary = summarize(results, spec.relative_metrics, chance_levels(spec, {r["domain"] for r in results}))
+    summary = summarize(results, spec.relative_metrics, chance_levels(spec, {r["domain"] for r in results}),
+                        spec.base or "atp")
     record = {"config": dataclasses.asdict(spec), "summary": summary, "cells": results}
     write_text_atomic(out / "results.json", json.dumps(record, indent=2))
     write_markdown(spec, summary, out / "results.md")
