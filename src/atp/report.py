@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 LABELS = {"dense": "dense (no tuning)", "dense-lora": "dense + LoRA"}  # the reference runs
 SHOWN = ("acc", "acc_norm", "same_answer", "rouge1", "rouge2", "rougeL", "ppl")  # metrics in tables and plots
 PRIMARY = {"multiple_choice": "acc_norm", "summarization": "rougeL", "perplexity": "ppl"}
+DEFAULT_BASE = "atp"  # the method the paired differences start from unless a compare config names another
 
 
 # ----------------------------------------------------------------------------- summary
@@ -71,7 +72,7 @@ def mean_metrics(results: list[dict]) -> dict:
 
 
 def summarize(results: list[dict], relative_metrics: dict | None = None, majority: dict | None = None,
-              base: str = "atp") -> dict:
+              base: str = DEFAULT_BASE) -> dict:
     """Per domain: rows (method, sparsity) with mean/std of every metric over seeds and relative performance.
 
     majority: {domain: {task: accuracy of always giving the most common answer}}. A multiple-choice task
@@ -146,7 +147,7 @@ def _relative_statistic(reference: dict, chosen: dict[str, str]):
 
 
 def differences(results: list[dict], reference: dict | None, primary: dict[str, str], informative: dict[str, str],
-                base_method: str = "atp", resamples: int = 1000) -> list[dict]:
+                base_method: str = DEFAULT_BASE, resamples: int = 1000) -> list[dict]:
     """base_method minus each other pruned method at each sparsity, on the seeds both ran, with 95% paired
     bootstrap intervals over seeds and records: each task's primary metric, and relative performance on the
     informative tasks (those above chance) when there is a dense + LoRA reference."""
@@ -358,7 +359,7 @@ def write_outputs(spec: CompareSpec, results: list[dict], plots: bool = True) ->
     """OUT/results.json (config, summary, cells), OUT/results.md and, with plots, PNGs under OUT/plots."""
     out = Path(spec.out)
     summary = summarize(results, spec.relative_metrics, chance_levels(spec, {r["domain"] for r in results}),
-                        spec.base or "atp")
+                        spec.base or DEFAULT_BASE)
     record = {"config": dataclasses.asdict(spec), "summary": summary, "cells": results}
     write_text_atomic(out / "results.json", json.dumps(record, indent=2))
     write_markdown(spec, summary, out / "results.md")
