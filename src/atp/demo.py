@@ -119,12 +119,11 @@ def demo_sources(domain: str, data_dir=None) -> dict[str, Source]:
     return sources
 
 
-def held_out_example(sources: dict[str, Source]) -> tuple[str, data.Example] | None:
-    """The first held-out record of the accuracy (else ROUGE) source, in the training format."""
-    for role in ("accuracy", "rouge"):
-        if role in sources and sources[role].records:
-            return sources[role].task.name, sources[role].task.train_example(sources[role].records[0])
-    return None
+def held_out_examples(sources: dict[str, Source]) -> list[tuple[str, data.Example]]:
+    """The first held-out record of the summarisation source, then of the multiple-choice one, in the training
+    format (a summary shows more of what pruning kept than a one-word answer)."""
+    return [(sources[role].task.name, sources[role].task.train_example(sources[role].records[0]))
+            for role in ("rouge", "accuracy") if role in sources and sources[role].records]
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -192,17 +191,15 @@ def answer(model, tokenizer, question: str, new_tokens: int) -> str:
 
 
 def answers(models: dict, sources: dict[str, Source], domain: str, settings: Settings) -> list[dict]:
-    """Both models' greedy answers to the domain's question (chat format) and to one held-out record (the
-    training format, cut at the first line like the ROUGE summaries)."""
+    """Both models' greedy answers to the domain's question (chat format) and to the held-out records of
+    held_out_examples (the training format, cut at the first line like the ROUGE summaries)."""
     from .evaluation import generate
 
     shown = [{"kind": "question", "prompt": QUESTIONS[domain],
               "answers": {label: answer(m, tok, QUESTIONS[domain], settings.new_tokens)
                           for label, (m, tok) in models.items()}}]
-    record = held_out_example(sources)
-    if record is not None:
-        task_name, example = record
-        length = _context(next(iter(models.values()))[0], settings.max_length)
+    length = _context(next(iter(models.values()))[0], settings.max_length)
+    for task_name, example in held_out_examples(sources):
         shown.append({"kind": "record", "task": task_name, "prompt": example.prompt,
                       "reference": example.response.strip(),
                       "answers": {label: generate(m, tok, [example.prompt], 1, settings.new_tokens, length)[0]
