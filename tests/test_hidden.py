@@ -475,3 +475,74 @@ def test_llama_cpp_runs_a_hidden_pruned_model(kind, tmp_path, tokenizer):
     result, _ = compare(model, tmp_path / "m.gguf", prompt_ids(tokenizer))
     assert result["top1_agreement"] == 1.0, result
     assert result["max_abs_logit_diff"] <= F32_BOUND * max(1.0, result["max_abs_logit"]), result
+
+
+# ----------------------------------------------------------------------------- massive activations
+
+def with_massive_channel(model, channel, scale=1e4):
+    """The model with one residual channel (an embedding column) far larger than the rest, like SmolLM2's."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, channel] *= scale
+    return model
+
+
+def test_outlier_blocks_finds_the_block_of_a_massive_channel():
+    from atp.hidden import outlier_blocks
+
+    model = make("llama")
+    space = space_for(model, ["hidden"])  # 12 blocks of 4 channels
+    rows = [ids(seed=s)[0].tolist() for s in range(3)]
+    assert outlier_blocks(space, model, rows, 100.0).sum() == 0  # a random model has none
+    with_massive_channel(model, 13)
+    found = outlier_blocks(space, model, rows, 100.0)
+    assert found.shape == (1, space.num_hidden_blocks) and torch.nonzero(found[0]).flatten().tolist() == [3]
+    model.train()  # the scan runs in eval mode and leaves the mode as it was
+    outlier_blocks(space, model, rows, 100.0)
+    assert model.training
+
+
+def test_shape_rule_keeps_the_protected_gates():
+    space = space_for(make("llama"), ["heads", "hidden"])
+    keep = torch.zeros(1, space.num_hidden_blocks)
+    keep[0, 5] = 1
+    rule = ShapeRule(keep={"hidden": keep})
+    hard = {k: torch.zeros(shape) for k, shape in space.gate_shapes.items()}
+    out = rule.project(space, hard, {k: torch.zeros(shape) for k, shape in space.gate_shapes.items()})
+    assert out["hidden"][0, 5] == 1 and out["hidden"].sum() == 2  # the protected block and min_kept's first
+    assert out["heads"].sum() == 0  # other kinds untouched
+    assert ShapeRule().project(space, hard, hard)["hidden"][0, 5] == 0
+
+
+@pytest.mark.parametrize("protect", [100.0, 0.0])
+def test_train_never_prunes_a_massive_channel(protect, tiny_model_dir, tokenizer, train_file, tmp_path):
+    from atp.models import load_model
+
+    model, _ = load_model(str(tiny_model_dir))
+    massive = tmp_path / "massive"
+    with_massive_channel(model, 30).save_pretrained(massive)
+    tokenizer.save_pretrained(massive)
+    cfg = ATPConfig(model=str(massive), domain=None, train_files=[f"pubmedqa={train_file}"],
+                    out=str(tmp_path / "run"), max_steps=6, batch_size=2, max_length=48, hidden_block=4,
+                    generator_every=1, generator_lr=3e-2, alpha=8.0, save_every=0, sparsity=0.5, space=["hidden"],
+                    sparsity_of="model", protect_outliers=protect)
+    report = train(cfg, progress=False)
+    assert report["logits_check"]["passed"]
+    if protect:
+        assert report["protected_hidden_blocks"] == [30 // 4]
+        assert report["hidden_size"] < model.config.hidden_size
+        embedding = load_pruned(tmp_path / "run" / "model").get_input_embeddings().weight
+        column_peaks = embedding.abs().amax(0)
+        assert column_peaks.max() > 100 * column_peaks.median()  # the massive channel is still there
+    else:
+        assert report["protected_hidden_blocks"] == []
+
+
+def test_protect_outliers_is_checked_and_fingerprinted_only_with_hidden():
+    from atp.train import fingerprint
+
+    with pytest.raises(ATPError, match="--protect-outliers must be at least 0"):
+        ATPConfig(protect_outliers=-1.0).validate()
+    default = ATPConfig()
+    assert fingerprint(dataclasses.replace(default, protect_outliers=0.0)) == fingerprint(default)
+    with_hidden = dataclasses.replace(default, space=["heads", "hidden"])
+    assert fingerprint(dataclasses.replace(with_hidden, protect_outliers=0.0)) != fingerprint(with_hidden)

@@ -51,6 +51,10 @@ class ATPConfig:
     hidden_block: int = field(default=32, metadata={
         "help": "hidden channels per gate with --space hidden (the kept hidden size is a multiple of it, or the "
                 "full size; q8_0 / q4_0 GGUF files need multiples of 32)"})
+    protect_outliers: float = field(default=100.0, metadata={
+        "help": "with --space hidden, for the generator (atp, frozen-generator): a hidden block holding a massive activation (a channel whose peak |residual| on "
+                "the calibration examples is at least this many times the median channel's) is never pruned; "
+                "0 turns the guard off"})
     qk_block: int = field(default=4, metadata={
         "help": "RoPE pairs of query/key dimensions per gate with --space qk-dims (a gate removes 2 * QK_BLOCK "
                 "dimensions from every query and key head of a layer)"})
@@ -182,7 +186,7 @@ class ATPConfig:
         for name in ("lr", "generator_lr", "temperature", "lora_alpha", "recovery_lr"):
             if not getattr(self, name) > 0:
                 raise ATPError(f"{flag(name)} must be greater than 0, got {getattr(self, name)}")
-        for name in ("alpha", "lam", "save_every", "check_tolerance", "generator_clip"):
+        for name in ("alpha", "lam", "save_every", "check_tolerance", "generator_clip", "protect_outliers"):
             if not getattr(self, name) >= 0:
                 raise ATPError(f"{flag(name)} must be at least 0, got {getattr(self, name)}")
         if not 0 <= self.generator_ema < 1:
@@ -458,7 +462,7 @@ LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-sc
                  "lora_decisions": "deterministic", "generator_batches": 1, "generator_clip": 0.0, "distill": 0.0,
                  "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
                  "sparsity_of": "prunable", "hidden_block": 32, "packing": False, "recovery": "lora",
-                 "recovery_lr": 5e-5, "qk_block": 4}
+                 "recovery_lr": 5e-5, "qk_block": 4, "protect_outliers": 0.0}
 
 
 def inert_options(cfg: ATPConfig) -> set[str]:
@@ -476,7 +480,7 @@ def inert_options(cfg: ATPConfig) -> set[str]:
     if cfg.distill == 0:
         inert |= {"distill_temperature", "teacher"}
     if "hidden" not in cfg.space:
-        inert.add("hidden_block")
+        inert |= {"hidden_block", "protect_outliers"}
     if "qk-dims" not in cfg.space:
         inert.add("qk_block")
     return inert

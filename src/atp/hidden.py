@@ -71,6 +71,27 @@ def register_hooks(space, model, masks_of) -> list:
     return handles
 
 
+@torch.no_grad()
+def outlier_blocks(space, model, rows: list[list[int]], factor: float) -> torch.Tensor:
+    """[1, hidden blocks], 1 where a block holds a massive activation: a channel whose peak |residual stream| over
+    `rows` (token ids, one sequence each) and every layer is at least `factor` times the median channel's peak.
+    Such channels act as fixed biases the model cannot do without (Sun et al. 2024, "Massive Activations in Large
+    Language Models"); SmolLM2-135M has one, at about 300 times the median."""
+    device = next(model.parameters()).device
+    training, peak = model.training, None
+    model.eval()
+    for ids in rows:
+        states = model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True).hidden_states
+        # the last state has been through the final norm: the residual stream is the ones before it
+        now = torch.stack([state[0].float().abs().amax(0) for state in states[:-1]]).amax(0).cpu()
+        peak = now if peak is None else torch.maximum(peak, now)
+    model.train(training)
+    massive = (peak >= factor * peak.median()).float()
+    padded = torch.zeros(space.num_hidden_blocks * space.hidden_block)
+    padded[: space.hidden_size] = massive
+    return padded.view(1, space.num_hidden_blocks, space.hidden_block).amax(-1)
+
+
 def slice_outside(state: dict, channels: list[int], arch, config) -> None:
     """Keep `channels` of the embeddings, LM head, final norm and every layer norm in `state` (in place); fold Gemma's
     embedding scale (see the module docstring)."""

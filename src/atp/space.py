@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -298,6 +298,7 @@ class ShapeRule:
 
     uniform: bool = False
     round_to: int = 0
+    keep: dict = field(default_factory=dict)  # kind -> [rows, width] 0/1: gates that stay open whatever is decided
 
     @property
     def active(self) -> bool:
@@ -322,9 +323,11 @@ class ShapeRule:
 
     def project(self, space: PruningSpace, hard: Gates, scores: Gates) -> Gates:
         """Hard 0/1 decisions that obey the rule and stay as close as possible to `hard` in kept counts. Every
-        kind keeps its `min_kept` gates per row whatever the rule. Kinds are projected in registry order, each
+        kind keeps its `min_kept` gates per row, and the gates in `keep`, whatever the rule. Kinds are projected in registry order, each
         seeing the hidden size the hidden channels already projected keep (uniform Llama head counts divide it)."""
         hard = {name: KINDS[name].keep_least(hard[name], scores[name]) for name in hard}
+        hard = {name: torch.maximum(gates, self.keep[name].to(gates)) if name in self.keep else gates
+                for name, gates in hard.items()}
         if not self.active:
             return hard
         out = {}

@@ -233,6 +233,7 @@ class PruneRecipe:
         self.started = time.time()
         self.setup_model()
         self.setup_data()
+        self.protect_outliers()
         self.setup_lora()
         self.setup_generator()
         self.setup_teacher()
@@ -288,6 +289,22 @@ class PruneRecipe:
         if cfg.prune:
             check_reachable(self.space, cfg.sparsity)
             self.rule.check(self.space)
+
+    def protect_outliers(self) -> None:
+        """--space hidden: hidden blocks with a massive activation stay (`hidden.outlier_blocks`), on the dense model
+        and the first calibration examples, before LoRA and gates exist."""
+        from .hidden import outlier_blocks
+
+        cfg = self.cfg
+        self.protected_hidden = []
+        if not (cfg.prune and "hidden" in self.space.kinds and cfg.protect_outliers > 0):
+            return
+        rows = [row["input_ids"] for row in self.calib_rows[:cfg.calib_batches]]
+        keep = outlier_blocks(self.space, self.model, rows, cfg.protect_outliers)
+        self.rule.keep["hidden"] = keep
+        self.protected_hidden = torch.nonzero(keep[0]).flatten().tolist()
+        self.accelerator.print(f"hidden blocks kept for their massive activations (--protect-outliers "
+                               f"{cfg.protect_outliers:g}): {self.protected_hidden}")
 
     def setup_data(self) -> None:
         """Tokenized training rows and, when pruning, a held-out calibration slice (generator steps, baselines'
@@ -735,6 +752,7 @@ class PruneRecipe:
             "pad_fraction": 1 - self.token_counts["real"] / max(1, self.token_counts["total"]),
             "layers": [{**{k: v for k, v in widths.items() if k != "kv_map"}, "kept_heads": layer["heads"]}
                        for widths, layer in zip(layer_widths(kept), kept)],
+            "protected_hidden_blocks": self.protected_hidden,
             "export_format": "heterogeneous" if is_heterogeneous(merged.config) else "uniform",
             "total_seconds": time.time() - self.started,
         }
