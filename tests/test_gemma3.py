@@ -58,7 +58,7 @@ def test_masking_is_deletion_and_the_export_loads(attn, kinds, tmp_path, tokeniz
     pruned = build_pruned(model.merge_and_unload(), space.kept_structure(gates))
     assert float(pruned.model.embed_tokens.embed_scale) == pytest.approx(48 ** 0.5)
     with torch.no_grad():
-        torch.testing.assert_close(pruned(x).logits, masked, rtol=0, atol=1e-5)
+        torch.testing.assert_close(pruned(x).logits, masked, rtol=0, atol=1e-5 * max(1.0, float(masked.abs().max())))
     out = save_pruned(pruned, tokenizer, tmp_path / "m")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "atp_gemma3_text" and config["layer_types"] == model.config.layer_types
@@ -67,7 +67,7 @@ def test_masking_is_deletion_and_the_export_loads(attn, kinds, tmp_path, tokeniz
     assert expected == space.total_params() - space.prunable_params() + float(space.remaining_prunable(gates))
     loaded = load_pruned(out, attn_implementation=attn)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x).logits, masked, rtol=0, atol=1e-5)
+        torch.testing.assert_close(loaded(x).logits, masked, rtol=0, atol=1e-5 * max(1.0, float(masked.abs().max())))
         # generation with the KV cache (sliding layers keep only their window) equals a no-cache greedy loop
         cached = loaded.generate(x[:1, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
         seq = x[:1, :6]
