@@ -52,9 +52,9 @@ class ATPConfig:
         "help": "hidden channels per gate with --space hidden (the kept hidden size is a multiple of it, or the "
                 "full size; q8_0 / q4_0 GGUF files need multiples of 32)"})
     protect_outliers: float = field(default=100.0, metadata={
-        "help": "with --space hidden, for the generator (atp, frozen-generator): a hidden block holding a massive activation (a channel whose peak |residual| on "
-                "the calibration examples is at least this many times the median channel's) is never pruned; "
-                "0 turns the guard off"})
+        "help": "with --space hidden, for the generator (atp, frozen-generator): a hidden block holding a massive "
+                "activation (a channel whose peak |residual| on the calibration examples is at least this many times "
+                "the median channel's) is never pruned; 0 turns the guard off"})
     qk_block: int = field(default=4, metadata={
         "help": "RoPE pairs of query/key dimensions per gate with --space qk-dims (a gate removes 2 * QK_BLOCK "
                 "dimensions from every query and key head of a layer)"})

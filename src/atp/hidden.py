@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .errors import ATPError
+from .kinds import chunk_sums
 
 
 def stream_modules(space, model):
@@ -87,9 +88,7 @@ def outlier_blocks(space, model, rows: list[list[int]], factor: float) -> torch.
         peak = now if peak is None else torch.maximum(peak, now)
     model.train(training)
     massive = (peak >= factor * peak.median()).float()
-    padded = torch.zeros(space.num_hidden_blocks * space.hidden_block)
-    padded[: space.hidden_size] = massive
-    return padded.view(1, space.num_hidden_blocks, space.hidden_block).amax(-1)
+    return (chunk_sums(massive, space.hidden_block) > 0).float().unsqueeze(0)
 
 
 def slice_outside(state: dict, channels: list[int], arch, config) -> None:

@@ -323,8 +323,9 @@ class ShapeRule:
 
     def project(self, space: PruningSpace, hard: Gates, scores: Gates) -> Gates:
         """Hard 0/1 decisions that obey the rule and stay as close as possible to `hard` in kept counts. Every
-        kind keeps its `min_kept` gates per row, and the gates in `keep`, whatever the rule. Kinds are projected in registry order, each
-        seeing the hidden size the hidden channels already projected keep (uniform Llama head counts divide it)."""
+        kind keeps its `min_kept` gates per row, and the gates in `keep`, whatever the rule. Kinds are projected in
+        registry order, each seeing the hidden size the hidden channels already projected keep (uniform Llama head
+        counts divide it)."""
         hard = {name: KINDS[name].keep_least(hard[name], scores[name]) for name in hard}
         hard = {name: torch.maximum(gates, self.keep[name].to(gates)) if name in self.keep else gates
                 for name, gates in hard.items()}

@@ -296,15 +296,16 @@ class PruneRecipe:
         from .hidden import outlier_blocks
 
         cfg = self.cfg
-        self.protected_hidden = []
         if not (cfg.prune and "hidden" in self.space.kinds and cfg.protect_outliers > 0):
             return
         rows = [row["input_ids"] for row in self.calib_rows[:cfg.calib_batches]]
-        keep = outlier_blocks(self.space, self.model, rows, cfg.protect_outliers)
-        self.rule.keep["hidden"] = keep
-        self.protected_hidden = torch.nonzero(keep[0]).flatten().tolist()
+        self.rule.keep["hidden"] = outlier_blocks(self.space, self.model, rows, cfg.protect_outliers)
         self.accelerator.print(f"hidden blocks kept for their massive activations (--protect-outliers "
-                               f"{cfg.protect_outliers:g}): {self.protected_hidden}")
+                               f"{cfg.protect_outliers:g}): {self.protected_hidden_blocks()}")
+
+    def protected_hidden_blocks(self) -> list[int]:
+        keep = self.rule.keep.get("hidden")
+        return [] if keep is None else torch.nonzero(keep[0]).flatten().tolist()
 
     def setup_data(self) -> None:
         """Tokenized training rows and, when pruning, a held-out calibration slice (generator steps, baselines'
@@ -752,7 +753,7 @@ class PruneRecipe:
             "pad_fraction": 1 - self.token_counts["real"] / max(1, self.token_counts["total"]),
             "layers": [{**{k: v for k, v in widths.items() if k != "kv_map"}, "kept_heads": layer["heads"]}
                        for widths, layer in zip(layer_widths(kept), kept)],
-            "protected_hidden_blocks": self.protected_hidden,
+            "protected_hidden_blocks": self.protected_hidden_blocks(),
             "export_format": "heterogeneous" if is_heterogeneous(merged.config) else "uniform",
             "total_seconds": time.time() - self.started,
         }
