@@ -137,14 +137,23 @@ def test_compare_config_errors(tmp_path, capsys):
 def test_compare_variants_are_methods_with_their_own_options(tiny_compare, capsys):
     path, out = tiny_compare
     config = yaml.safe_load(path.read_text())
-    config.update(methods=["atp", "atp-restart", "taylor-r"], cell_seeds={},
+    config.update(methods=["atp", "atp-restart", "taylor-r", "lora-6"], cell_seeds={},
                   variants={"atp-restart": {"restart_lr": True, "generator_frac": 0.3},
-                            "taylor-r": {"method": "taylor", "lr": 1e-4}})
+                            "taylor-r": {"method": "taylor", "lr": 1e-4},
+                            "lora-6": {"prune": False, "max_steps": 6}})
     path.write_text(yaml.safe_dump(config))
     spec = CompareSpec.load(path)
     by_name = {c.name: c for c in cells(spec)}
     assert set(by_name) == {"dense", "dense-lora-seed0", "atp-s0.4-seed0", "atp-restart-s0.4-seed0",
-                            "taylor-r-s0.4-seed0"}
+                            "taylor-r-s0.4-seed0", "lora-6-s0.4-seed0"}
+    # dense + LoRA at another budget: the same run as the reference but for max_steps
+    lora, reference = (cell_config(spec, by_name[n]) for n in ("lora-6-s0.4-seed0", "dense-lora-seed0"))
+    assert (lora.prune, lora.max_steps, reference.max_steps) == (False, 6, 3)
+    assert dataclasses.replace(lora, max_steps=3, out=reference.out) == reference
+    config["variants"]["lora-6"]["prune"] = True
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ATPError, match="variant 'lora-6'.*prune may only be false"):
+        CompareSpec.load(path)
     restart = cell_config(spec, by_name["atp-restart-s0.4-seed0"])
     assert (restart.method, restart.restart_lr, restart.generator_frac, restart.max_steps) == ("atp", True, 0.3, 3)
     taylor = cell_config(spec, by_name["taylor-r-s0.4-seed0"])

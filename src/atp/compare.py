@@ -71,7 +71,9 @@ class CompareSpec:
     data_dir     domain data folder (default: as `atp eval`)
     references   run dense and dense-lora per domain (default true)
     variants     extra methods defined by ATPConfig overrides, e.g. {atp-continue: {restart_lr: false}}
-                 (method atp unless `method` is given); list their names in `methods`
+                 (method atp unless `method` is given); list their names in `methods`. A variant with
+                 `prune: false` is dense + LoRA with its options (e.g. {lora-240: {prune: false, max_steps: 240}});
+                 its cells are named, tabled and paired at each sparsity like the pruned methods'
     relative_metrics  metric per task for relative performance, e.g. {casehold: acc}; defaults: multiple
                  choice acc_norm, summarisation rougeL, perplexity ppl
     base         the method every other pruned method is compared with, paired, at each sparsity (default atp;
@@ -192,10 +194,13 @@ class CompareSpec:
                 raise ATPError(f"variant '{name}' in {path} has the name of a built-in method; choose another name")
             if not isinstance(overrides, dict):
                 raise ATPError(f"variant '{name}' in {path} must map option names to values, got {overrides!r}")
-            wrong = sorted(set(overrides) - (fields - (PER_CELL - {"method"})))
+            wrong = sorted(set(overrides) - (fields - (PER_CELL - {"method", "prune"})))
             if wrong:
                 raise ATPError(f"variant '{name}' in {path}: {wrong} cannot be set there "
                                "(unknown, or set per cell by compare)")
+            if overrides.get("prune", False) is not False:
+                raise ATPError(f"variant '{name}' in {path}: prune may only be false (dense + LoRA with the "
+                               f"variant's options, e.g. another budget), got {overrides['prune']!r}")
             check_types(overrides, f"variant '{name}' of {path}")
             checked[str(name)] = {"method": "atp", **overrides}
         return checked
@@ -271,7 +276,7 @@ def cell_config(spec: CompareSpec, cell: Cell):
     values = {**spec.train, **method,
               "model": spec.model, "domain": cell.domain, "data_dir": spec.data_dir, "seed": cell.seed,
               "out": str(cell_dir(spec, cell) / "run"), "overwrite": True}
-    if cell.method != "dense-lora":
+    if values.get("prune", True):
         values["sparsity"] = cell.sparsity
     return ATPConfig(**values)
 
