@@ -1,0 +1,137 @@
+"""Issue 16's budget curve: quality against training steps, and each pruned line against dense + LoRA at
+the same budget, with paired 95% bootstrap intervals over the dev records.
+
+    .venv/bin/python benchmarks/budget_curve.py benchmarks/compare-budget-curve.yaml \
+        --plot docs/img/budget-curve-healthcare-40.png
+
+Reads the finished cells of an `atp compare` config (nothing is trained). Lines are grouped by what the
+cells train: dense + LoRA (`prune: false`), ATP, ATP + distillation, other methods. A ratio is
+pruned / dense + LoRA at the same max_steps: perplexity (goal <= 2x) and HQS ROUGE-L (goal >= 85%).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from atp.compare import CompareSpec, cell_config, cells, finished
+from atp.report import _task_rows
+from atp.stats import bootstrap_difference, mean_of, perplexity_of
+
+PPL_TASK, ROUGE_TASK = "pubmed_text", "hqs"
+GOALS = {"ppl": 2.0, "rougeL": 0.85}
+
+
+def line_of(cfg) -> str:
+    if not cfg.prune:
+        return "dense + LoRA"
+    name = "ATP" if cfg.method == "atp" else cfg.method
+    return f"{name} + distill {cfg.distill:g}" if cfg.distill else name
+
+
+def log_ratio(a_rows, b_rows, statistic) -> dict:
+    """exp of the paired bootstrap interval of log(statistic(a)) - log(statistic(b)): a ratio and its interval."""
+    def log_stat(rows):
+        return math.log(statistic(rows))
+    result = bootstrap_difference(a_rows, b_rows, log_stat, resamples=2000)
+    return {k: math.exp(result[k]) for k in ("diff", "low", "high")}
+
+
+def collect(spec: CompareSpec) -> list[dict]:
+    points = []
+    for cell in cells(spec):
+        result = finished(spec, cell)
+        if result is None:
+            continue
+        cfg = cell_config(spec, cell)
+        metrics = result["metrics"]
+        points.append({"cell": cell.name, "line": line_of(cfg), "steps": cfg.max_steps, "metrics": metrics,
+                       "train_s": result["report"].get("train_seconds"),
+                       "ppl": metrics[PPL_TASK]["ppl"], "rougeL": metrics[ROUGE_TASK]["rougeL"]})
+    return points
+
+
+def ratios(points: list[dict]) -> list[dict]:
+    reference = {p["steps"]: p for p in points if p["line"] == "dense + LoRA"}
+    rows = []
+    for p in points:
+        ref = reference.get(p["steps"])
+        if p["line"] == "dense + LoRA" or ref is None:
+            continue
+        rows_of = {name: {task: [_task_rows(q["metrics"], task, metric)] for task, metric in
+                          ((PPL_TASK, "ppl"), (ROUGE_TASK, "rougeL"))} for name, q in (("a", p), ("b", ref))}
+        ppl = log_ratio({PPL_TASK: rows_of["a"][PPL_TASK]}, {PPL_TASK: rows_of["b"][PPL_TASK]}, perplexity_of(PPL_TASK))
+        rouge = log_ratio({ROUGE_TASK: rows_of["a"][ROUGE_TASK]}, {ROUGE_TASK: rows_of["b"][ROUGE_TASK]},
+                          mean_of(ROUGE_TASK))
+        rows.append({**p, "ref": ref, "ppl_ratio": ppl, "rouge_ratio": rouge})
+    return rows
+
+
+def markdown(points: list[dict], rows: list[dict]) -> str:
+    lines = ["| line | steps | train s | HQS R-L | pubmed ppl @512 |", "|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (p["line"], p["steps"])):
+        lines.append(f"| {p['line']} | {p['steps']} | {p['train_s'] or 0:.0f} | {p['rougeL']:.1f} | {p['ppl']:.2f} |")
+    lines += ["", "| line | steps | ppl / dense + LoRA [95%] | goal <= 2x | R-L / dense + LoRA [95%] | goal >= 85% |",
+              "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["line"], r["steps"])):
+        p, q = r["ppl_ratio"], r["rouge_ratio"]
+        ppl_goal = "met" if p["high"] <= GOALS["ppl"] else "not met" if p["low"] > GOALS["ppl"] else "inside the noise"
+        rouge_goal = ("met" if q["low"] >= GOALS["rougeL"] else "not met" if q["high"] < GOALS["rougeL"]
+                      else "inside the noise")
+        lines.append(f"| {r['line']} | {r['steps']} | {p['diff']:.2f}x [{p['low']:.2f}, {p['high']:.2f}] | {ppl_goal} "
+                     f"| {100 * q['diff']:.0f}% [{100 * q['low']:.0f}, {100 * q['high']:.0f}] | {rouge_goal} |")
+    return "\n".join(lines)
+
+
+def plot(points: list[dict], rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    steps = sorted({p["steps"] for p in points})
+    colors = dict(zip(dict.fromkeys(p["line"] for p in points), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for line, color in colors.items():
+        mine = sorted((p for p in points if p["line"] == line), key=lambda p: p["steps"])
+        style = "--" if line == "dense + LoRA" else "-"
+        for ax, key in ((axes[0, 0], "ppl"), (axes[0, 1], "rougeL")):
+            ax.plot([p["steps"] for p in mine], [p[key] for p in mine], style, marker="o", color=color, label=line)
+        mine = sorted((r for r in rows if r["line"] == line), key=lambda r: r["steps"])
+        for ax, key in ((axes[1, 0], "ppl_ratio"), (axes[1, 1], "rouge_ratio")):
+            if mine:
+                values = [r[key] for r in mine]
+                ax.errorbar([r["steps"] for r in mine], [v["diff"] for v in values], color=color, marker="o",
+                            capsize=3, label=line, yerr=[[v["diff"] - v["low"] for v in values],
+                                                         [v["high"] - v["diff"] for v in values]])
+    axes[0, 0].set(ylabel="pubmed perplexity @512 (log)", yscale="log", title="Held-out PubMed perplexity")
+    axes[0, 1].set(ylabel="HQS ROUGE-L", title="HQS summaries (full dev split), ROUGE-L")
+    axes[1, 0].axhline(GOALS["ppl"], color="grey", ls=":", label="goal: at most 2x")
+    axes[1, 0].set(ylabel="perplexity / dense + LoRA's", title="Perplexity ratio, same steps, 95% interval")
+    axes[1, 1].axhline(GOALS["rougeL"], color="grey", ls=":", label="goal: at least 85%")
+    axes[1, 1].set(ylabel="ROUGE-L / dense + LoRA's", title="ROUGE-L ratio, same steps, 95% interval")
+    for ax in axes.flat:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.minorticks_off()
+        ax.set_xlabel("training steps (batch 4 x 128 tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="an atp compare config whose cells hold the budget points")
+    parser.add_argument("--plot", help="write the plot to this PNG")
+    args = parser.parse_args()
+    spec = CompareSpec.load(args.config)
+    points = collect(spec)
+    rows = ratios(points)
+    print(markdown(points, rows))
+    if args.plot:
+        plot(points, rows, args.plot)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
