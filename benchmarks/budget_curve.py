@@ -66,6 +66,22 @@ def ratios(points: list[dict]) -> list[dict]:
     return rows
 
 
+def against_atp(points: list[dict]) -> list[dict]:
+    """ATP minus each other pruned line at the same steps: ROUGE-L and perplexity, paired 95% intervals."""
+    atp = {p["steps"]: p for p in points if p["line"] == "ATP"}
+    out = []
+    for p in points:
+        base = atp.get(p["steps"])
+        if p["line"] in ("ATP", "dense + LoRA") or base is None:
+            continue
+        for task, metric, statistic in ((ROUGE_TASK, "rougeL", mean_of(ROUGE_TASK)),
+                                        (PPL_TASK, "ppl", perplexity_of(PPL_TASK))):
+            a, b = ({task: [_task_rows(q["metrics"], task, metric)]} for q in (base, p))
+            result = bootstrap_difference(a, b, statistic, resamples=2000)
+            out.append({"line": p["line"], "steps": p["steps"], "measure": f"{task} {metric}", **result})
+    return out
+
+
 def markdown(points: list[dict], rows: list[dict]) -> str:
     lines = ["| line | steps | train s | HQS R-L | pubmed ppl @512 |", "|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["line"], p["steps"])):
@@ -79,6 +95,12 @@ def markdown(points: list[dict], rows: list[dict]) -> str:
                       else "inside the noise")
         lines.append(f"| {r['line']} | {r['steps']} | {p['diff']:.2f}x [{p['low']:.2f}, {p['high']:.2f}] | {ppl_goal} "
                      f"| {100 * q['diff']:.0f}% [{100 * q['low']:.0f}, {100 * q['high']:.0f}] | {rouge_goal} |")
+    differences = against_atp(points)
+    if differences:
+        lines += ["", "| ATP minus | steps | measure | difference [95%] |", "|---|---|---|---|"]
+        lines += [f"| {d['line']} | {d['steps']} | {d['measure']} | "
+                  f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] |"
+                  for d in sorted(differences, key=lambda d: (d["line"], d["steps"]))]
     return "\n".join(lines)
 
 
