@@ -2,7 +2,7 @@
 the same budget, with paired 95% bootstrap intervals over the dev records.
 
     .venv/bin/python benchmarks/budget_curve.py benchmarks/compare-budget-curve.yaml \
-        --plot docs/img/budget-curve-healthcare-40.png
+        --plot docs/img/budget-curve-healthcare-40.png --pair atp-240 atp-distill-160
 
 Reads the finished cells of an `atp compare` config (nothing is trained). Lines are grouped by what the
 cells train: dense + LoRA (`prune: false`), ATP, ATP + distillation, other methods. A ratio is
@@ -18,6 +18,7 @@ from atp.report import _task_rows
 from atp.stats import bootstrap_difference, mean_of, perplexity_of
 
 PPL_TASK, ROUGE_TASK = "pubmed_text", "hqs"
+PPL, ROUGE = (PPL_TASK, "ppl", perplexity_of(PPL_TASK)), (ROUGE_TASK, "rougeL", mean_of(ROUGE_TASK))
 GOALS = {"ppl": 2.0, "rougeL": 0.85}
 
 
@@ -28,12 +29,13 @@ def line_of(cfg) -> str:
     return f"{name} + distill {cfg.distill:g}" if cfg.distill else name
 
 
-def log_ratio(a_rows, b_rows, statistic) -> dict:
-    """exp of the paired bootstrap interval of log(statistic(a)) - log(statistic(b)): a ratio and its interval."""
-    def log_stat(rows):
-        return math.log(statistic(rows))
-    result = bootstrap_difference(a_rows, b_rows, log_stat, resamples=2000)
-    return {k: math.exp(result[k]) for k in ("diff", "low", "high")}
+def paired(a: dict, b: dict, measure: tuple, log: bool = False) -> dict:
+    """Point a minus point b on one (task, metric, statistic), paired bootstrap over the dev records; with log,
+    the difference of the logs turned back into a ratio a / b and its interval."""
+    task, metric, statistic = measure
+    rows = ({task: [_task_rows(q["metrics"], task, metric)]} for q in (a, b))
+    result = bootstrap_difference(*rows, (lambda r: math.log(statistic(r))) if log else statistic, resamples=2000)
+    return {k: math.exp(result[k]) for k in ("diff", "low", "high")} if log else result
 
 
 def collect(spec: CompareSpec) -> list[dict]:
@@ -44,45 +46,32 @@ def collect(spec: CompareSpec) -> list[dict]:
             continue
         cfg = cell_config(spec, cell)
         metrics = result["metrics"]
-        points.append({"cell": cell.name, "line": line_of(cfg), "steps": cfg.max_steps, "metrics": metrics,
+        points.append({"cell": cell.name, "method": cell.method, "line": line_of(cfg), "steps": cfg.max_steps, "metrics": metrics,
                        "train_s": result["report"].get("train_seconds"),
                        "ppl": metrics[PPL_TASK]["ppl"], "rougeL": metrics[ROUGE_TASK]["rougeL"]})
     return points
 
 
 def ratios(points: list[dict]) -> list[dict]:
+    """Each pruned point / dense + LoRA at the same steps."""
     reference = {p["steps"]: p for p in points if p["line"] == "dense + LoRA"}
-    rows = []
-    for p in points:
-        ref = reference.get(p["steps"])
-        if p["line"] == "dense + LoRA" or ref is None:
-            continue
-        rows_of = {name: {task: [_task_rows(q["metrics"], task, metric)] for task, metric in
-                          ((PPL_TASK, "ppl"), (ROUGE_TASK, "rougeL"))} for name, q in (("a", p), ("b", ref))}
-        ppl = log_ratio({PPL_TASK: rows_of["a"][PPL_TASK]}, {PPL_TASK: rows_of["b"][PPL_TASK]}, perplexity_of(PPL_TASK))
-        rouge = log_ratio({ROUGE_TASK: rows_of["a"][ROUGE_TASK]}, {ROUGE_TASK: rows_of["b"][ROUGE_TASK]},
-                          mean_of(ROUGE_TASK))
-        rows.append({**p, "ref": ref, "ppl_ratio": ppl, "rouge_ratio": rouge})
-    return rows
+    return [{**p, "ppl_ratio": paired(p, reference[p["steps"]], PPL, log=True),
+             "rouge_ratio": paired(p, reference[p["steps"]], ROUGE, log=True)}
+            for p in points if p["line"] != "dense + LoRA" and p["steps"] in reference]
 
 
-def against_atp(points: list[dict]) -> list[dict]:
-    """ATP minus each other pruned line at the same steps: ROUGE-L and perplexity, paired 95% intervals."""
-    atp = {p["steps"]: p for p in points if p["line"] == "ATP"}
-    out = []
-    for p in points:
-        base = atp.get(p["steps"])
-        if p["line"] in ("ATP", "dense + LoRA") or base is None:
-            continue
-        for task, metric, statistic in ((ROUGE_TASK, "rougeL", mean_of(ROUGE_TASK)),
-                                        (PPL_TASK, "ppl", perplexity_of(PPL_TASK))):
-            a, b = ({task: [_task_rows(q["metrics"], task, metric)]} for q in (base, p))
-            result = bootstrap_difference(a, b, statistic, resamples=2000)
-            out.append({"line": p["line"], "steps": p["steps"], "measure": f"{task} {metric}", **result})
-    return out
+def differences(pairs: list[tuple[dict, dict]]) -> list[str]:
+    """Markdown rows: a minus b on ROUGE-L and perplexity, paired 95% intervals."""
+    lines = []
+    for a, b in pairs:
+        for measure in (ROUGE, PPL):
+            d = paired(a, b, measure)
+            lines.append(f"| {a['cell']} minus {b['cell']} | {measure[0]} {measure[1]} | "
+                         f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] |")
+    return lines
 
 
-def markdown(points: list[dict], rows: list[dict]) -> str:
+def markdown(points: list[dict], rows: list[dict], extra_pairs: list[list[str]]) -> str:
     lines = ["| line | steps | train s | HQS R-L | pubmed ppl @512 |", "|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["line"], p["steps"])):
         lines.append(f"| {p['line']} | {p['steps']} | {p['train_s'] or 0:.0f} | {p['rougeL']:.1f} | {p['ppl']:.2f} |")
@@ -95,12 +84,12 @@ def markdown(points: list[dict], rows: list[dict]) -> str:
                       else "inside the noise")
         lines.append(f"| {r['line']} | {r['steps']} | {p['diff']:.2f}x [{p['low']:.2f}, {p['high']:.2f}] | {ppl_goal} "
                      f"| {100 * q['diff']:.0f}% [{100 * q['low']:.0f}, {100 * q['high']:.0f}] | {rouge_goal} |")
-    differences = against_atp(points)
-    if differences:
-        lines += ["", "| ATP minus | steps | measure | difference [95%] |", "|---|---|---|---|"]
-        lines += [f"| {d['line']} | {d['steps']} | {d['measure']} | "
-                  f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] |"
-                  for d in sorted(differences, key=lambda d: (d["line"], d["steps"]))]
+    atp = {p["steps"]: p for p in points if p["line"] == "ATP"}
+    pairs = [(atp[p["steps"]], p) for p in points if p["line"] not in ("ATP", "dense + LoRA") and p["steps"] in atp]
+    pairs += [tuple(next(p for p in points if p["method"] == name) for name in pair)
+              for pair in extra_pairs]
+    if pairs:
+        lines += ["", "| paired | measure | difference [95%] |", "|---|---|---|"] + differences(pairs)
     return "\n".join(lines)
 
 
@@ -145,11 +134,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="an atp compare config whose cells hold the budget points")
     parser.add_argument("--plot", help="write the plot to this PNG")
+    parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="also A minus B, two methods of the config (e.g. at about equal time; repeatable)")
     args = parser.parse_args()
     spec = CompareSpec.load(args.config)
     points = collect(spec)
     rows = ratios(points)
-    print(markdown(points, rows))
+    print(markdown(points, rows, args.pair))
     if args.plot:
         plot(points, rows, args.plot)
         print(f"plot: {args.plot}")
