@@ -46,7 +46,8 @@ def collect(spec: CompareSpec) -> list[dict]:
             continue
         cfg = cell_config(spec, cell)
         metrics = result["metrics"]
-        points.append({"cell": cell.name, "method": cell.method, "line": line_of(cfg), "steps": cfg.max_steps, "metrics": metrics,
+        points.append({"cell": cell.name, "method": cell.method, "line": line_of(cfg), "steps": cfg.max_steps,
+                       "metrics": metrics,
                        "train_s": result["report"].get("train_seconds"),
                        "ppl": metrics[PPL_TASK]["ppl"], "rougeL": metrics[ROUGE_TASK]["rougeL"]})
     return points
