@@ -26,31 +26,52 @@ def line_of(cfg) -> str:
     if not cfg.prune:
         return "dense + LoRA"
     name = "ATP" if cfg.method == "atp" else cfg.method
-    return f"{name} + distill {cfg.distill:g}" if cfg.distill else name
+    if not cfg.distill:
+        return name
+    return f"{name} + distill {cfg.distill:g}" + ("" if cfg.teacher == "self" else ", dense + LoRA teacher")
 
 
 def paired(a: dict, b: dict, measure: tuple, log: bool = False) -> dict:
-    """Point a minus point b on one (task, metric, statistic), paired bootstrap over the dev records; with log,
-    the difference of the logs turned back into a ratio a / b and its interval."""
+    """Point a minus point b on one (task, metric, statistic), paired bootstrap over the seeds both have and the
+    dev records; with log, the mean difference of the logs turned back into a ratio a / b and its interval."""
     task, metric, statistic = measure
-    rows = ({task: [_task_rows(q["metrics"], task, metric)]} for q in (a, b))
+    seeds = sorted(set(a["seeds"]) & set(b["seeds"]))
+    rows = ({task: [_task_rows(q["seeds"][s], task, metric) for s in seeds]} for q in (a, b))
     result = bootstrap_difference(*rows, (lambda r: math.log(statistic(r))) if log else statistic, resamples=2000)
-    return {k: math.exp(result[k]) for k in ("diff", "low", "high")} if log else result
+    if log:
+        result.update({k: math.exp(result[k]) for k in ("diff", "low", "high")})
+    return result
 
 
 def collect(spec: CompareSpec) -> list[dict]:
-    points = []
+    """One point per method (a budget of one line), holding every finished seed's metrics."""
+    points = {}
     for cell in cells(spec):
         result = finished(spec, cell)
         if result is None:
             continue
         cfg = cell_config(spec, cell)
-        metrics = result["metrics"]
-        points.append({"cell": cell.name, "method": cell.method, "line": line_of(cfg), "steps": cfg.max_steps,
-                       "metrics": metrics,
-                       "train_s": result["report"].get("train_seconds"),
-                       "ppl": metrics[PPL_TASK]["ppl"], "rougeL": metrics[ROUGE_TASK]["rougeL"]})
-    return points
+        point = points.setdefault(cell.method, {"method": cell.method, "line": line_of(cfg), "steps": cfg.max_steps,
+                                                "seeds": {}, "train_s": []})
+        point["seeds"][cell.seed] = result["metrics"]
+        point["train_s"].append(result["report"].get("train_seconds") or 0.0)
+    for point in points.values():
+        runs = point["seeds"].values()
+        point["ppl"] = [m[PPL_TASK]["ppl"] for m in runs]
+        point["rougeL"] = [m[ROUGE_TASK]["rougeL"] for m in runs]
+    return list(points.values())
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def shown(values: list[float], digits: int) -> str:
+    """Mean, and the standard deviation over seeds where there are several."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    spread = math.sqrt(sum((v - mean(values)) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean(values):.{digits}f} ± {spread:.{digits}f}"
 
 
 def ratios(points: list[dict]) -> list[dict]:
@@ -67,30 +88,32 @@ def differences(pairs: list[tuple[dict, dict]]) -> list[str]:
     for a, b in pairs:
         for measure in (ROUGE, PPL):
             d = paired(a, b, measure)
-            lines.append(f"| {a['cell']} minus {b['cell']} | {measure[0]} {measure[1]} | "
+            lines.append(f"| {a['method']} minus {b['method']} | {d['seeds']} | {measure[0]} {measure[1]} | "
                          f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] |")
     return lines
 
 
 def markdown(points: list[dict], rows: list[dict], extra_pairs: list[list[str]]) -> str:
-    lines = ["| line | steps | train s | HQS R-L | pubmed ppl @512 |", "|---|---|---|---|---|"]
+    lines = ["| line | steps | seeds | train s | HQS R-L | pubmed ppl @512 |", "|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["line"], p["steps"])):
-        lines.append(f"| {p['line']} | {p['steps']} | {p['train_s'] or 0:.0f} | {p['rougeL']:.1f} | {p['ppl']:.2f} |")
-    lines += ["", "| line | steps | ppl / dense + LoRA [95%] | goal <= 2x | R-L / dense + LoRA [95%] | goal >= 85% |",
-              "|---|---|---|---|---|---|"]
+        lines.append(f"| {p['line']} | {p['steps']} | {len(p['seeds'])} | {mean(p['train_s']):.0f} "
+                     f"| {shown(p['rougeL'], 1)} | {shown(p['ppl'], 2)} |")
+    lines += ["", "| line | steps | seeds | ppl / dense + LoRA [95%] | goal <= 2x | R-L / dense + LoRA [95%] "
+              "| goal >= 85% |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["line"], r["steps"])):
         p, q = r["ppl_ratio"], r["rouge_ratio"]
         ppl_goal = "met" if p["high"] <= GOALS["ppl"] else "not met" if p["low"] > GOALS["ppl"] else "inside the noise"
         rouge_goal = ("met" if q["low"] >= GOALS["rougeL"] else "not met" if q["high"] < GOALS["rougeL"]
                       else "inside the noise")
-        lines.append(f"| {r['line']} | {r['steps']} | {p['diff']:.2f}x [{p['low']:.2f}, {p['high']:.2f}] | {ppl_goal} "
+        lines.append(f"| {r['line']} | {r['steps']} | {p['seeds']} "
+                     f"| {p['diff']:.2f}x [{p['low']:.2f}, {p['high']:.2f}] | {ppl_goal} "
                      f"| {100 * q['diff']:.0f}% [{100 * q['low']:.0f}, {100 * q['high']:.0f}] | {rouge_goal} |")
     atp = {p["steps"]: p for p in points if p["line"] == "ATP"}
     pairs = [(atp[p["steps"]], p) for p in points if p["line"] not in ("ATP", "dense + LoRA") and p["steps"] in atp]
     pairs += [tuple(next(p for p in points if p["method"] == name) for name in pair)
               for pair in extra_pairs]
     if pairs:
-        lines += ["", "| paired | measure | difference [95%] |", "|---|---|---|"] + differences(pairs)
+        lines += ["", "| paired | seeds | measure | difference [95%] |", "|---|---|---|---|"] + differences(pairs)
     return "\n".join(lines)
 
 
@@ -106,7 +129,8 @@ def plot(points: list[dict], rows: list[dict], path: str) -> None:
         mine = sorted((p for p in points if p["line"] == line), key=lambda p: p["steps"])
         style = "--" if line == "dense + LoRA" else "-"
         for ax, key in ((axes[0, 0], "ppl"), (axes[0, 1], "rougeL")):
-            ax.plot([p["steps"] for p in mine], [p[key] for p in mine], style, marker="o", color=color, label=line)
+            ax.plot([p["steps"] for p in mine], [mean(p[key]) for p in mine], style, marker="o", color=color,
+                    label=line)
         mine = sorted((r for r in rows if r["line"] == line), key=lambda r: r["steps"])
         for ax, key in ((axes[1, 0], "ppl_ratio"), (axes[1, 1], "rouge_ratio")):
             if mine:
