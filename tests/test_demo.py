@@ -196,3 +196,11 @@ def test_demo_command_errors(tiny_model_dir, shared_data, tmp_path, capsys):
     assert "--limit must be a whole number of at least 1" in capsys.readouterr().err
     with pytest.raises(ATPError, match="needs a domain"):
         run_demo(ATPConfig(model=str(tiny_model_dir), domain=None, train_files=["pubmedqa=x.jsonl"]))
+
+
+def test_demo_trains_plain_atp(monkeypatch):
+    """At the demo's budget (120 steps of 128 tokens) plain ATP is ahead of distillation at equal time."""
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda cfg, settings: seen.update(cfg=cfg))
+    assert main(["demo", "--out", "unused"]) == 0
+    assert seen["cfg"].distill == 0.0 and seen["cfg"].prune and seen["cfg"].max_steps == 120

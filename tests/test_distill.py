@@ -94,3 +94,23 @@ def test_training_with_distillation_logs_kd_and_exports(tiny_model_dir, train_fi
     report = train(cfg_for(tiny_model_dir, train_file, tmp_path / "run2", max_steps=2, distill=1.0,
                            teacher=str(tmp_path / "dense")), progress=False)
     assert report["logits_check"]["passed"]
+
+
+def test_distillation_is_on_by_default_when_pruning_only():
+    from atp.cli import build_parser, config_from_args
+    from atp.config import DEFAULT_DISTILL, ATPConfig, fingerprint
+
+    def parsed(*flags):
+        args = build_parser().parse_args(["prune", "--model", "m", *flags])
+        return config_from_args(args, ATPConfig)
+
+    assert DEFAULT_DISTILL == 0.5
+    assert parsed().distill == 0.5
+    assert parsed("--no-prune").distill == 0.0  # dense + LoRA: nothing to distil into
+    assert parsed("--distill", "0").distill == 0.0
+    assert parsed("--no-prune", "--distill", "0.3").distill == 0.3
+    assert parsed("--method", "frozen-generator").distill == 0.5  # the baselines get the same recipe
+    # the default is the explicit 0.5 as far as resuming and compare cells are concerned
+    assert fingerprint(parsed()) == fingerprint(parsed("--distill", "0.5")) != fingerprint(parsed("--distill", "0"))
+    with pytest.raises(Exception, match="--distill must be in"):
+        parsed("--distill", "1.5").validate()

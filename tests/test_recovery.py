@@ -230,7 +230,8 @@ def test_two_processes_match_one_process_with_full_recovery_and_packing(tiny_mod
         args = ["prune", "--model", str(tiny_model_dir), "--domain", "", "--train-file", f"hqs={short}",
                 "--out", str(out), "--max-steps", "12", "--batch-size", str(batch), "--max-length", "96",
                 "--mlp-block", "4", "--save-every", "0", "--generator-lr", "0.03", "--sparsity", "0.4",
-                "--generator-frac", "0.5", "--recovery", "full", "--recovery-lr", "1e-3", "--packing"]
+                "--generator-frac", "0.5", "--recovery", "full", "--recovery-lr", "1e-3", "--packing",
+                "--distill", "0.5"]  # shards hold unequal real tokens: the KL is normalised globally
         done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads((out / "report.json").read_text())

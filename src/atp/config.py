@@ -19,6 +19,9 @@ from .fsutil import alive, clean_stale_temps, read_yaml_mapping, write_text_atom
 from .kinds import KINDS
 from .schedule import Schedule
 
+# distillation from the dense model when pruning: at equal time it ties on ROUGE-L and wins perplexity, at equal
+# steps it wins both (docs/benchmarks.md, eighth session)
+DEFAULT_DISTILL = 0.5
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -131,9 +134,10 @@ class ATPConfig:
         "help": "how generator steps hold the remaining ratio r to its target t: log (alpha * |log r - log t|) "
                 "or lagrangian (Sheared-LLaMA: l1 (r - t) + l2 (r - t)^2 with multipliers raised by gradient "
                 "ascent, at alpha times the generator's learning rate)"})
-    distill: float = field(default=0.0, metadata={
+    distill: float | None = field(default=None, metadata={
         "help": "knowledge distillation weight w: LoRA and generator steps minimise (1 - w) * task loss + w * "
-                "T^2 * KL(teacher || model) over every real token (0: task loss only)"})
+                f"T^2 * KL(teacher || model) over every real token (0: task loss only; default {DEFAULT_DISTILL} "
+                "when pruning, 0 with --no-prune). It makes a step about 1.5-1.7x as long on a CPU"})
     distill_temperature: float = field(default=1.0, metadata={"help": "distillation temperature T"})
     teacher: str = field(default="self", metadata={
         "help": "distillation teacher: self (the dense pretrained model: adapters disabled, gates open, no extra "
@@ -162,6 +166,10 @@ class ATPConfig:
     gguf: str | None = field(default=None, metadata={
         "help": "also write the exported model as a GGUF file for llama.cpp at this path (see atp export)"})
     gguf_type: str = field(default="f16", metadata={"help": "GGUF tensor type: f32, f16, q8_0 or q4_0"})
+
+    def __post_init__(self) -> None:
+        if self.distill is None:
+            self.distill = DEFAULT_DISTILL if self.prune is True else 0.0
 
     def validate(self) -> None:
         """Every value checked before any work starts: types, ranges, choices, and the training data named."""

@@ -513,7 +513,8 @@ class PruneRecipe:
 
         with self.accelerator.autocast():
             teacher_logits = self.teacher.logits(batch)
-        kd = kd_loss(out.logits, teacher_logits, data.mask.to(out.logits.device), self.cfg.distill_temperature)
+        kd = kd_loss(out.logits, teacher_logits, data.mask.to(out.logits.device), self.cfg.distill_temperature,
+                     tokens=data.real) * self.world  # normalised by the global batch's real tokens, as task is
         self.loss_parts["kd"] = kd.detach()
         return (1 - self.cfg.distill) * task + self.cfg.distill * kd
 
