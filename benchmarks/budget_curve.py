@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import math
+from statistics import fmean as mean
+from statistics import stdev
 
 from atp.compare import CompareSpec, cell_config, cells, finished
 from atp.report import _task_rows
@@ -62,16 +64,11 @@ def collect(spec: CompareSpec) -> list[dict]:
     return list(points.values())
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def shown(values: list[float], digits: int) -> str:
     """Mean, and the standard deviation over seeds where there are several."""
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
-    spread = math.sqrt(sum((v - mean(values)) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean(values):.{digits}f} ± {spread:.{digits}f}"
+    return f"{mean(values):.{digits}f} ± {stdev(values):.{digits}f}"
 
 
 def ratios(points: list[dict]) -> list[dict]:
@@ -93,7 +90,7 @@ def differences(pairs: list[tuple[dict, dict]]) -> list[str]:
     return lines
 
 
-def markdown(points: list[dict], rows: list[dict], extra_pairs: list[list[str]]) -> str:
+def markdown(points: list[dict], rows: list[dict], extra_pairs: list[list[str]], extra_ratios: list[list[str]]) -> str:
     lines = ["| line | steps | seeds | train s | HQS R-L | pubmed ppl @512 |", "|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["line"], p["steps"])):
         lines.append(f"| {p['line']} | {p['steps']} | {len(p['seeds'])} | {mean(p['train_s']):.0f} "
@@ -110,10 +107,19 @@ def markdown(points: list[dict], rows: list[dict], extra_pairs: list[list[str]])
                      f"| {100 * q['diff']:.0f}% [{100 * q['low']:.0f}, {100 * q['high']:.0f}] | {rouge_goal} |")
     atp = {p["steps"]: p for p in points if p["line"] == "ATP"}
     pairs = [(atp[p["steps"]], p) for p in points if p["line"] not in ("ATP", "dense + LoRA") and p["steps"] in atp]
-    pairs += [tuple(next(p for p in points if p["method"] == name) for name in pair)
-              for pair in extra_pairs]
+    by_method = {p["method"]: p for p in points}
+    for name in {name for pair in extra_pairs + extra_ratios for name in pair} - by_method.keys():
+        raise SystemExit(f"{name}: no finished cell of that method in the config (methods with results: "
+                         f"{', '.join(sorted(by_method))})")
+    pairs += [(by_method[a], by_method[b]) for a, b in extra_pairs]
     if pairs:
         lines += ["", "| paired | seeds | measure | difference [95%] |", "|---|---|---|---|"] + differences(pairs)
+    if extra_ratios:
+        lines += ["", "| ratio | seeds | ppl ratio [95%] | R-L ratio [95%] |", "|---|---|---|---|"]
+        for a, b in extra_ratios:
+            p, q = (paired(by_method[a], by_method[b], m, log=True) for m in (PPL, ROUGE))
+            lines.append(f"| {a} / {b} | {p['seeds']} | {p['diff']:.2f}x [{p['low']:.2f}, {p['high']:.2f}] "
+                         f"| {100 * q['diff']:.0f}% [{100 * q['low']:.0f}, {100 * q['high']:.0f}] |")
     return "\n".join(lines)
 
 
@@ -161,11 +167,13 @@ def main() -> None:
     parser.add_argument("--plot", help="write the plot to this PNG")
     parser.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
                         help="also A minus B, two methods of the config (e.g. at about equal time; repeatable)")
+    parser.add_argument("--ratio", nargs=2, action="append", default=[], metavar=("A", "B"),
+                        help="also A / B on perplexity and ROUGE-L, paired like the goal ratios (repeatable)")
     args = parser.parse_args()
     spec = CompareSpec.load(args.config)
     points = collect(spec)
     rows = ratios(points)
-    print(markdown(points, rows, args.pair))
+    print(markdown(points, rows, args.pair, args.ratio))
     if args.plot:
         plot(points, rows, args.plot)
         print(f"plot: {args.plot}")
