@@ -6,7 +6,8 @@ the same budget, with paired 95% bootstrap intervals over the dev records.
 
 Reads the finished cells of an `atp compare` config (nothing is trained). Lines are grouped by what the
 cells train: dense + LoRA (`prune: false`), ATP, ATP + distillation, other methods. A ratio is
-pruned / dense + LoRA at the same max_steps: perplexity (goal <= 2x) and HQS ROUGE-L (goal >= 85%).
+pruned / dense + LoRA at the same max_steps: the domain's text perplexity (goal <= 2x) and, where the domain
+has a summarisation set (healthcare: HQS), its ROUGE-L (goal >= 85%). The config must name one domain.
 """
 from __future__ import annotations
 
@@ -16,12 +17,21 @@ from statistics import fmean as mean
 from statistics import stdev
 
 from atp.compare import CompareSpec, cell_config, cells, finished
+from atp.data import DOMAINS, PerplexityTask, SummarizationTask, get_task
 from atp.report import _task_rows
 from atp.stats import bootstrap_difference, mean_of, perplexity_of
 
-PPL_TASK, ROUGE_TASK = "pubmed_text", "hqs"
-PPL, ROUGE = (PPL_TASK, "ppl", perplexity_of(PPL_TASK)), (ROUGE_TASK, "rougeL", mean_of(ROUGE_TASK))
 GOALS = {"ppl": 2.0, "rougeL": 0.85}
+
+
+def domain_measures(spec: CompareSpec) -> dict:
+    """{"ppl": (task, metric, statistic)} and, where the domain has a summarisation set, "rougeL" too."""
+    if len(spec.domains) != 1:
+        raise SystemExit(f"the config names domains {spec.domains}; a budget curve reads one (copy the config)")
+    tasks = [get_task(name) for name in DOMAINS[spec.domains[0]]]
+    found = {"ppl": [(t.name, "ppl", perplexity_of(t.name)) for t in tasks if isinstance(t, PerplexityTask)],
+             "rougeL": [(t.name, "rougeL", mean_of(t.name)) for t in tasks if isinstance(t, SummarizationTask)]}
+    return {key: values[0] for key, values in found.items() if values}
 
 
 def line_of(cfg) -> str:
@@ -45,7 +55,7 @@ def paired(a: dict, b: dict, measure: tuple, log: bool = False) -> dict:
     return result
 
 
-def collect(spec: CompareSpec) -> list[dict]:
+def collect(spec: CompareSpec, measures: dict) -> list[dict]:
     """One point per method (a budget of one line), holding every finished seed's metrics."""
     points = {}
     for cell in cells(spec):
@@ -59,8 +69,8 @@ def collect(spec: CompareSpec) -> list[dict]:
         point["train_s"].append(result["report"].get("train_seconds") or 0.0)
     for point in points.values():
         runs = point["seeds"].values()
-        point["ppl"] = [m[PPL_TASK]["ppl"] for m in runs]
-        point["rougeL"] = [m[ROUGE_TASK]["rougeL"] for m in runs]
+        for key, (task, metric, _) in measures.items():
+            point[key] = [m[task][metric] for m in runs]
     return list(points.values())
 
 
@@ -71,40 +81,53 @@ def shown(values: list[float], digits: int) -> str:
     return f"{mean(values):.{digits}f} ± {stdev(values):.{digits}f}"
 
 
-def ratios(points: list[dict]) -> list[dict]:
-    """Each pruned point / dense + LoRA at the same steps."""
+def ratios(points: list[dict], measures: dict) -> list[dict]:
+    """Each pruned point / dense + LoRA at the same steps, on each measure."""
     reference = {p["steps"]: p for p in points if p["line"] == "dense + LoRA"}
-    return [{**p, "ppl_ratio": paired(p, reference[p["steps"]], PPL, log=True),
-             "rouge_ratio": paired(p, reference[p["steps"]], ROUGE, log=True)}
+    return [{**p, **{f"{key}_ratio": paired(p, reference[p["steps"]], measure, log=True)
+                     for key, measure in measures.items()}}
             for p in points if p["line"] != "dense + LoRA" and p["steps"] in reference]
 
 
-def differences(pairs: list[tuple[dict, dict]]) -> list[str]:
-    """Markdown rows: a minus b on ROUGE-L and perplexity, paired 95% intervals."""
+def differences(pairs: list[tuple[dict, dict]], measures: dict) -> list[str]:
+    """Markdown rows: a minus b on each measure, paired 95% intervals."""
     lines = []
     for a, b in pairs:
-        for measure in (ROUGE, PPL):
+        for measure in measures.values():
             d = paired(a, b, measure)
             lines.append(f"| {a['method']} minus {b['method']} | {d['seeds']} | {measure[0]} {measure[1]} | "
                          f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] |")
     return lines
 
 
-def markdown(points: list[dict], rows: list[dict], extra_pairs: list[list[str]], extra_ratios: list[list[str]]) -> str:
-    lines = ["| line | steps | seeds | train s | HQS R-L | pubmed ppl @512 |", "|---|---|---|---|---|---|"]
+def goal_verdict(key: str, ratio: dict) -> str:
+    if key == "ppl":
+        return "met" if ratio["high"] <= GOALS[key] else "not met" if ratio["low"] > GOALS[key] else "inside the noise"
+    return "met" if ratio["low"] >= GOALS[key] else "not met" if ratio["high"] < GOALS[key] else "inside the noise"
+
+
+def shown_ratio(key: str, ratio: dict) -> str:
+    if key == "ppl":
+        return f"{ratio['diff']:.2f}x [{ratio['low']:.2f}, {ratio['high']:.2f}]"
+    return f"{100 * ratio['diff']:.0f}% [{100 * ratio['low']:.0f}, {100 * ratio['high']:.0f}]"
+
+
+def markdown(points: list[dict], rows: list[dict], measures: dict, extra_pairs: list[list[str]],
+             extra_ratios: list[list[str]]) -> str:
+    names = {key: f"{task} {'R-L' if key == 'rougeL' else 'ppl @512'}" for key, (task, _, _) in measures.items()}
+    lines = ["| line | steps | seeds | train s | " + " | ".join(names.values()) + " |",
+             "|---|---|---|---|" + "---|" * len(names)]
     for p in sorted(points, key=lambda p: (p["line"], p["steps"])):
-        lines.append(f"| {p['line']} | {p['steps']} | {len(p['seeds'])} | {mean(p['train_s']):.0f} "
-                     f"| {shown(p['rougeL'], 1)} | {shown(p['ppl'], 2)} |")
-    lines += ["", "| line | steps | seeds | ppl / dense + LoRA [95%] | goal <= 2x | R-L / dense + LoRA [95%] "
-              "| goal >= 85% |", "|---|---|---|---|---|---|---|"]
+        lines.append(f"| {p['line']} | {p['steps']} | {len(p['seeds'])} | {mean(p['train_s']):.0f} | "
+                     + " | ".join(shown(p[key], 1 if key == "rougeL" else 2) for key in measures) + " |")
+    goal = {"ppl": "goal <= 2x", "rougeL": "goal >= 85%"}
+    lines += ["", "| line | steps | seeds | " + " | ".join(f"{names[k]} / dense + LoRA [95%] | {goal[k]}"
+                                                          for k in measures) + " |",
+              "|---|---|---|" + "---|---|" * len(measures)]
     for r in sorted(rows, key=lambda r: (r["line"], r["steps"])):
-        p, q = r["ppl_ratio"], r["rouge_ratio"]
-        ppl_goal = "met" if p["high"] <= GOALS["ppl"] else "not met" if p["low"] > GOALS["ppl"] else "inside the noise"
-        rouge_goal = ("met" if q["low"] >= GOALS["rougeL"] else "not met" if q["high"] < GOALS["rougeL"]
-                      else "inside the noise")
-        lines.append(f"| {r['line']} | {r['steps']} | {p['seeds']} "
-                     f"| {p['diff']:.2f}x [{p['low']:.2f}, {p['high']:.2f}] | {ppl_goal} "
-                     f"| {100 * q['diff']:.0f}% [{100 * q['low']:.0f}, {100 * q['high']:.0f}] | {rouge_goal} |")
+        lines.append(f"| {r['line']} | {r['steps']} | {r['ppl_ratio']['seeds']} | "
+                     + " | ".join(f"{shown_ratio(k, r[k + '_ratio'])} | {goal_verdict(k, r[k + '_ratio'])}"
+                                  for k in measures) + " |")
     atp = {p["steps"]: p for p in points if p["line"] == "ATP"}
     pairs = [(atp[p["steps"]], p) for p in points if p["line"] not in ("ATP", "dense + LoRA") and p["steps"] in atp]
     by_method = {p["method"]: p for p in points}
@@ -113,43 +136,50 @@ def markdown(points: list[dict], rows: list[dict], extra_pairs: list[list[str]],
                          f"{', '.join(sorted(by_method))})")
     pairs += [(by_method[a], by_method[b]) for a, b in extra_pairs]
     if pairs:
-        lines += ["", "| paired | seeds | measure | difference [95%] |", "|---|---|---|---|"] + differences(pairs)
+        lines += ["", "| paired | seeds | measure | difference [95%] |", "|---|---|---|---|"]
+        lines += differences(pairs, measures)
     if extra_ratios:
-        lines += ["", "| ratio | seeds | ppl ratio [95%] | R-L ratio [95%] |", "|---|---|---|---|"]
+        lines += ["", "| ratio | seeds | " + " | ".join(f"{names[k]} ratio [95%]" for k in measures) + " |",
+                  "|---|---|" + "---|" * len(measures)]
         for a, b in extra_ratios:
-            p, q = (paired(by_method[a], by_method[b], m, log=True) for m in (PPL, ROUGE))
-            lines.append(f"| {a} / {b} | {p['seeds']} | {p['diff']:.2f}x [{p['low']:.2f}, {p['high']:.2f}] "
-                         f"| {100 * q['diff']:.0f}% [{100 * q['low']:.0f}, {100 * q['high']:.0f}] |")
+            found = {k: paired(by_method[a], by_method[b], m, log=True) for k, m in measures.items()}
+            lines.append(f"| {a} / {b} | {found['ppl']['seeds']} | "
+                         + " | ".join(shown_ratio(k, found[k]) for k in measures) + " |")
     return "\n".join(lines)
 
 
-def plot(points: list[dict], rows: list[dict], path: str) -> None:
+def plot(points: list[dict], rows: list[dict], measures: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    keys = list(measures)
+    fig, axes = plt.subplots(2, len(keys), figsize=(6 * len(keys), 8), squeeze=False)
     steps = sorted({p["steps"] for p in points})
     colors = dict(zip(dict.fromkeys(p["line"] for p in points), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for line, color in colors.items():
         mine = sorted((p for p in points if p["line"] == line), key=lambda p: p["steps"])
         style = "--" if line == "dense + LoRA" else "-"
-        for ax, key in ((axes[0, 0], "ppl"), (axes[0, 1], "rougeL")):
+        for ax, key in zip(axes[0], keys):
             ax.plot([p["steps"] for p in mine], [mean(p[key]) for p in mine], style, marker="o", color=color,
                     label=line)
         mine = sorted((r for r in rows if r["line"] == line), key=lambda r: r["steps"])
-        for ax, key in ((axes[1, 0], "ppl_ratio"), (axes[1, 1], "rouge_ratio")):
+        for ax, key in zip(axes[1], keys):
             if mine:
-                values = [r[key] for r in mine]
+                values = [r[f"{key}_ratio"] for r in mine]
                 ax.errorbar([r["steps"] for r in mine], [v["diff"] for v in values], color=color, marker="o",
                             capsize=3, label=line, yerr=[[v["diff"] - v["low"] for v in values],
                                                          [v["high"] - v["diff"] for v in values]])
-    axes[0, 0].set(ylabel="pubmed perplexity @512 (log)", yscale="log", title="Held-out PubMed perplexity")
-    axes[0, 1].set(ylabel="HQS ROUGE-L", title="HQS summaries (full dev split), ROUGE-L")
-    axes[1, 0].axhline(GOALS["ppl"], color="grey", ls=":", label="goal: at most 2x")
-    axes[1, 0].set(ylabel="perplexity / dense + LoRA's", title="Perplexity ratio, same steps, 95% interval")
-    axes[1, 1].axhline(GOALS["rougeL"], color="grey", ls=":", label="goal: at least 85%")
-    axes[1, 1].set(ylabel="ROUGE-L / dense + LoRA's", title="ROUGE-L ratio, same steps, 95% interval")
+    for top, bottom, key in zip(axes[0], axes[1], keys):
+        task = measures[key][0]
+        if key == "ppl":
+            top.set(ylabel=f"{task} perplexity @512 (log)", yscale="log", title="Held-out domain text perplexity")
+            bottom.axhline(GOALS[key], color="grey", ls=":", label="goal: at most 2x")
+            bottom.set(ylabel="perplexity / dense + LoRA's", title="Perplexity ratio, same steps, 95% interval")
+        else:
+            top.set(ylabel=f"{task} ROUGE-L", title=f"{task} summaries (full dev split), ROUGE-L")
+            bottom.axhline(GOALS[key], color="grey", ls=":", label="goal: at least 85%")
+            bottom.set(ylabel="ROUGE-L / dense + LoRA's", title="ROUGE-L ratio, same steps, 95% interval")
     for ax in axes.flat:
         ax.set_xscale("log", base=2)
         ax.set_xticks(steps, [str(s) for s in steps])
@@ -171,11 +201,12 @@ def main() -> None:
                         help="also A / B on perplexity and ROUGE-L, paired like the goal ratios (repeatable)")
     args = parser.parse_args()
     spec = CompareSpec.load(args.config)
-    points = collect(spec)
-    rows = ratios(points)
-    print(markdown(points, rows, args.pair, args.ratio))
+    measures = domain_measures(spec)
+    points = collect(spec, measures)
+    rows = ratios(points, measures)
+    print(markdown(points, rows, measures, args.pair, args.ratio))
     if args.plot:
-        plot(points, rows, args.plot)
+        plot(points, rows, measures, args.plot)
         print(f"plot: {args.plot}")
 
 
