@@ -121,9 +121,10 @@ def markdown(points: list[dict], rows: list[dict], measures: dict, extra_pairs: 
         lines.append(f"| {p['line']} | {p['steps']} | {len(p['seeds'])} | {mean(p['train_s']):.0f} | "
                      + " | ".join(shown(p[key], 1 if key == "rougeL" else 2) for key in measures) + " |")
     goal = {"ppl": "goal <= 2x", "rougeL": "goal >= 85%"}
-    lines += ["", "| line | steps | seeds | " + " | ".join(f"{names[k]} / dense + LoRA [95%] | {goal[k]}"
-                                                          for k in measures) + " |",
-              "|---|---|---|" + "---|---|" * len(measures)]
+    if rows:
+        lines += ["", "| line | steps | seeds | " + " | ".join(f"{names[k]} / dense + LoRA [95%] | {goal[k]}"
+                                                              for k in measures) + " |",
+                  "|---|---|---|" + "---|---|" * len(measures)]
     for r in sorted(rows, key=lambda r: (r["line"], r["steps"])):
         lines.append(f"| {r['line']} | {r['steps']} | {r['ppl_ratio']['seeds']} | "
                      + " | ".join(f"{shown_ratio(k, r[k + '_ratio'])} | {goal_verdict(k, r[k + '_ratio'])}"
@@ -139,12 +140,13 @@ def markdown(points: list[dict], rows: list[dict], measures: dict, extra_pairs: 
         lines += ["", "| paired | seeds | measure | difference [95%] |", "|---|---|---|---|"]
         lines += differences(pairs, measures)
     if extra_ratios:
-        lines += ["", "| ratio | seeds | " + " | ".join(f"{names[k]} ratio [95%]" for k in measures) + " |",
-                  "|---|---|" + "---|" * len(measures)]
+        lines += ["", "| ratio | seeds | " + " | ".join(f"{names[k]} ratio [95%] | {goal[k]}" for k in measures)
+                  + " |", "|---|---|" + "---|---|" * len(measures)]
         for a, b in extra_ratios:
             found = {k: paired(by_method[a], by_method[b], m, log=True) for k, m in measures.items()}
             lines.append(f"| {a} / {b} | {found['ppl']['seeds']} | "
-                         + " | ".join(shown_ratio(k, found[k]) for k in measures) + " |")
+                         + " | ".join(f"{shown_ratio(k, found[k])} | {goal_verdict(k, found[k])}" for k in measures)
+                         + " |")
     return "\n".join(lines)
 
 
@@ -154,7 +156,7 @@ def plot(points: list[dict], rows: list[dict], measures: dict, path: str) -> Non
     import matplotlib.pyplot as plt
 
     keys = list(measures)
-    fig, axes = plt.subplots(2, len(keys), figsize=(6 * len(keys), 8), squeeze=False)
+    fig, axes = plt.subplots(2 if rows else 1, len(keys), figsize=(6 * len(keys), 8 if rows else 4), squeeze=False)
     steps = sorted({p["steps"] for p in points})
     colors = dict(zip(dict.fromkeys(p["line"] for p in points), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for line, color in colors.items():
@@ -164,20 +166,24 @@ def plot(points: list[dict], rows: list[dict], measures: dict, path: str) -> Non
             ax.plot([p["steps"] for p in mine], [mean(p[key]) for p in mine], style, marker="o", color=color,
                     label=line)
         mine = sorted((r for r in rows if r["line"] == line), key=lambda r: r["steps"])
-        for ax, key in zip(axes[1], keys):
+        for ax, key in zip(axes[1] if rows else [], keys):
             if mine:
                 values = [r[f"{key}_ratio"] for r in mine]
                 ax.errorbar([r["steps"] for r in mine], [v["diff"] for v in values], color=color, marker="o",
                             capsize=3, label=line, yerr=[[v["diff"] - v["low"] for v in values],
                                                          [v["high"] - v["diff"] for v in values]])
-    for top, bottom, key in zip(axes[0], axes[1], keys):
-        task = measures[key][0]
+    for column, key in enumerate(keys):
+        top, bottom, task = axes[0, column], axes[-1, column], measures[key][0]
         if key == "ppl":
             top.set(ylabel=f"{task} perplexity @512 (log)", yscale="log", title="Held-out domain text perplexity")
+        else:
+            top.set(ylabel=f"{task} ROUGE-L", title=f"{task} summaries (full dev split), ROUGE-L")
+        if not rows:
+            continue
+        if key == "ppl":
             bottom.axhline(GOALS[key], color="grey", ls=":", label="goal: at most 2x")
             bottom.set(ylabel="perplexity / dense + LoRA's", title="Perplexity ratio, same steps, 95% interval")
         else:
-            top.set(ylabel=f"{task} ROUGE-L", title=f"{task} summaries (full dev split), ROUGE-L")
             bottom.axhline(GOALS[key], color="grey", ls=":", label="goal: at least 85%")
             bottom.set(ylabel="ROUGE-L / dense + LoRA's", title="ROUGE-L ratio, same steps, 95% interval")
     for ax in axes.flat:
