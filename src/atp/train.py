@@ -910,6 +910,8 @@ def check_reachable(space, sparsity: float) -> None:
 
 def check_finite(step: int, **terms) -> None:
     for name, value in terms.items():
-        value = torch.as_tensor(value).detach() if value is not None else None
-        if value is not None and not torch.isfinite(value).all():
+        if value is None:
+            continue
+        value = torch.as_tensor(value).detach()
+        if not torch.isfinite(value).all():
             raise ATPError(f"{name} became {float(value)} at step {step}; stopping (checkpoints so far are kept)")
