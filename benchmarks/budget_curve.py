@@ -23,6 +23,7 @@ from atp.stats import bootstrap_difference, mean_of, perplexity_of
 
 GOALS = {"ppl": 2.0, "rougeL": 0.85}
 GOAL_LABELS = {"ppl": "goal: at most 2x", "rougeL": "goal: at least 85%"}
+BUDGET_MINUTES = 30   # the issue's training budget on this machine
 
 
 def domain_measures(spec: CompareSpec) -> dict:
@@ -113,8 +114,15 @@ def shown_ratio(key: str, ratio: dict) -> str:
     return f"{100 * ratio['diff']:.0f}% [{100 * ratio['low']:.0f}, {100 * ratio['high']:.0f}]"
 
 
+def check_methods(points: list[dict], names: set[str]) -> None:
+    missing = names - {p["method"] for p in points}
+    if missing:
+        raise SystemExit(f"{', '.join(sorted(missing))}: no finished cell of that method in the config (methods "
+                         f"with results: {', '.join(sorted(p['method'] for p in points))})")
+
+
 def markdown(points: list[dict], rows: list[dict], measures: dict, extra_pairs: list[list[str]],
-             extra_ratios: list[list[str]]) -> str:
+             extra_ratios: list[list[str]], timed: list[dict]) -> str:
     names = {key: f"{task} {'R-L' if key == 'rougeL' else 'ppl @512'}" for key, (task, _, _) in measures.items()}
     lines = ["| line | steps | seeds | train s | " + " | ".join(names.values()) + " |",
              "|---|---|---|---|" + "---|" * len(names)]
@@ -133,9 +141,6 @@ def markdown(points: list[dict], rows: list[dict], measures: dict, extra_pairs: 
     atp = {p["steps"]: p for p in points if p["line"] == "ATP"}
     pairs = [(atp[p["steps"]], p) for p in points if p["line"] not in ("ATP", "dense + LoRA") and p["steps"] in atp]
     by_method = {p["method"]: p for p in points}
-    for name in {name for pair in extra_pairs + extra_ratios for name in pair} - by_method.keys():
-        raise SystemExit(f"{name}: no finished cell of that method in the config (methods with results: "
-                         f"{', '.join(sorted(by_method))})")
     pairs += [(by_method[a], by_method[b]) for a, b in extra_pairs]
     if pairs:
         lines += ["", "| paired | seeds | measure | difference [95%] |", "|---|---|---|---|"]
@@ -143,34 +148,47 @@ def markdown(points: list[dict], rows: list[dict], measures: dict, extra_pairs: 
     if extra_ratios:
         lines += ["", "| ratio | seeds | " + " | ".join(f"{names[k]} ratio [95%] | {goal[k]}" for k in measures)
                   + " |", "|---|---|" + "---|---|" * len(measures)]
-        for a, b in extra_ratios:
-            found = {k: paired(by_method[a], by_method[b], m, log=True) for k, m in measures.items()}
+        for (a, b), row in zip(extra_ratios, timed):
+            found = {k: row[f"{k}_ratio"] for k in measures}
             lines.append(f"| {a} / {b} | {found['ppl']['seeds']} | "
                          + " | ".join(f"{shown_ratio(k, found[k])} | {goal_verdict(k, found[k])}" for k in measures)
                          + " |")
     return "\n".join(lines)
 
 
-def plot(points: list[dict], rows: list[dict], measures: dict, path: str) -> None:
+def time_ratios(points: list[dict], measures: dict, extra_ratios: list[list[str]]) -> list[dict]:
+    """The --ratio pairs as rows of the pruned point (a): at about equal time rather than equal steps."""
+    by_method = {p["method"]: p for p in points}
+    return [{**by_method[a], **{f"{key}_ratio": paired(by_method[a], by_method[b], measure, log=True)
+                                for key, measure in measures.items()}}
+            for a, b in extra_ratios]
+
+
+def minutes(point: dict) -> float:
+    return mean(point["train_s"]) / 60
+
+
+def plot(points: list[dict], rows: list[dict], measures: dict, path: str, x_minutes: bool = False) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = list(measures)
     fig, axes = plt.subplots(2 if rows else 1, len(keys), figsize=(6 * len(keys), 8 if rows else 4), squeeze=False)
+    x_of = minutes if x_minutes else (lambda p: p["steps"])
     steps = sorted({p["steps"] for p in points})
     colors = dict(zip(dict.fromkeys(p["line"] for p in points), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for line, color in colors.items():
         mine = sorted((p for p in points if p["line"] == line), key=lambda p: p["steps"])
         style = "--" if line == "dense + LoRA" else "-"
         for ax, key in zip(axes[0], keys):
-            ax.plot([p["steps"] for p in mine], [mean(p[key]) for p in mine], style, marker="o", color=color,
+            ax.plot([x_of(p) for p in mine], [mean(p[key]) for p in mine], style, marker="o", color=color,
                     label=line)
-        mine = sorted((r for r in rows if r["line"] == line), key=lambda r: r["steps"])
+        mine = sorted((r for r in rows if r["line"] == line), key=x_of)
         for ax, key in zip(axes[1] if rows else [], keys):
             if mine:
                 values = [r[f"{key}_ratio"] for r in mine]
-                ax.errorbar([r["steps"] for r in mine], [v["diff"] for v in values], color=color, marker="o",
+                ax.errorbar([x_of(r) for r in mine], [v["diff"] for v in values], color=color, marker="o",
                             capsize=3, label=line, yerr=[[v["diff"] - v["low"] for v in values],
                                                          [v["high"] - v["diff"] for v in values]])
     for column, key in enumerate(keys):
@@ -181,16 +199,22 @@ def plot(points: list[dict], rows: list[dict], measures: dict, path: str) -> Non
             top.set(ylabel=f"{task} ROUGE-L", title=f"{task} summaries (full dev split), ROUGE-L")
         if not rows:
             continue
+        against = "about the same time" if x_minutes else "same steps"
         if key == "ppl":
-            bottom.set(ylabel="perplexity / dense + LoRA's", title="Perplexity ratio, same steps, 95% interval")
+            bottom.set(ylabel="perplexity / dense + LoRA's", title=f"Perplexity ratio, {against}, 95% interval")
         else:
-            bottom.set(ylabel="ROUGE-L / dense + LoRA's", title="ROUGE-L ratio, same steps, 95% interval")
+            bottom.set(ylabel="ROUGE-L / dense + LoRA's", title=f"ROUGE-L ratio, {against}, 95% interval")
         bottom.axhline(GOALS[key], color="grey", ls=":", label=GOAL_LABELS[key])
     for ax in axes.flat:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(steps, [str(s) for s in steps])
-        ax.minorticks_off()
-        ax.set_xlabel("training steps (batch 4 x 128 tokens)")
+        if x_minutes:
+            ax.set_xlim(0, max(BUDGET_MINUTES, max(minutes(p) for p in points)) + 2)
+            ax.axvline(BUDGET_MINUTES, color="grey", ls="-.", lw=1, label=f"budget: {BUDGET_MINUTES} minutes")
+            ax.set_xlabel("training minutes on this 2-core CPU (mean over seeds; batch 4 x 128 tokens)")
+        else:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(steps, [str(s) for s in steps])
+            ax.minorticks_off()
+            ax.set_xlabel("training steps (batch 4 x 128 tokens)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -205,14 +229,20 @@ def main() -> None:
                         help="also A minus B, two methods of the config (e.g. at about equal time; repeatable)")
     parser.add_argument("--ratio", nargs=2, action="append", default=[], metavar=("A", "B"),
                         help="also A / B on perplexity and ROUGE-L, paired like the goal ratios (repeatable)")
+    parser.add_argument("--x", choices=["steps", "minutes"], default="steps",
+                        help="the plot's x axis; with minutes, its ratio panel shows the --ratio pairs (pair points "
+                             "of about equal time, e.g. distilled and plain steps) in place of the same-steps ratios")
     args = parser.parse_args()
     spec = CompareSpec.load(args.config)
     measures = domain_measures(spec)
     points = collect(spec, measures)
+    check_methods(points, {name for pair in args.pair + args.ratio for name in pair})
     rows = ratios(points, measures)
-    print(markdown(points, rows, measures, args.pair, args.ratio))
+    timed = time_ratios(points, measures, args.ratio)
+    print(markdown(points, rows, measures, args.pair, args.ratio, timed))
     if args.plot:
-        plot(points, rows, measures, args.plot)
+        x_minutes = args.x == "minutes"
+        plot(points, timed if x_minutes else rows, measures, args.plot, x_minutes=x_minutes)
         print(f"plot: {args.plot}")
 
 
