@@ -183,7 +183,7 @@ def test_group_lasso_and_frozen_mode(family):
     space = space_for(model, ["heads", QK])
     gates = gates_for(space)
     x = ids()
-    norms = group_sq_norms(model, space)
+    norms = {key: value.detach() for key, value in group_sq_norms(model, space).items()}
     assert norms["qk"].shape == (space.num_layers, 4)
     layer = space.arch.decoder_layers(model.get_base_model())[2]
     rows = torch.tensor([2, 3, 10, 11])  # the dimensions of pair block 1 in a head of 16: pairs 2, 3 and 10, 11
@@ -191,11 +191,11 @@ def test_group_lasso_and_frozen_mode(family):
     for role, heads in (("q", space.num_heads), ("k", space.num_kv_heads)):
         weight = space.arch.projection(layer, role).lora_B["default"].weight.detach()
         by_hand += sum(float(weight[h * 16 + rows].pow(2).sum()) for h in range(heads))
-    assert float(norms["qk"][2, 1].detach()) == pytest.approx(by_hand, rel=1e-5)
+    assert float(norms["qk"][2, 1]) == pytest.approx(by_hand, rel=1e-5)
     both, frozen = (logits_under(model, space, gates, x, mode) for mode in ("both", "frozen"))
     assert not torch.allclose(both, frozen, atol=1e-4)  # the LoRA pieces of pruned dimensions still act
     proximal_step(model, space, gates, threshold=1e9)
-    after = group_sq_norms(model, space)["qk"]
+    after = group_sq_norms(model, space)["qk"].detach()
     assert float(after[gates[QK] == 0].abs().max()) == 0 and bool((after[gates[QK] == 1] > 0).all())
     both, frozen = (logits_under(model, space, gates, x, mode) for mode in ("both", "frozen"))
     torch.testing.assert_close(both, frozen, rtol=0, atol=1e-6)
