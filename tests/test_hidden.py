@@ -285,15 +285,15 @@ def test_group_lasso_drives_hidden_lora_pieces_to_zero():
     model = with_lora(make("qwen3"))
     space = space_for(model, ["hidden", "heads", "mlp"])
     gates = gates_for(space)
-    norms = group_sq_norms(model, space)
+    norms = {key: value.detach() for key, value in group_sq_norms(model, space).items()}
     assert norms["hidden"].shape == (space.num_layers, 12)
     layer = space.arch.decoder_layers(model.get_base_model())[2]
 
     def piece(role, block):
         wrapper = space.arch.projection(layer, role)
         if role in ("o", "down"):
-            return wrapper.lora_B["default"].weight[block * 4:(block + 1) * 4]
-        return wrapper.lora_A["default"].weight[:, block * 4:(block + 1) * 4]
+            return wrapper.lora_B["default"].weight.detach()[block * 4:(block + 1) * 4]
+        return wrapper.lora_A["default"].weight.detach()[:, block * 4:(block + 1) * 4]
 
     roles = ("q", "k", "v", "gate", "up", "o", "down")
     by_hand = sum(float(piece(role, 5).pow(2).sum()) for role in roles)
@@ -301,7 +301,7 @@ def test_group_lasso_drives_hidden_lora_pieces_to_zero():
     x = ids()
     before = logits_under(model, space, gates, x, "both")
     proximal_step(model, space, gates, threshold=1e9)
-    after = group_sq_norms(model, space)["hidden"]
+    after = group_sq_norms(model, space)["hidden"].detach()
     pruned = gates["hidden"][0] == 0
     assert float(after[:, pruned].abs().max()) == 0 and bool((after[:, ~pruned] > 0).all())
     assert torch.equal(after[:, ~pruned], norms["hidden"][:, ~pruned])
