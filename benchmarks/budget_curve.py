@@ -122,7 +122,7 @@ def check_methods(points: list[dict], names: set[str]) -> None:
 
 
 def markdown(points: list[dict], rows: list[dict], measures: dict, extra_pairs: list[list[str]],
-             extra_ratios: list[list[str]], timed: list[dict]) -> str:
+             timed: list[dict]) -> str:
     names = {key: f"{task} {'R-L' if key == 'rougeL' else 'ppl @512'}" for key, (task, _, _) in measures.items()}
     lines = ["| line | steps | seeds | train s | " + " | ".join(names.values()) + " |",
              "|---|---|---|---|" + "---|" * len(names)]
@@ -145,12 +145,12 @@ def markdown(points: list[dict], rows: list[dict], measures: dict, extra_pairs: 
     if pairs:
         lines += ["", "| paired | seeds | measure | difference [95%] |", "|---|---|---|---|"]
         lines += differences(pairs, measures)
-    if extra_ratios:
+    if timed:
         lines += ["", "| ratio | seeds | " + " | ".join(f"{names[k]} ratio [95%] | {goal[k]}" for k in measures)
                   + " |", "|---|---|" + "---|---|" * len(measures)]
-        for (a, b), row in zip(extra_ratios, timed):
+        for row in timed:
             found = {k: row[f"{k}_ratio"] for k in measures}
-            lines.append(f"| {a} / {b} | {found['ppl']['seeds']} | "
+            lines.append(f"| {row['method']} / {row['against']} | {found['ppl']['seeds']} | "
                          + " | ".join(f"{shown_ratio(k, found[k])} | {goal_verdict(k, found[k])}" for k in measures)
                          + " |")
     return "\n".join(lines)
@@ -159,8 +159,8 @@ def markdown(points: list[dict], rows: list[dict], measures: dict, extra_pairs: 
 def time_ratios(points: list[dict], measures: dict, extra_ratios: list[list[str]]) -> list[dict]:
     """The --ratio pairs as rows of the pruned point (a): at about equal time rather than equal steps."""
     by_method = {p["method"]: p for p in points}
-    return [{**by_method[a], **{f"{key}_ratio": paired(by_method[a], by_method[b], measure, log=True)
-                                for key, measure in measures.items()}}
+    return [{**by_method[a], "against": b, **{f"{key}_ratio": paired(by_method[a], by_method[b], measure, log=True)
+                                              for key, measure in measures.items()}}
             for a, b in extra_ratios]
 
 
@@ -239,7 +239,7 @@ def main() -> None:
     check_methods(points, {name for pair in args.pair + args.ratio for name in pair})
     rows = ratios(points, measures)
     timed = time_ratios(points, measures, args.ratio)
-    print(markdown(points, rows, measures, args.pair, args.ratio, timed))
+    print(markdown(points, rows, measures, args.pair, timed))
     if args.plot:
         x_minutes = args.x == "minutes"
         plot(points, timed if x_minutes else rows, measures, args.plot, x_minutes=x_minutes)
