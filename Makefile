@@ -15,7 +15,12 @@ STAMP = $(VENV)/.atp-installed
 LLAMA_CPP_PYTHON = llama-cpp-python==0.3.36
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
-WHEELS ?= $(HOME)/.cache/atp-wheels
+# No AMX: ggml's AMX backend crashes every q8_0 / q4_0 model on Intel CPUs that have it (llama.cpp issue 20824),
+# GGML_NATIVE=ON turns it on wherever the CPU has it, and -DGGML_AMX_INT8=OFF does not turn it off; these flags do.
+LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+# the cached wheel is keyed by every build flag, so changing one rebuilds instead of reusing an old wheel
+LLAMA_BUILD_KEY := $(shell printf '%s|%s' "$(LLAMA_CMAKE_ARGS)" "$(LLAMA_CFLAGS)" | sha256sum | cut -c1-12)
+WHEELS ?= $(HOME)/.cache/atp-wheels/$(LLAMA_BUILD_KEY)
 
 GGUF_STAMP = $(VENV)/.atp-gguf-installed
 
@@ -48,9 +53,10 @@ gguf: $(GGUF_STAMP)
 
 $(GGUF_STAMP): $(STAMP)
 	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
-		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip wheel -q --no-deps --no-binary llama-cpp-python \
+		CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/python -m pip wheel -q --no-cache-dir --no-deps --no-binary llama-cpp-python \
 		-w $(WHEELS) "$(LLAMA_CPP_PYTHON)"
-	$(BIN)/python -m pip install -q $(WHEELS)/llama_cpp_python-0.3.36-*.whl
+	$(BIN)/python -m pip install -q --no-cache-dir --force-reinstall --no-deps $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 	$(BIN)/python -m pip install -q -e ".[gguf]"
 	touch $(GGUF_STAMP)
 
