@@ -166,3 +166,16 @@ def tiny_model_dir(tmp_path, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def earlier_run(tiny_model_dir, train_file, tmp_path):
+    """A finished `atp prune` run in tmp_path/run, and a snapshot of its files."""
+    from atp.cli import main
+    from helpers import prune_argv, snapshot
+
+    run = tmp_path / "run"
+    assert main(prune_argv(tiny_model_dir, train_file, run)) == 0
+    before = snapshot(run)
+    assert {"config.yaml", "report.json", "log.jsonl", "model/config.json"} <= set(before)
+    return run, before

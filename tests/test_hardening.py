@@ -19,18 +19,7 @@ from atp.cli import main
 from atp.errors import ATPError
 from atp.fsutil import atomic_dir, clean_stale_temps, read_yaml_mapping
 from conftest import tiny_model
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def prune_argv(model_dir, train_file, out, *extra):
-    return ["prune", "--model", str(model_dir), "--domain", "", "--train-file", f"pubmedqa={train_file}",
-            "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--max-length", "48", "--mlp-block", "4",
-            "--save-every", "0", *extra]
+from helpers import dead_pid, prune_argv, snapshot
 
 
 def small_checkpoint_parts():
@@ -138,7 +127,8 @@ def test_eval_out_is_checked_before_evaluating(tiny_model_dir, tmp_path, monkeyp
     assert main(argv + [str(tmp_path / "afile" / "eval.json")]) == 2
     assert f"cannot write --out file to {tmp_path / 'afile' / 'eval.json'}: {tmp_path / 'afile'} is a file" in \
         capsys.readouterr().err
-    assert main(argv + [str(tmp_path)]) == 2
+    (tmp_path / "afolder").mkdir()
+    assert main(argv + [str(tmp_path / "afolder")]) == 2
     assert "is a folder; give a file name" in capsys.readouterr().err
 
 
@@ -466,20 +456,6 @@ def test_a_run_does_not_depend_on_whether_its_model_was_prepared_in_it(tmp_path,
 
 
 # ----------------------------------------------------------------------------- replacing an earlier run
-
-def snapshot(folder) -> dict:
-    """Every file under `folder` (hidden ones too) with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def earlier_run(tiny_model_dir, train_file, tmp_path):
-    run = tmp_path / "run"
-    assert main(prune_argv(tiny_model_dir, train_file, run)) == 0
-    before = snapshot(run)
-    assert {"config.yaml", "report.json", "log.jsonl", "model/config.json"} <= set(before)
-    return run, before
-
 
 def test_overwrite_checks_every_input_before_touching_the_earlier_run(earlier_run, tiny_model_dir, train_file,
                                                                       tmp_path, capsys):

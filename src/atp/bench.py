@@ -144,6 +144,7 @@ def add_bench_arguments(parser):
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out results file")
     parser.add_argument("--runtime", choices=["transformers", "llama.cpp"], default="transformers",
                         help="llama.cpp: .gguf files as given, model folders exported at --gguf-type (needs the gguf extra)")
     parser.add_argument("--gguf-type", default="q8_0", choices=["f32", "f16", "q8_0", "q4_0"],
@@ -155,27 +156,30 @@ def add_bench_arguments(parser):
 def run_bench_command(args) -> int:
     import json
 
+    from .rundir import check_output_file
+
+    if args.out is not None:  # before any model loads
+        check_output_file(args.out, "--out", overwrite=getattr(args, "overwrite", False),
+                          inputs={f"--model #{i + 1}": name for i, name in enumerate(args.model)})
     if getattr(args, "runtime", "transformers") == "llama.cpp":
         from .llamacpp import run_llamacpp_bench
 
         return run_llamacpp_bench(args)
 
     from . import validation
-    from .fsutil import check_writable_file, write_text_atomic
+    from .fsutil import write_text_atomic
     from .models import load_model
 
     for name in ("repeats", "prefill_length", "new_tokens"):
         validation.at_least(getattr(args, name), 1, name)
     device = validation.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if args.out:
-        check_writable_file(args.out, "--out")
     models = {}
     for name in args.model:
         model, _ = load_model(name, dtype=dtype, attn_implementation="sdpa")
         models[name if name not in models else f"{name} #{len(models)}"] = model.to(device)
     result = benchmark(models, repeats=args.repeats, prefill_length=args.prefill_length, new_tokens=args.new_tokens)
     print(format_bench(result))
-    if args.out:
+    if args.out is not None:
         write_text_atomic(args.out, json.dumps(result, indent=2))
     return 0

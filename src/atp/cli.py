@@ -5,7 +5,9 @@ import argparse
 import dataclasses
 import errno
 import os
+import signal
 import sys
+import threading
 import typing
 
 from .errors import ATPError
@@ -67,9 +69,11 @@ def print_prune_report(report: dict) -> None:
 
 def cmd_prune(args) -> int:
     from .config import ATPConfig, resume_config
+    from .rundir import restore_interrupted
     from .train import train
 
     if args.resume:
+        restore_interrupted(args.resume)  # a run killed while replacing this one: its config.yaml goes back
         given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ATPConfig) if getattr(args, f.name) is not None}
         if args.config:
             given = {**ATPConfig.yaml_values(args.config), **given}
@@ -163,10 +167,11 @@ def user_error(err: BaseException) -> str | None:
     """The message for an error that bad input or a bad environment causes (a full disk, an unwritable
     folder, a binary or absurdly nested input), or None for a bug, which keeps its traceback.
     Set ATP_TRACEBACK=1 to see the traceback of these too."""
-    from .fsutil import describe_write_error, is_torch_write_failure
+    from .fsutil import describe_write_error, is_torch_write_failure, safetensors_os_error
 
     if isinstance(err, ATPError):
         return str(err)
+    err = safetensors_os_error(err) or err
     if is_torch_write_failure(err):
         return describe_write_error(err, None)
     if isinstance(err, OSError):
@@ -180,11 +185,25 @@ def user_error(err: BaseException) -> str | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler's time limit, docker stop), handled like Ctrl-C: temps removed, earlier runs put
+    back."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return args.func(args)
+    except Terminated:
+        print("atp: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("atp: interrupted", file=sys.stderr)
         return 130
@@ -194,6 +213,9 @@ def main(argv=None) -> int:
             raise
         print(f"atp: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from .config import check_types
 from .errors import ATPError
 from .fsutil import read_yaml_mapping, write_text_atomic
 from .report import write_outputs
+from .rundir import LOCK_NAME, check_not_inside_inputs, check_out_path, locked
 
 # method name in the config -> ATPConfig overrides
 METHODS = {
@@ -135,7 +136,7 @@ class CompareSpec:
         if not all(0 < s < 1 for s in self.sparsities):
             raise ATPError(f"sparsities must be in (0, 1), got {self.sparsities}")
         self._check_cell_seeds(path)
-        self.out = str(Path(self.out).resolve())
+        self.out = str(check_out_path(self.out, f"out in {path}").resolve())
         self._check_cells(path)
 
     def _check_eval(self, path) -> None:
@@ -388,6 +389,27 @@ def run_compare(config_path, dry_run: bool = False, report_only: bool = False, p
             print(f"{i:3d}. {cell.domain:<11} {cell.name:<34} {cell_status(spec, cell)}")
         print(f"{len(todo)} cells; outputs in {spec.out}")
         return 0
+    check_compare_folder(spec)
+    with locked(spec.out, "comparison"):
+        (Path(spec.out) / MARKER).touch()
+        return _run_cells(spec, todo, report_only, progress)
+
+
+MARKER = ".atp-compare"  # in every folder atp compare writes, so that a rerun knows it may continue there
+
+
+def check_compare_folder(spec: CompareSpec) -> None:
+    """The output folder is empty, new or one that atp compare wrote, and not over the model or the data."""
+    out = Path(spec.out)
+    check_not_inside_inputs(out, {"model": spec.model, "data_dir": spec.data_dir}, "out")
+    names = {p.name for p in out.iterdir()} - {LOCK_NAME} if out.is_dir() else set()
+    ours = MARKER in names or "results.json" in names or any(d in names for d in spec.domains)
+    if names and not ours:
+        raise ATPError(f"out {out} holds files that atp compare did not write ({', '.join(sorted(names)[:3])}); "
+                       "choose a new or empty folder")
+
+
+def _run_cells(spec: CompareSpec, todo: list, report_only: bool, progress: bool) -> int:
     earlier = [finished(spec, cell) for cell in todo]  # refuses changed settings before anything runs
     results, failed = [], []
     for i, (cell, result) in enumerate(zip(todo, earlier), 1):

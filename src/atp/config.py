@@ -6,16 +6,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ATPError
-from .fsutil import alive, clean_stale_temps, read_yaml_mapping, write_text_atomic
+from .fsutil import read_yaml_mapping
 from .kinds import KINDS
 from .schedule import Schedule
 
@@ -319,115 +316,6 @@ def upgrade_record(values: dict) -> dict:
     return values
 
 
-RUN_OUTPUTS = ("log.jsonl", "report.json", "config.yaml", "checkpoints", "model")
-UNFINISHED = {"config.yaml", "log.jsonl"}  # all that a run which never reached a checkpoint leaves
-ASIDE = ".replaced-run-"  # OUT/.replaced-run-PID: the earlier run's outputs while a new run replaces them
-
-
-class RunOutputs:
-    """The outputs of a new run in cfg.out, replacing an earlier run's only once the new run has produced
-    something: `check` (before any work) refuses a folder that holds a run without --overwrite; `start` (once
-    every input was checked) moves the earlier outputs into OUT/.replaced-run-PID and writes config.yaml; `keep`
-    (the first checkpoint, or the report) deletes them; `undo` (a failure before that) removes the new run's
-    outputs and moves the earlier ones back. Files of the user's in the folder stay."""
-
-    def __init__(self, cfg: ATPConfig):
-        self.cfg, self.path = cfg, Path(cfg.out)
-        self.aside, self.started, self.kept = None, False, False
-
-    def check(self) -> None:
-        path = self.path
-        if path.exists() and not path.is_dir():
-            raise ATPError(f"output path {path} is a file; --out takes a directory")
-        restore_interrupted(path)
-        clean_stale_temps(path)
-        busy = sorted(path.glob(ASIDE + "*")) if path.is_dir() else []
-        if busy:
-            raise ATPError(f"another atp run (process {busy[0].name[len(ASIDE):]}) is replacing the run in {path}; "
-                           "wait for it, or choose another --out")
-        names = {p.name for p in path.iterdir()} if path.is_dir() else set()
-        if names and not self.cfg.overwrite:
-            if not names <= UNFINISHED:
-                raise ATPError(f"output directory {path} already exists and is not empty; pass --overwrite to "
-                               "replace it")
-            print(f"atp: note: replacing {', '.join(sorted(names))} in {path}, left by a run that stopped before "
-                  "its first checkpoint", file=sys.stderr)
-
-    def start(self, config: dict) -> None:
-        path = self.path
-        found = [name for name in RUN_OUTPUTS if (path / name).exists() or (path / name).is_symlink()]
-        if found:
-            self.aside = path / f"{ASIDE}{os.getpid()}"
-            self.aside.mkdir()
-            try:
-                for name in found:
-                    os.replace(path / name, self.aside / name)
-            except OSError:
-                _move_back(self.aside, path)
-                self.aside = None
-                raise
-        path.mkdir(parents=True, exist_ok=True)
-        self.started = True
-        write_text_atomic(path / "config.yaml", _yaml(config))
-
-    def keep(self) -> None:
-        if self.aside is not None:
-            shutil.rmtree(self.aside, ignore_errors=True)
-            self.aside = None
-        self.kept = True
-
-    def undo(self) -> None:
-        if not self.started or self.kept:
-            return
-        self.started = False
-        try:
-            _remove_outputs(self.path)
-            if self.aside is not None:
-                _move_back(self.aside, self.path)
-                print(f"atp: the earlier run in {self.path} is as it was (the new run stopped before its first "
-                      "checkpoint)", file=sys.stderr)
-        except OSError as err:  # the error that stopped the run matters more; the next run restores it
-            print(f"atp: warning: could not put back the earlier run in {self.path}: {err}", file=sys.stderr)
-
-
-def _yaml(values: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(values, sort_keys=False)
-
-
-def _remove_outputs(path: Path) -> None:
-    for name in RUN_OUTPUTS:
-        target = path / name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-
-
-def _move_back(aside: Path, path: Path) -> None:
-    for entry in aside.iterdir():
-        os.replace(entry, path / entry.name)
-    aside.rmdir()
-
-
-def restore_interrupted(path) -> None:
-    """A run killed while it replaced an earlier one left OUT/.replaced-run-PID: if it saved no checkpoint, the
-    earlier run is moved back (its own outputs removed); if it did, the earlier outputs are deleted."""
-    path = Path(path)
-    for aside in sorted(path.glob(ASIDE + "*")) if path.is_dir() else []:
-        pid = aside.name[len(ASIDE):]
-        if not pid.isdigit() or alive(int(pid)):
-            continue
-        if any((path / "checkpoints").glob("step-*")):
-            shutil.rmtree(aside, ignore_errors=True)
-            continue
-        _remove_outputs(path)
-        _move_back(aside, path)
-        print(f"atp: restored the run in {path} that an interrupted run (process {pid}) was replacing",
-              file=sys.stderr)
-
-
 def data_sha256(cfg: ATPConfig) -> dict[str, str]:
     """SHA-256 of each data file the run reads (domain files by their path under the data folder, --train-file
     paths as given); hub datasets and missing files are left out."""
@@ -510,7 +398,6 @@ def fingerprint(cfg: ATPConfig) -> str:
 
 def resume_config(run_dir, overrides: dict) -> ATPConfig:
     """The config recorded in RUN_DIR, with only non-semantic overrides allowed."""
-    restore_interrupted(run_dir)
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         raise ATPError(f"--resume {run_dir}: no config.yaml there; is it an atp run directory?")

@@ -12,7 +12,6 @@ import json
 import textwrap
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
@@ -28,7 +27,6 @@ QUESTIONS = {"healthcare": "What are the common symptoms of iron deficiency anae
 TEXT_FIELDS = {"medqa": ("question", "questions"), "pubmedqa": ("CONTEXTS", "abstracts"), "hqs": ("CHQ", "questions"),
                "casehold": ("citing_prompt", "citing texts"), "multilexsum": ("document", "documents"),
                "billsum": ("source", "bills")}
-OUTPUTS = ("demo.md", "demo_results.json")
 
 
 @dataclass
@@ -313,10 +311,7 @@ def render(results: dict) -> str:
 def run_demo(cfg, settings: Settings | None = None, progress: bool = True) -> dict:
     """Train (cfg: an ATPConfig with a domain), measure dense and pruned, print the report and write it to
     OUT/demo.md and OUT/demo_results.json (both atomically). Returns the results."""
-    from . import validation
-    from .cli import print_prune_report
-    from .models import load_model
-    from .train import train
+    from .rundir import check_out_path, locked
 
     settings = settings or Settings()
     if not cfg.domain:
@@ -325,13 +320,20 @@ def run_demo(cfg, settings: Settings | None = None, progress: bool = True) -> di
     started = time.time()
     sources = demo_sources(cfg.domain, cfg.data_dir)  # data errors (and the fallback download) before training
     trained_on = [task.name for task, _ in data.load_domain(cfg.domain, cfg.data_dir)]
-    out = Path(cfg.out)
+    out = check_out_path(cfg.out)
     label = f"ATP {cfg.sparsity:.0%}"
     print(f"[1/4] ATP: pruning {cfg.model} to {cfg.sparsity:.0%} sparsity on {cfg.domain} data "
           f"({', '.join(trained_on)}; {cfg.max_steps} steps)")
-    if cfg.overwrite and out.is_dir():
-        for name in OUTPUTS:  # an earlier demo's results; without overwrite, train refuses a non-empty OUT
-            (out / name).unlink(missing_ok=True)
+    with locked(out, "demo"):  # one demo at a time in OUT, until its last file is written
+        return _train_and_show(cfg, settings, sources, trained_on, out, label, started, progress)
+
+
+def _train_and_show(cfg, settings, sources, trained_on, out, label, started, progress) -> dict:
+    from . import validation
+    from .cli import print_prune_report
+    from .models import load_model
+    from .train import train
+
     report = train(cfg, progress=progress)
     print_prune_report(report)
     measuring = time.time()

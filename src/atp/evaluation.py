@@ -355,6 +355,7 @@ def add_eval_arguments(parser):
     parser.add_argument("--max-new-tokens", type=int, default=48, help="summary length cap (default 48)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     parser.add_argument("--out", metavar="FILE.json", help="also write the results as JSON")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out results file")
     return parser
 
 
@@ -382,8 +383,8 @@ def _eval_inputs(args) -> list[tuple]:
 
 def run_eval_command(args) -> int:
     from . import validation
-    from .fsutil import check_writable_file
     from .models import load_model
+    from .rundir import check_output_file
 
     for flag in ("batch_size", "max_length", "max_new_tokens"):
         validation.at_least(getattr(args, flag), 1, flag)
@@ -392,8 +393,11 @@ def run_eval_command(args) -> int:
     if args.max_new_tokens >= args.max_length:
         raise ATPError("--max-new-tokens must be smaller than --max-length")
     device = str(validation.device(args.device))
-    if args.out:  # before the evaluation, not after it
-        check_writable_file(args.out, "--out")
+    if args.out is not None:  # before the evaluation, not after it
+        inputs = {"--model": args.model, **{f"--data #{i + 1}": d for i, d in enumerate(args.data or [])}}
+        if args.data_dir:
+            inputs["--data-dir"] = args.data_dir
+        check_output_file(args.out, "--out", overwrite=args.overwrite, inputs=inputs)
     start = time.time()
     inputs = _eval_inputs(args)  # data errors come before the (slow) model load
     model, tokenizer = load_model(args.model)
@@ -404,7 +408,7 @@ def run_eval_command(args) -> int:
     seconds = time.time() - start
     print(format_table(results))
     print(f"({seconds:.0f} s)")
-    if args.out:
+    if args.out is not None:
         report = {
             "model": args.model,
             "domain": args.domain,

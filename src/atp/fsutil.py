@@ -19,8 +19,20 @@ TORCH_WRITE_FAILED = ("enforce fail at inline_container.cc", "PytorchStreamWrite
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(?:tmp-(?:(?P<pid>\d+)-)?[a-z0-9_]{8}|[a-z0-9_]{8}\.tmp|old-(?P<old>\d+))$")
 
 
+# safetensors reports a failed write as SafetensorError("Error while serializing: I/O error: ... (os error N)")
+_SAFETENSORS_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 def is_torch_write_failure(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(text in str(err) for text in TORCH_WRITE_FAILED)
+
+
+def safetensors_os_error(err: BaseException) -> OSError | None:
+    """The OSError behind a safetensors SafetensorError (a full disk, a permission), else None."""
+    if type(err).__name__ != "SafetensorError":
+        return None
+    match = _SAFETENSORS_OS_ERROR.search(str(err))
+    return OSError(int(match[1]), os.strerror(int(match[1]))) if match else None
 
 
 def _free_space(path: Path) -> str:
@@ -43,6 +55,7 @@ def _file_in_the_way(path: Path) -> Path | None:
 def describe_write_error(err: BaseException, path, what: str | None = None) -> str | None:
     """A plain message for an error raised while writing `path` (OSError, or torch's failed write), else None."""
     path = Path(path) if path is not None else None
+    err = safetensors_os_error(err) or err
     if path is None:
         target = what or "a file"
     else:
@@ -73,7 +86,7 @@ def writing(path, what: str | None = None):
     """Turn OS errors and torch's failed writes inside the block into an ATPError naming `path`."""
     try:
         yield
-    except (OSError, RuntimeError) as err:
+    except Exception as err:
         translated = as_write_error(err, path, what)
         if translated is None:
             raise

@@ -26,15 +26,12 @@ from .config import (  # noqa: F401  (compare.py, cli.py and tests import these 
     DEFAULT_TARGETS,
     LATER_OPTIONS,
     NON_SEMANTIC,
-    RUN_OUTPUTS,
     ATPConfig,
-    RunOutputs,
     check_same_data,
     config_from_record,
     data_sha256,
     fingerprint,
     inert_options,
-    restore_interrupted,
     resume_config,
 )
 from .errors import ATPError
@@ -49,6 +46,15 @@ from .fsutil import clean_stale_temps, write_text_atomic
 from .generator import DecisionGenerator
 from .masking import GateController
 from .models import load_model
+from .rundir import (
+    RunOutputs,
+    acquire,
+    check_not_inside_inputs,
+    check_out_path,
+    discard_replaced,
+    release,
+    restore_interrupted,
+)
 from .schedule import Schedule
 from .space import PruningSpace, ShapeRule, check_supported
 
@@ -171,7 +177,8 @@ class PruneRecipe:
         self.fixed = self.chosen = None  # a two-stage baseline's decisions and their summary
         self.freeze_norms = {}  # pruned groups' LoRA norm before and after the freeze's last proximal step
         self.decisions, self.flips = None, 0  # the decisions in the masks; how many changed since the last log line
-        self.outputs = None  # a new run's outputs (atp.config.RunOutputs), on the main process
+        self.outputs = None  # a new run's outputs (atp.rundir.RunOutputs), on the main process
+        self.locked = False  # whether this process holds the run folder's lock (the main process does)
         self.given = dataclasses.asdict(cfg)  # the config as given, for config.yaml
 
     def run(self) -> dict:
@@ -182,6 +189,9 @@ class PruneRecipe:
             if self.outputs is not None:
                 self.outputs.undo()
             raise
+        finally:
+            if self.locked:
+                release(self.run_dir)
 
     def run_steps(self) -> dict:
         """Set up, resume if asked, train, export; returns the report (other processes: its first fields only)."""
@@ -201,7 +211,9 @@ class PruneRecipe:
         report.update(self.report(final, *self.export(final)))
         write_text_atomic(self.run_dir / "report.json", json.dumps(report, indent=2))
         if self.outputs is not None:
-            self.outputs.keep()
+            self.outputs.finish()
+        else:  # a resumed run: what a run it replaced left aside goes too
+            discard_replaced(self.run_dir)
         if self.cfg.gguf:  # after the report, so that a GGUF error leaves the run's results in place
             from .gguf_export import export_gguf, format_export
 
@@ -248,7 +260,13 @@ class PruneRecipe:
 
     def check_run_dir(self) -> None:
         """Before any work: (resume) the newest intact checkpoint of this config and data; (a new run) a folder
-        that holds a run needs --overwrite. Temp folders of a killed run (an export, a checkpoint) are removed."""
+        that holds a run needs --overwrite. Temp folders of a killed run (an export, a checkpoint) are removed.
+        The main process locks the folder for the whole run; no run writes over its own inputs."""
+        if self.accelerator.is_main_process:
+            check_out_path(self.cfg.out)
+            check_not_inside_inputs(self.cfg.out, self.input_paths())
+            acquire(self.run_dir)
+            self.locked = True
         if self.resume:
             if self.accelerator.is_main_process:
                 restore_interrupted(self.run_dir)
@@ -264,6 +282,23 @@ class PruneRecipe:
         elif self.accelerator.is_main_process:
             self.outputs = RunOutputs(self.cfg)
             self.outputs.check()
+
+    def input_paths(self) -> dict:
+        """The local files and folders this run reads, by the option that names them."""
+        from . import data
+
+        cfg = self.cfg
+        inputs = {"--model": cfg.model}
+        if cfg.teacher != "self":
+            inputs["--teacher"] = cfg.teacher
+        for i, entry in enumerate(cfg.train_files):
+            inputs[f"--train-file #{i + 1}"] = entry.partition("=")[2]
+        if cfg.domain:
+            with contextlib.suppress(ATPError):  # a missing data folder or file is reported when the data load
+                root = data.resolve_data_dir(cfg.data_dir)
+                if root is not None:
+                    inputs["--data-dir"] = root
+        return inputs
 
     def setup_run_dir(self) -> None:
         """Every input checked: a new run replaces the earlier outputs in its folder (kept aside until its first
@@ -683,7 +718,7 @@ class PruneRecipe:
                         full=((self.full_params, self.full_optimizer, self.full_scheduler) if self.full_params
                               else None))
         if self.outputs is not None:
-            self.outputs.keep()  # the earlier run's outputs go once this run has a checkpoint
+            self.outputs.checkpointed()  # from now on a failure leaves this run resumable
 
     # export and report
 
