@@ -129,6 +129,16 @@ def _task_rows(metrics: dict, task: str, metric: str):
     return list(zip(values["nll"], values["tokens"])) if metric == "ppl" else values.get(metric)
 
 
+def paired_task_rows(cells: dict[str, dict], task: str, metric: str) -> list:
+    """The per-record rows of one task in several cells (name -> metrics), in one record order: paired by record
+    id (results from before records had ids: by position). Cells evaluated on other records: an error naming them."""
+    from .stats import align_records
+
+    named = {name: (metrics[task]["per_record"].get("id"), _task_rows(metrics, task, metric))
+             for name, metrics in cells.items()}
+    return align_records(named, f"task {task}")
+
+
 def _task_statistic(task: str, metric: str):
     from .stats import mean_of, perplexity_of
 
@@ -149,9 +159,10 @@ def _relative_statistic(reference: dict, chosen: dict[str, str]):
 def differences(results: list[dict], reference: dict | None, primary: dict[str, str], informative: dict[str, str],
                 base_method: str = DEFAULT_BASE, resamples: int = 1000) -> list[dict]:
     """base_method minus each other pruned method at each sparsity, on the seeds both ran, with 95% paired
-    bootstrap intervals over seeds and records: each task's primary metric, and relative performance on the
-    informative tasks (those above chance) when there is a dense + LoRA reference."""
-    from .stats import bootstrap_difference
+    intervals (`atp.stats.paired_interval`: a t-interval over the per-seed differences for 2-5 seeds, a record
+    bootstrap labelled as record noise for one seed): each task's primary metric, and relative performance on
+    the informative tasks (those above chance) when there is a dense + LoRA reference. Records are paired by id."""
+    from .stats import paired_interval
 
     out = []
     pruned = [r for r in results if r["method"] not in LABELS]
@@ -165,8 +176,12 @@ def differences(results: list[dict], reference: dict | None, primary: dict[str, 
                      and all(_task_rows(c["metrics"], t, m) for s in seeds for c in (base[s], other[s]))}
             if not seeds or not tasks:
                 continue
-            per_seed = {name: {t: [_task_rows(cells[s]["metrics"], t, m) for s in seeds] for t, m in tasks.items()}
-                        for name, cells in (("a", base), ("b", other))}
+            per_seed = {"a": {}, "b": {}}
+            for t, m in tasks.items():
+                named = {f"{name} seed {s} at sparsity {sparsity:g}": cells[s]["metrics"]
+                         for s in seeds for name, cells in ((base_method, base), (method, other))}
+                rows = paired_task_rows(named, t, m)
+                per_seed["a"][t], per_seed["b"][t] = rows[0::2], rows[1::2]
             measures = {}
             if reference is not None:
                 measures["relative (informative tasks)"] = ({t: m for t, m in informative.items() if t in tasks}, True)
@@ -178,9 +193,9 @@ def differences(results: list[dict], reference: dict | None, primary: dict[str, 
                 stat = _relative_statistic(reference, chosen) if relative else _task_statistic(task, metric)
                 a = {t: per_seed["a"][t] for t in chosen}
                 b = {t: per_seed["b"][t] for t in chosen}
-                result = bootstrap_difference(a, b, stat, resamples=resamples)
+                result = paired_interval(a, b, stat, resamples=resamples)
                 out.append({"sparsity": sparsity, "a": base_method, "b": method, "measure": label, "seeds": seeds,
-                            **{k: result[k] for k in ("diff", "low", "high", "verdict")},
+                            **{k: result[k] for k in ("diff", "low", "high", "verdict", "interval", "per_seed")},
                             "higher_is_better": relative or metric != "ppl"})
     return out
 
@@ -247,16 +262,19 @@ def write_markdown(spec: CompareSpec, summary: dict, path: Path) -> None:
                          f"{_fmt(r['cell_seconds'], 0)} |")
         if part.get("differences"):
             base = part["base"]
-            lines += ["", f"Paired differences, {base} minus each method on the seeds both ran, with 95% bootstrap "
-                      "intervals over seeds and records (higher is better except for perplexity; "
-                      "an interval that contains 0 is a tie):", "",
-                      "| sparsity | method | measure | seeds | difference | 95% interval | verdict |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += ["", f"Paired differences, {base} minus each method on the seeds both ran, records paired by id "
+                      "(higher is better except for perplexity; an interval that contains 0 is a tie). The 95% "
+                      "interval is a t-interval over the per-seed differences with 2-5 seeds (mean ± t(S-1) sd / "
+                      "√S), a bootstrap over seeds and records with more; with one seed there is no seed-level "
+                      "interval, only a bootstrap over records (one seed: record noise only):", "",
+                      "| sparsity | method | measure | seeds | difference | 95% interval | interval | verdict |",
+                      "|---|---|---|---|---|---|---|---|"]
             for d in part["differences"]:
                 better = (d["low"] > 0) == d["higher_is_better"]
                 verdict = "tie" if d["verdict"] == "tie" else f"{base} {'better' if better else 'worse'}"
                 lines.append(f"| {d['sparsity']:g} | {d['b']} | {d['measure']} | {len(d['seeds'])} | "
-                             f"{d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | {verdict} |")
+                             f"{d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | "
+                             f"{d.get('interval', 'bootstrap')} | {verdict} |")
         lines.append("")
     write_text_atomic(path, "\n".join(lines))
 
