@@ -73,7 +73,8 @@ def test_t_interval_over_three_seeds_by_hand():
     half = 4.302652729 * math.sqrt(7) / math.sqrt(3)
     assert result["interval"] == INTERVAL_T and result["seeds"] == 3 and result["per_seed"] == [1.0, 2.0, 6.0]
     assert result["diff"] == pytest.approx(3.0)
-    assert result["low"] == pytest.approx(3.0 - half, abs=1e-6) and result["high"] == pytest.approx(3.0 + half, abs=1e-6)
+    assert result["low"] == pytest.approx(3.0 - half, abs=1e-6)
+    assert result["high"] == pytest.approx(3.0 + half, abs=1e-6)
     assert result["verdict"] == "tie"  # [-3.57, +9.57]; resampling three seeds would give about [1, 6]
     assert t_quantile(1) == pytest.approx(12.7062047, abs=1e-6) and t_quantile(4) == pytest.approx(2.7764451, abs=1e-6)
     assert t_quantile(30) == pytest.approx(2.0422725, abs=1e-6)
@@ -105,7 +106,8 @@ def test_records_are_paired_by_id_not_position():
     ids = [f"r{i}" for i in range(6)]
     values = np.arange(6.0)
     order = [3, 0, 5, 1, 4, 2]
-    aligned = align_records({"atp seed 0": (ids, values), "taylor seed 0": ([ids[i] for i in order], values[order] + 1)})
+    shuffled = ([ids[i] for i in order], values[order] + 1)
+    aligned = align_records({"atp seed 0": (ids, values), "taylor seed 0": shuffled})
     assert list(aligned[0]) == list(values) and list(aligned[1]) == list(values + 1)
     with pytest.raises(ATPError, match="records differ between atp seed 0 and taylor seed 0"):
         align_records({"atp seed 0": (ids, values), "taylor seed 0": (ids[:5] + ["r9"], values)})
