@@ -319,8 +319,8 @@ def upgrade_record(values: dict) -> dict:
     return values
 
 
-RUN_OUTPUTS = ("log.jsonl", "report.json", "config.yaml", "checkpoints", "model")
-UNFINISHED = {"config.yaml", "log.jsonl"}  # all that a run which never reached a checkpoint leaves
+RUN_OUTPUTS = ("log.jsonl", "decisions.jsonl", "report.json", "config.yaml", "checkpoints", "model")
+UNFINISHED = {"config.yaml", "log.jsonl", "decisions.jsonl"}  # all that a run which never reached a checkpoint leaves
 ASIDE = ".replaced-run-"  # OUT/.replaced-run-PID: the earlier run's outputs while a new run replaces them
 
 

@@ -115,7 +115,8 @@ def summarize(results: list[dict], relative_metrics: dict | None = None, majorit
             rows.append(row)
         summary[domain] = {"primary_metrics": primary, "reference_seeds": [r["seed"] for r in refs], "rows": rows,
                            "majority": levels, "at_chance": at_chance,
-                           "base": base, "differences": differences(mine, reference, primary, informative, base)}
+                           "base": base, "differences": differences(mine, reference, primary, informative, base),
+                           "decision_overlaps": decision_overlaps(mine, base), "decision_search": decision_search(mine)}
     return summary
 
 
@@ -200,6 +201,114 @@ def differences(results: list[dict], reference: dict | None, primary: dict[str, 
     return out
 
 
+# ----------------------------------------------------------------------------- decisions
+
+def _final_decisions(result: dict):
+    """A cell's final decisions and gate weights (report.json of runs from before they were recorded: None)."""
+    from .diagnostics import decode, expand_weights
+
+    report = result.get("report", {})
+    if "decisions" not in report or "decision_weights" not in report:
+        return None
+    return decode(report["decisions"]), expand_weights(report["decision_weights"])
+
+
+def decision_overlaps(results: list[dict], base_method: str = DEFAULT_BASE) -> list[dict]:
+    """For each pruned method other than base_method, at each sparsity and on the seeds both ran: how its final
+    decisions differ from base_method's, per kind and per layer (atp.diagnostics.overlap: parameters pruned by
+    exactly one of the two as a share of those pruned by either), per seed and as the mean over the seeds.
+    Cells without recorded decisions (older runs) are listed as such."""
+    from .diagnostics import overlap
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    out = []
+    pruned = [r for r in results if r["method"] not in LABELS]
+    for sparsity in dict.fromkeys(r["sparsity"] for r in pruned):
+        at = [r for r in pruned if r["sparsity"] == sparsity]
+        base = {r["seed"]: r for r in at if r["method"] == base_method}
+        for method in dict.fromkeys(r["method"] for r in at if r["method"] != base_method):
+            other = {r["seed"]: r for r in at if r["method"] == method}
+            seeds = sorted(set(base) & set(other))
+            if not seeds:
+                continue
+            per_seed, missing = {}, []
+            for seed in seeds:
+                a, b = _final_decisions(base[seed]), _final_decisions(other[seed])
+                if a is None or b is None:
+                    missing.append(seed)
+                    continue
+                per_seed[seed] = overlap(a[0], b[0], a[1])
+            entry = {"sparsity": sparsity, "a": base_method, "b": method, "seeds": sorted(per_seed),
+                     "not_recorded": missing, "per_seed": {str(k): v for k, v in per_seed.items()}}
+            if per_seed:
+                found = list(per_seed.values())
+                entry["share"] = mean([v["share"] for v in found])
+                entry["kinds"] = {kind: {"share": mean([v["kinds"][kind]["share"] for v in found]),
+                                         "per_layer": [mean([v["kinds"][kind]["per_layer"][i] for v in found])
+                                                       for i in range(len(layers["per_layer"]))]}
+                                  for kind, layers in found[0]["kinds"].items()}
+            out.append(entry)
+    return out
+
+
+def decision_search(results: list[dict]) -> list[dict]:
+    """Per cell with a recorded search (ATP, frozen-generator): when the decisions stopped moving, how many gates
+    the freeze's calibration moved, and the comebacks per kind (atp.diagnostics.search_diagnostics)."""
+    rows = []
+    for r in results:
+        search = r.get("report", {}).get("decision_search")
+        if search:
+            last = [e for e in search["distance_to_final"] if e["event"] == "generator"]
+            rows.append({"method": r["method"], "sparsity": r["sparsity"], "seed": r["seed"],
+                         "generator_steps": search["generator_steps_logged"],
+                         "stable_from_step": search["stable_from_step"],
+                         "target_reached_step": search["target_reached_step"],
+                         "moved_at_freeze": search["moved_at_freeze"],
+                         "last_generator_step_to_final": last[-1] if last else None,
+                         "comebacks": {k: v["count"] for k, v in search["comebacks"].items()}})
+    return rows
+
+
+def _share(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _decision_lines(part: dict) -> list[str]:
+    lines = []
+    if part.get("decision_overlaps"):
+        base = part["base"]
+        lines += ["", f"Final decisions against {base}'s, same seed: the parameters pruned by exactly one of the two "
+                  "as a share of those pruned by either (0: the same structures, 1: none in common; mean over the "
+                  "seeds; per layer in results.json):", "",
+                  "| sparsity | method | seeds | all kinds | per kind | per layer |", "|---|---|---|---|---|---|"]
+        for d in part["decision_overlaps"]:
+            if "kinds" not in d:
+                lines.append(f"| {d['sparsity']:g} | {d['b']} | - | not recorded (runs from before report.json "
+                             "held the decisions) | | |")
+                continue
+            kinds = ", ".join(f"{k} {_share(v['share'])}" for k, v in d["kinds"].items())
+            layers = "; ".join(f"{k}: " + " ".join(_share(x) for x in v["per_layer"]) for k, v in d["kinds"].items())
+            missing = f" (not recorded: seeds {d['not_recorded']})" if d["not_recorded"] else ""
+            lines.append(f"| {d['sparsity']:g} | {d['b']} | {d['seeds']}{missing} | {_share(d['share'])} | {kinds} "
+                         f"| {layers} |")
+    if part.get("decision_search"):
+        lines += ["", "Decision search (decisions.jsonl): the first step from which the decisions equal the final "
+                  "ones, the step where the ratio target reached its final value, gates the freeze's calibration "
+                  "moved, and comebacks (structures pruned at a generator step after the target was reached and "
+                  "kept at export):", "",
+                  "| method | sparsity | seed | generator steps | stable from step | target reached | moved at freeze "
+                  "| comebacks |", "|---|---|---|---|---|---|---|---|"]
+        for r in part["decision_search"]:
+            comebacks = ", ".join(f"{k} {v}" for k, v in r["comebacks"].items())
+            lines.append(f"| {r['method']} | {r['sparsity']:g} | {r['seed']} | {r['generator_steps']} | "
+                         f"{r['stable_from_step']} | {r['target_reached_step']} | {r['moved_at_freeze']} | "
+                         f"{comebacks} |")
+    return lines
+
+
 # ----------------------------------------------------------------------------- outputs
 
 def _fmt(value: tuple[float, float | None] | None, digits: int = 3) -> str:
@@ -275,6 +384,7 @@ def write_markdown(spec: CompareSpec, summary: dict, path: Path) -> None:
                 lines.append(f"| {d['sparsity']:g} | {d['b']} | {d['measure']} | {len(d['seeds'])} | "
                              f"{d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | "
                              f"{d.get('interval', 'bootstrap')} | {verdict} |")
+        lines += _decision_lines(part)
         lines.append("")
     write_text_atomic(path, "\n".join(lines))
 
