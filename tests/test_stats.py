@@ -120,3 +120,11 @@ def test_one_seed_has_no_seed_level_interval():
     result = paired_interval(a, b, mean_of("mc"), resamples=300)
     assert result["interval"] == INTERVAL_RECORDS == "one seed: record noise only"
     assert result["low"] < result["diff"] < result["high"] and result["seeds"] == 1
+
+
+def test_evaluated_records_get_content_ids():
+    from atp.evaluation import content_ids
+
+    ids = content_ids([{"q": "a"}, {"q": "b"}, {"q": "a"}])
+    assert ids[0] != ids[1] and ids[2] == ids[0] + "#2"
+    assert content_ids([{"q": "b"}]) == [ids[1]]  # from the content, not the position
