@@ -1,5 +1,6 @@
 """Issue 16's budget curve: quality against training steps, and each pruned line against dense + LoRA at
-the same budget, with paired 95% bootstrap intervals over the dev records.
+the same budget, with paired 95% intervals (`atp.stats.paired_interval`: a t-interval over the per-seed
+differences for 2-5 seeds; with one seed a bootstrap over the dev records, labelled as record noise only).
 
     .venv/bin/python benchmarks/budget_curve.py benchmarks/compare-budget-curve.yaml \
         --plot docs/img/budget-curve-healthcare-40.png --pair atp-240 atp-distill-160
@@ -18,8 +19,8 @@ from statistics import stdev
 
 from atp.compare import CompareSpec, cell_config, cells, finished
 from atp.data import DOMAINS, PerplexityTask, SummarizationTask, get_task
-from atp.report import _task_rows
-from atp.stats import bootstrap_difference, mean_of, perplexity_of
+from atp.report import paired_task_rows
+from atp.stats import INTERVAL_RECORDS, INTERVAL_T, mean_of, paired_interval, perplexity_of
 
 GOALS = {"ppl": 2.0, "rougeL": 0.85}
 GOAL_LABELS = {"ppl": "goal: at most 2x", "rougeL": "goal: at least 85%"}
@@ -46,12 +47,15 @@ def line_of(cfg) -> str:
 
 
 def paired(a: dict, b: dict, measure: tuple, log: bool = False) -> dict:
-    """Point a minus point b on one (task, metric, statistic), paired bootstrap over the seeds both have and the
-    dev records; with log, the mean difference of the logs turned back into a ratio a / b and its interval."""
+    """Point a minus point b on one (task, metric, statistic), paired over the seeds both have and the dev
+    records (by record id); with log, the mean difference of the logs turned back into a ratio a / b and its
+    interval. `interval` says which kind the interval is (see atp.stats.paired_interval)."""
     task, metric, statistic = measure
     seeds = sorted(set(a["seeds"]) & set(b["seeds"]))
-    rows = ({task: [_task_rows(q["seeds"][s], task, metric) for s in seeds]} for q in (a, b))
-    result = bootstrap_difference(*rows, (lambda r: math.log(statistic(r))) if log else statistic, resamples=2000)
+    named = {f"{q['method']} seed {s}": q["seeds"][s] for s in seeds for q in (a, b)}
+    aligned = paired_task_rows(named, task, metric)
+    rows = ({task: aligned[0::2]}, {task: aligned[1::2]})
+    result = paired_interval(*rows, (lambda r: math.log(statistic(r))) if log else statistic, resamples=2000)
     if log:
         result.update({k: math.exp(result[k]) for k in ("diff", "low", "high")})
     return result
@@ -98,7 +102,7 @@ def differences(pairs: list[tuple[dict, dict]], measures: dict) -> list[str]:
         for measure in measures.values():
             d = paired(a, b, measure)
             lines.append(f"| {a['method']} minus {b['method']} | {d['seeds']} | {measure[0]} {measure[1]} | "
-                         f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] |")
+                         f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] {interval_mark(d)} |")
     return lines
 
 
@@ -108,10 +112,17 @@ def goal_verdict(key: str, ratio: dict) -> str:
     return "met" if ratio["low"] >= GOALS[key] else "not met" if ratio["high"] < GOALS[key] else "inside the noise"
 
 
+INTERVAL_MARKS = {INTERVAL_T: "t", INTERVAL_RECORDS: "records"}  # anything else: the bootstrap over seeds and records
+
+
+def interval_mark(result: dict) -> str:
+    return INTERVAL_MARKS.get(result["interval"], "boot")
+
+
 def shown_ratio(key: str, ratio: dict) -> str:
     if key == "ppl":
-        return f"{ratio['diff']:.2f}x [{ratio['low']:.2f}, {ratio['high']:.2f}]"
-    return f"{100 * ratio['diff']:.0f}% [{100 * ratio['low']:.0f}, {100 * ratio['high']:.0f}]"
+        return f"{ratio['diff']:.2f}x [{ratio['low']:.2f}, {ratio['high']:.2f}] {interval_mark(ratio)}"
+    return f"{100 * ratio['diff']:.0f}% [{100 * ratio['low']:.0f}, {100 * ratio['high']:.0f}] {interval_mark(ratio)}"
 
 
 def check_methods(points: list[dict], names: set[str]) -> None:
@@ -153,6 +164,9 @@ def markdown(points: list[dict], rows: list[dict], measures: dict, extra_pairs: 
             lines.append(f"| {row['method']} / {row['against']} | {found['ppl']['seeds']} | "
                          + " | ".join(f"{shown_ratio(k, found[k])} | {goal_verdict(k, found[k])}" for k in measures)
                          + " |")
+    lines += ["", "95% intervals: t = t-interval over the per-seed values (2-5 seeds); records = one seed: record "
+              "noise only (a bootstrap over the dev records, no seed-level interval); boot = bootstrap over seeds and "
+              "records (more than 5 seeds)."]
     return "\n".join(lines)
 
 

@@ -119,7 +119,8 @@ def test_train_files_and_data_are_inputs_too(tiny_model_dir, train_file, shared_
     assert main(prune_argv(tiny_model_dir, train_file, train_file)) == 2
     assert f"--out {train_file} is the --train-file #1" in capsys.readouterr().err
     out = shared_data / "run"
-    assert main(prune_argv(tiny_model_dir, train_file, out, "--domain", "healthcare", "--data-dir", str(shared_data))) == 2
+    argv = prune_argv(tiny_model_dir, train_file, out, "--domain", "healthcare", "--data-dir", str(shared_data))
+    assert main(argv) == 2
     assert f"--out {out} lies inside the --data-dir" in capsys.readouterr().err
 
 

@@ -4,6 +4,7 @@ Also the `atp eval` command (add_eval_arguments / run_eval_command).
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import math
@@ -104,7 +105,18 @@ def perplexity(model, tokenizer, texts: list[str], window: int = 512, batch_size
     total_tokens = sum(window_tokens)
     nll = sum(window_nll) / total_tokens
     return {"ppl": math.exp(nll), "nll": nll, "tokens": total_tokens, "windows": len(windows),
-            "per_record": {"nll": window_nll, "tokens": window_tokens}}
+            "per_record": {"nll": window_nll, "tokens": window_tokens, "id": content_ids(windows)}}
+
+
+def content_ids(items: list) -> list[str]:
+    """One id per item from its content (a record's fields, a window's tokens), for pairing per-record results
+    of two evaluations by record rather than by position; a repeated item gets "#2", "#3", ... appended."""
+    ids, seen = [], Counter()
+    for item in items:
+        digest = hashlib.sha256(json.dumps(item, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        seen[digest] += 1
+        ids.append(digest if seen[digest] == 1 else f"{digest}#{seen[digest]}")
+    return ids
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -264,11 +276,15 @@ def majority_levels(domain: str, data_dir=None, limit: int | None = None) -> dic
 
 
 def _multiple_choice_task(model, tokenizer, task, records, batch_size, max_length, **_) -> dict:
-    return multiple_choice(model, tokenizer, task, records, batch_size, max_length)
+    metrics = multiple_choice(model, tokenizer, task, records, batch_size, max_length)
+    metrics["per_record"]["id"] = content_ids(records)
+    return metrics
 
 
 def _summarization_task(model, tokenizer, task, records, batch_size, max_length, max_new_tokens, **_) -> dict:
-    return summarization(model, tokenizer, task, records, batch_size, max_new_tokens, max_length)
+    metrics = summarization(model, tokenizer, task, records, batch_size, max_new_tokens, max_length)
+    metrics["per_record"]["id"] = content_ids(records)
+    return metrics
 
 
 def _perplexity_task(model, tokenizer, task, records, batch_size, max_length, ppl_windows=(), **_) -> dict:
@@ -287,7 +303,8 @@ EVALUATORS = {"multiple_choice": _multiple_choice_task, "summarization": _summar
 
 def evaluate(model, tokenizer, tasks_with_records, limit: int | None = None, batch_size: int = 4,
              max_length: int = 512, max_new_tokens: int = 48, ppl_windows=()) -> dict:
-    """{task name: metrics}. Each task's metrics hold `per_record` values too (for paired bootstrap intervals).
+    """{task name: metrics}. Each task's metrics hold `per_record` values too (for paired intervals), with an
+    `id` per record (perplexity: per window) to pair them by.
 
     limit None: each task's eval_cap (set for summarization tasks only); 0: all records; N: the first N.
     ppl_windows: extra perplexity window lengths, reported as ppl@W (e.g. the training length).

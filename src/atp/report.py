@@ -115,7 +115,8 @@ def summarize(results: list[dict], relative_metrics: dict | None = None, majorit
             rows.append(row)
         summary[domain] = {"primary_metrics": primary, "reference_seeds": [r["seed"] for r in refs], "rows": rows,
                            "majority": levels, "at_chance": at_chance,
-                           "base": base, "differences": differences(mine, reference, primary, informative, base)}
+                           "base": base, "differences": differences(mine, reference, primary, informative, base),
+                           "decision_overlaps": decision_overlaps(mine, base), "decision_search": decision_search(mine)}
     return summary
 
 
@@ -127,6 +128,16 @@ def _task_rows(metrics: dict, task: str, metric: str):
     if not values:
         return None
     return list(zip(values["nll"], values["tokens"])) if metric == "ppl" else values.get(metric)
+
+
+def paired_task_rows(cells: dict[str, dict], task: str, metric: str) -> list:
+    """The per-record rows of one task in several cells (name -> metrics), in one record order: paired by record
+    id (results from before records had ids: by position). Cells evaluated on other records: an error naming them."""
+    from .stats import align_records
+
+    named = {name: (metrics[task]["per_record"].get("id"), _task_rows(metrics, task, metric))
+             for name, metrics in cells.items()}
+    return align_records(named, f"task {task}")
 
 
 def _task_statistic(task: str, metric: str):
@@ -149,9 +160,10 @@ def _relative_statistic(reference: dict, chosen: dict[str, str]):
 def differences(results: list[dict], reference: dict | None, primary: dict[str, str], informative: dict[str, str],
                 base_method: str = DEFAULT_BASE, resamples: int = 1000) -> list[dict]:
     """base_method minus each other pruned method at each sparsity, on the seeds both ran, with 95% paired
-    bootstrap intervals over seeds and records: each task's primary metric, and relative performance on the
-    informative tasks (those above chance) when there is a dense + LoRA reference."""
-    from .stats import bootstrap_difference
+    intervals (`atp.stats.paired_interval`: a t-interval over the per-seed differences for 2-5 seeds, a record
+    bootstrap labelled as record noise for one seed): each task's primary metric, and relative performance on
+    the informative tasks (those above chance) when there is a dense + LoRA reference. Records are paired by id."""
+    from .stats import paired_interval
 
     out = []
     pruned = [r for r in results if r["method"] not in LABELS]
@@ -165,8 +177,12 @@ def differences(results: list[dict], reference: dict | None, primary: dict[str, 
                      and all(_task_rows(c["metrics"], t, m) for s in seeds for c in (base[s], other[s]))}
             if not seeds or not tasks:
                 continue
-            per_seed = {name: {t: [_task_rows(cells[s]["metrics"], t, m) for s in seeds] for t, m in tasks.items()}
-                        for name, cells in (("a", base), ("b", other))}
+            per_seed = {"a": {}, "b": {}}
+            for t, m in tasks.items():
+                named = {f"{name} seed {s} at sparsity {sparsity:g}": cells[s]["metrics"]
+                         for s in seeds for name, cells in ((base_method, base), (method, other))}
+                rows = paired_task_rows(named, t, m)
+                per_seed["a"][t], per_seed["b"][t] = rows[0::2], rows[1::2]
             measures = {}
             if reference is not None:
                 measures["relative (informative tasks)"] = ({t: m for t, m in informative.items() if t in tasks}, True)
@@ -178,11 +194,119 @@ def differences(results: list[dict], reference: dict | None, primary: dict[str, 
                 stat = _relative_statistic(reference, chosen) if relative else _task_statistic(task, metric)
                 a = {t: per_seed["a"][t] for t in chosen}
                 b = {t: per_seed["b"][t] for t in chosen}
-                result = bootstrap_difference(a, b, stat, resamples=resamples)
+                result = paired_interval(a, b, stat, resamples=resamples)
                 out.append({"sparsity": sparsity, "a": base_method, "b": method, "measure": label, "seeds": seeds,
-                            **{k: result[k] for k in ("diff", "low", "high", "verdict")},
+                            **{k: result[k] for k in ("diff", "low", "high", "verdict", "interval", "per_seed")},
                             "higher_is_better": relative or metric != "ppl"})
     return out
+
+
+# ----------------------------------------------------------------------------- decisions
+
+def _final_decisions(result: dict):
+    """A cell's final decisions and gate weights (report.json of runs from before they were recorded: None)."""
+    from .diagnostics import decode, expand_weights
+
+    report = result.get("report", {})
+    if "decisions" not in report or "decision_weights" not in report:
+        return None
+    return decode(report["decisions"]), expand_weights(report["decision_weights"])
+
+
+def decision_overlaps(results: list[dict], base_method: str = DEFAULT_BASE) -> list[dict]:
+    """For each pruned method other than base_method, at each sparsity and on the seeds both ran: how its final
+    decisions differ from base_method's, per kind and per layer (atp.diagnostics.overlap: parameters pruned by
+    exactly one of the two as a share of those pruned by either), per seed and as the mean over the seeds.
+    Cells without recorded decisions (older runs) are listed as such."""
+    from .diagnostics import overlap
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    out = []
+    pruned = [r for r in results if r["method"] not in LABELS]
+    for sparsity in dict.fromkeys(r["sparsity"] for r in pruned):
+        at = [r for r in pruned if r["sparsity"] == sparsity]
+        base = {r["seed"]: r for r in at if r["method"] == base_method}
+        for method in dict.fromkeys(r["method"] for r in at if r["method"] != base_method):
+            other = {r["seed"]: r for r in at if r["method"] == method}
+            seeds = sorted(set(base) & set(other))
+            if not seeds:
+                continue
+            per_seed, missing = {}, []
+            for seed in seeds:
+                a, b = _final_decisions(base[seed]), _final_decisions(other[seed])
+                if a is None or b is None:
+                    missing.append(seed)
+                    continue
+                per_seed[seed] = overlap(a[0], b[0], a[1])
+            entry = {"sparsity": sparsity, "a": base_method, "b": method, "seeds": sorted(per_seed),
+                     "not_recorded": missing, "per_seed": {str(k): v for k, v in per_seed.items()}}
+            if per_seed:
+                found = list(per_seed.values())
+                entry["share"] = mean([v["share"] for v in found])
+                entry["kinds"] = {kind: {"share": mean([v["kinds"][kind]["share"] for v in found]),
+                                         "per_layer": [mean([v["kinds"][kind]["per_layer"][i] for v in found])
+                                                       for i in range(len(layers["per_layer"]))]}
+                                  for kind, layers in found[0]["kinds"].items()}
+            out.append(entry)
+    return out
+
+
+def decision_search(results: list[dict]) -> list[dict]:
+    """Per cell with a recorded search (ATP, frozen-generator): when the decisions stopped moving, how many gates
+    the freeze's calibration moved, and the comebacks per kind (atp.diagnostics.search_diagnostics)."""
+    rows = []
+    for r in results:
+        search = r.get("report", {}).get("decision_search")
+        if search:
+            last = [e for e in search["distance_to_final"] if e["event"] == "generator"]
+            rows.append({"method": r["method"], "sparsity": r["sparsity"], "seed": r["seed"],
+                         "generator_steps": search["generator_steps_logged"],
+                         "stable_from_step": search["stable_from_step"],
+                         "target_reached_step": search["target_reached_step"],
+                         "moved_at_freeze": search["moved_at_freeze"],
+                         "last_generator_step_to_final": last[-1] if last else None,
+                         "comebacks": {k: v["count"] for k, v in search["comebacks"].items()}})
+    return rows
+
+
+def _share(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _decision_lines(part: dict) -> list[str]:
+    lines = []
+    if part.get("decision_overlaps"):
+        base = part["base"]
+        lines += ["", f"Final decisions against {base}'s, same seed: the parameters pruned by exactly one of the two "
+                  "as a share of those pruned by either (0: the same structures, 1: none in common; mean over the "
+                  "seeds; per layer in results.json):", "",
+                  "| sparsity | method | seeds | all kinds | per kind | per layer |", "|---|---|---|---|---|---|"]
+        for d in part["decision_overlaps"]:
+            if "kinds" not in d:
+                lines.append(f"| {d['sparsity']:g} | {d['b']} | - | not recorded (runs from before report.json "
+                             "held the decisions) | | |")
+                continue
+            kinds = ", ".join(f"{k} {_share(v['share'])}" for k, v in d["kinds"].items())
+            layers = "; ".join(f"{k}: " + " ".join(_share(x) for x in v["per_layer"]) for k, v in d["kinds"].items())
+            missing = f" (not recorded: seeds {d['not_recorded']})" if d["not_recorded"] else ""
+            lines.append(f"| {d['sparsity']:g} | {d['b']} | {d['seeds']}{missing} | {_share(d['share'])} | {kinds} "
+                         f"| {layers} |")
+    if part.get("decision_search"):
+        lines += ["", "Decision search (decisions.jsonl): the first step from which the decisions equal the final "
+                  "ones, the step where the ratio target reached its final value, gates the freeze's calibration "
+                  "moved, and comebacks (structures pruned at a generator step after the target was reached and "
+                  "kept at export):", "",
+                  "| method | sparsity | seed | generator steps | stable from step | target reached | moved at freeze "
+                  "| comebacks |", "|---|---|---|---|---|---|---|---|"]
+        for r in part["decision_search"]:
+            comebacks = ", ".join(f"{k} {v}" for k, v in r["comebacks"].items())
+            lines.append(f"| {r['method']} | {r['sparsity']:g} | {r['seed']} | {r['generator_steps']} | "
+                         f"{r['stable_from_step']} | {r['target_reached_step']} | {r['moved_at_freeze']} | "
+                         f"{comebacks} |")
+    return lines
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -247,16 +371,20 @@ def write_markdown(spec: CompareSpec, summary: dict, path: Path) -> None:
                          f"{_fmt(r['cell_seconds'], 0)} |")
         if part.get("differences"):
             base = part["base"]
-            lines += ["", f"Paired differences, {base} minus each method on the seeds both ran, with 95% bootstrap "
-                      "intervals over seeds and records (higher is better except for perplexity; "
-                      "an interval that contains 0 is a tie):", "",
-                      "| sparsity | method | measure | seeds | difference | 95% interval | verdict |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += ["", f"Paired differences, {base} minus each method on the seeds both ran, records paired by id "
+                      "(higher is better except for perplexity; an interval that contains 0 is a tie). The 95% "
+                      "interval is a t-interval over the per-seed differences with 2-5 seeds (mean ± t(S-1) sd / "
+                      "√S), a bootstrap over seeds and records with more; with one seed there is no seed-level "
+                      "interval, only a bootstrap over records (one seed: record noise only):", "",
+                      "| sparsity | method | measure | seeds | difference | 95% interval | interval | verdict |",
+                      "|---|---|---|---|---|---|---|---|"]
             for d in part["differences"]:
                 better = (d["low"] > 0) == d["higher_is_better"]
                 verdict = "tie" if d["verdict"] == "tie" else f"{base} {'better' if better else 'worse'}"
                 lines.append(f"| {d['sparsity']:g} | {d['b']} | {d['measure']} | {len(d['seeds'])} | "
-                             f"{d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | {verdict} |")
+                             f"{d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | "
+                             f"{d.get('interval', 'bootstrap')} | {verdict} |")
+        lines += _decision_lines(part)
         lines.append("")
     write_text_atomic(path, "\n".join(lines))
 

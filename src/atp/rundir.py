@@ -14,8 +14,8 @@ from .errors import ATPError
 from .fsutil import alive, as_write_error, clean_stale_temps, write_text_atomic
 
 LOCK_NAME = ".atp-lock"
-RUN_OUTPUTS = ("log.jsonl", "report.json", "config.yaml", "checkpoints", "model")
-UNFINISHED = {"config.yaml", "log.jsonl"}  # all that a run which never reached a checkpoint leaves
+RUN_OUTPUTS = ("log.jsonl", "decisions.jsonl", "report.json", "config.yaml", "checkpoints", "model")
+UNFINISHED = {"config.yaml", "log.jsonl", "decisions.jsonl"}  # all that a run which never reached a checkpoint leaves
 ASIDE = ".replaced-run-"  # OUT/.replaced-run-PID: the earlier run's outputs while a new run replaces them
 _HELD: dict[Path, list] = {}  # folder -> [open lock file, holders in this process, whether the lock made it]
 
@@ -174,14 +174,16 @@ def is_atp_run(path) -> bool:
 
 
 def _made_by_atp(path: Path, made: list[str]) -> bool:
-    """Whether the run outputs found in `path` are atp's: beside an atp config.yaml, or a lone atp log.jsonl (what
-    a run killed before writing its config left, in older versions)."""
+    """Whether the run outputs found in `path` are atp's: beside an atp config.yaml, or the logs alone (what a run
+    killed before writing its config left, in older versions)."""
     import json
 
     if "config.yaml" in made:
         return is_atp_run(path)
-    if made != ["log.jsonl"]:
+    if not set(made) <= {"log.jsonl", "decisions.jsonl"}:
         return False
+    if "log.jsonl" not in made:
+        return True
     try:
         with open(path / "log.jsonl", encoding="utf-8") as f:
             first = f.readline()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, regularization, validation
+from . import checkpoint, diagnostics, regularization, validation
 from .config import (  # noqa: F401  (compare.py, cli.py and tests import these from atp.train)
     DEFAULT_TARGETS,
     LATER_OPTIONS,
@@ -168,6 +168,7 @@ class PruneRecipe:
         self.two_stage = cfg.prune and not self.schedule.learns_decisions  # decisions fixed before tuning
         self.run_dir = Path(cfg.out)
         self.log_path = self.run_dir / "log.jsonl"
+        self.decisions_path = self.run_dir / "decisions.jsonl"  # the decisions after each generator step
         self.window = LogWindow()
         self.step_times = {"lora": [], "generator": [], "full": []}
         self.token_counts = {"real": 0, "total": 0}  # tokens of the training batches (LoRA and full steps) run here
@@ -447,6 +448,7 @@ class PruneRecipe:
                 self.generator_step(step, window)
             self.generator.calibrate_offset(space.remaining_ratio, 1 - cfg.sparsity)
             gates = self.generator.decisions()
+            self.record_decisions(steps[-1] if len(steps) else 0, gates, event="freeze")
             info = {"allocation": ALLOCATION[cfg.method], "generator_steps": len(steps), **window.means(),
                     "selection_seconds": round(time.time() - started, 2)}
         else:
@@ -480,6 +482,8 @@ class PruneRecipe:
         if self.log_path.exists() and self.accelerator.is_main_process:
             kept = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["step"] <= done]
             self.log_path.write_text("".join(line + "\n" for line in kept))
+        if self.schedule.learns_decisions and self.accelerator.is_main_process:  # (a two-stage run wrote them all)
+            diagnostics.truncate_after(self.decisions_path, done)
         return done + 1
 
     # the loop
@@ -525,6 +529,7 @@ class PruneRecipe:
         pruned group, including groups the calibration just pruned. Records the pruned norm before and after."""
         reached = self.generator.calibrate_offset(self.space.remaining_ratio, 1 - self.cfg.sparsity)
         self.use_generator_decisions()
+        self.record_decisions(step, self.decisions, event="freeze")
         before = self.pruned_lora_norm(self.decisions)
         regularization.ramp_proximal_step(self.peft_model, self.space, self.decisions,
                                           self.schedule.lasso_fraction(step + 1))
@@ -586,10 +591,19 @@ class PruneRecipe:
             torch.nn.utils.clip_grad_norm_(generator.search_parameters(), self.cfg.generator_clip)
         self.opt_gen.step()
         generator.update_ema()
+        self.record_decisions(step, generator.decisions())
         if self.cfg.ratio_penalty == "lagrangian":
             parts.update(lagrange_1=generator.lagrange[0].item(), lagrange_2=generator.lagrange[1].item())
         window.add(**parts, ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
         self.step_times["generator"].append(time.perf_counter() - t0)
+
+    def record_decisions(self, step: int, decisions: dict, event: str = "generator") -> None:
+        """A line of decisions.jsonl: the decisions the generator step (or the freeze's calibration) left, which
+        the following LoRA steps mask with."""
+        if self.accelerator.is_main_process:
+            record = {"step": step, **({"event": event} if event != "generator" else {}),
+                      "decisions": diagnostics.encode(decisions)}
+            diagnostics.append_line(self.decisions_path, record)
 
     def ratio_terms(self, ratio: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ratio loss (logged) and the term the generator minimises: alpha * ratio loss, or the Lagrangian."""
@@ -791,8 +805,21 @@ class PruneRecipe:
                        for widths, layer in zip(layer_widths(kept), kept)],
             "protected_hidden_blocks": self.protected_hidden_blocks(),
             "export_format": "heterogeneous" if is_heterogeneous(merged.config) else "uniform",
+            **(self.decision_report(final) if cfg.prune else {}),
             "total_seconds": time.time() - self.started,
         }
+
+    def decision_report(self, final: dict) -> dict:
+        """The final decisions (encoded), each gate's parameter weight, and how the search got there (from
+        decisions.jsonl; see atp.diagnostics.search_diagnostics)."""
+        weights = diagnostics.gate_params(self.space)
+        target = 1 - self.cfg.sparsity
+        reached = next((s for s in range(1, self.cfg.max_steps + 1) if self.schedule.target_at(s) <= target + 1e-9),
+                       None)
+        search = diagnostics.search_diagnostics(diagnostics.read_lines(self.decisions_path), final, weights,
+                                                self.space.prunable_params(), reached)
+        return {"decisions": diagnostics.encode(final), "decision_weights": diagnostics.compact_weights(weights),
+                "decision_search": search}
 
 
 def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tokenizer, probe, device, out_dir):
