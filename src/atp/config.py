@@ -35,7 +35,8 @@ class ATPConfig:
     data_dir: str | None = field(default=None, metadata={
         "help": "folder with the domain JSONL files (default: $ATP_DATA_DIR or ../shared/data)"})
     out: str = field(default="runs/atp", metadata={"help": "run directory; the exported model lands in OUT/model"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing, non-empty run directory"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an existing, non-empty run directory (and an existing --gguf file)"})
     prune: bool = field(default=True, metadata={
         "help": "--no-prune runs plain LoRA fine-tuning with the same loop (the dense + LoRA baseline)"})
     method: str = field(default="atp", metadata={
@@ -218,6 +219,9 @@ class ATPConfig:
 
         check_method(self.method)
         check_kinds(self.space)
+        from .gguf_export import check_prune_options
+
+        check_prune_options(self)
         if self.prune:
             check_kinds_scored(self.method, self.space)
         if self.prune and self.method in SCORED and (self.uniform or self.round_to):

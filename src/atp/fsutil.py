@@ -14,8 +14,8 @@ from .errors import ATPError
 
 # torch.save reports a failed write (in practice: a full disk) as a RuntimeError with these words
 TORCH_WRITE_FAILED = ("enforce fail at inline_container.cc", "PytorchStreamWriter failed")
-# temp and aside names of atomic_dir / write_text_atomic: .NAME.tmp-PID-XXXX, .NAME.old-PID; older atp
-# versions wrote .NAME.tmp-XXXX and .NAME.XXXX.tmp (no pid)
+# temp and aside names of atomic_dir / atomic_file / write_text_atomic: .NAME.tmp-PID-XXXX, .NAME.old-PID; older
+# atp versions wrote .NAME.tmp-XXXX and (GGUF files) .NAME.XXXX.tmp (no pid)
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(?:tmp-(?:(?P<pid>\d+)-)?[a-z0-9_]{8}|[a-z0-9_]{8}\.tmp|old-(?P<old>\d+))$")
 
 
@@ -167,6 +167,29 @@ def atomic_dir(target, what: str = "files"):
                 shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(target, what: str | None = None):
+    """Yield a temp file path beside `target` (`.NAME.tmp-PID-XXXXXXXX`) for a writer that opens paths itself; it
+    replaces target only if the block succeeds, else it is removed. Temps that a killed process left for the same
+    target are removed first; OS errors become an ATPError naming `what` and `target`."""
+    target = Path(target)
+    tmp = None
+    try:
+        with writing(target, what):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(target.parent, only=target.name)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-")
+            os.close(fd)
+            yield Path(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a result is as readable as any other
+            os.replace(tmp, target)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_text_atomic(path, data: str | bytes) -> None:

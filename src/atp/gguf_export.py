@@ -20,15 +20,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import ATPError
+from .fsutil import atomic_file, check_writable_file
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+QUANT_BLOCK = {"q8_0": 32, "q4_0": 32}  # values per block of a quantized row (gguf's GGML_QUANT_SIZES)
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> GGUF architecture (dense)
 PRUNED_TYPES = {"atp_llama": "llama", "atp_mistral": "mistral", "atp_qwen2": "qwen2"}
 NEOX_ROPE = ("qwen2",)  # GGUF architectures whose RoPE is Hugging Face's rotate-half order: no Q/K permutation
@@ -316,6 +320,19 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     return name
 
 
+def check_tokenizer(tokenizer_json: dict, where) -> str:
+    """The llama.cpp pre-tokenizer name of a tokenizer.json that GGUF export can hold, else a clear error."""
+    model = tokenizer_json.get("model", {})
+    decoder = (tokenizer_json.get("decoder") or {}).get("type")
+    if not (model.get("type") == "BPE" and decoder == "ByteLevel" and not model.get("byte_fallback")):
+        # SentencePiece-style vocabularies (Llama 2, Mistral v0.1) need the scores of tokenizer.model, which
+        # llama.cpp merges by; that path is not built or tested here
+        raise ATPError(f"GGUF export supports byte-level BPE tokenizers (GPT-2, SmolLM2, Llama 3, Qwen2); "
+                       f"{where} holds a {model.get('type')} model with a {decoder} decoder"
+                       f"{' and byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}")
+    return pre_tokenizer_name(tokenizer_json)
+
+
 def vocab_metadata(writer, model_dir: Path, vocab_size: int) -> dict:
     """Tokens, types, merges, special tokens and chat template from the model's tokenizer files."""
     g = _gguf()
@@ -323,15 +340,8 @@ def vocab_metadata(writer, model_dir: Path, vocab_size: int) -> dict:
     if not path.exists():
         raise ATPError(f"{model_dir} has no tokenizer.json; save the model's (fast) tokenizer beside it")
     tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
-    model = tokenizer_json.get("model", {})
-    decoder = (tokenizer_json.get("decoder") or {}).get("type")
-    if not (model.get("type") == "BPE" and decoder == "ByteLevel" and not model.get("byte_fallback")):
-        # SentencePiece-style vocabularies (Llama 2, Mistral v0.1) need the scores of tokenizer.model, which
-        # llama.cpp merges by; that path is not built or tested here
-        raise ATPError(f"GGUF export supports byte-level BPE tokenizers (GPT-2, SmolLM2, Llama 3, Qwen2); "
-                       f"{path} holds a {model.get('type')} model with a {decoder} decoder"
-                       f"{' and byte fallback (SentencePiece style)' if model.get('byte_fallback') else ''}")
-    vocab, tokenizer_model, pre = g.vocab.BpeVocab(model_dir), "gpt2", pre_tokenizer_name(tokenizer_json)
+    pre = check_tokenizer(tokenizer_json, path)
+    vocab, tokenizer_model = g.vocab.BpeVocab(model_dir), "gpt2"
     tokens, types = [], []
     for text, _, kind in vocab.all_tokens():
         tokens.append(text)
@@ -371,23 +381,57 @@ def _adds_special_tokens(model_dir: Path, ids: dict) -> dict:
 
 # ---- writing ----
 
-@contextmanager
-def atomic_file(target: Path):
-    """A temp path beside `target`; it replaces target only if the block succeeds, else it is removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; a model file is as readable as any other
-        os.replace(tmp, target)
-    except OSError as err:
-        raise ATPError(f"cannot write {target}: {err}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+# ---- checks before the work (atp export, and atp prune --gguf before training) ----
+
+def check_target(path, overwrite: bool, flag: str = "--gguf") -> Path:
+    """The GGUF path is a file name in a writable folder, and an existing file is replaced only with --overwrite."""
+    path = Path(path)
+    if path.is_dir():
+        raise ATPError(f"{flag} {path} is a folder; give a file name ending in .gguf")
+    if path.exists() and not overwrite:
+        raise ATPError(f"{flag} {path} already exists; pass --overwrite to replace it")
+    return check_writable_file(path, flag)
+
+
+def check_prune_options(cfg) -> None:
+    """What `atp prune --gguf`'s options alone show the GGUF could not hold (called by ATPConfig.validate)."""
+    if not cfg.gguf or not cfg.prune:
+        return
+    if "qk-dims" in cfg.space:
+        raise ATPError("--gguf cannot hold a model pruned with --space qk-dims: llama.cpp's key length is one value "
+                       "for every layer and its RoPE rotates a fixed run of frequencies; prune without qk-dims, or "
+                       "drop --gguf (the run's Hugging Face folder loads in transformers)")
+    block = QUANT_BLOCK.get(cfg.gguf_type)
+    if block is None:
+        return
+    steps = []
+    if "mlp" in cfg.space and (cfg.round_to or cfg.mlp_block) % block:
+        steps.append(f"MLP widths in steps of {cfg.round_to or cfg.mlp_block} (--round-to or --mlp-block)")
+    if "hidden" in cfg.space and cfg.hidden_block % block:
+        steps.append(f"hidden sizes in steps of {cfg.hidden_block} (--hidden-block)")
+    if steps:
+        raise ATPError(f"--gguf-type {cfg.gguf_type} stores rows in blocks of {block} values, but this run keeps "
+                       f"{' and '.join(steps)}; use multiples of {block}, or --gguf-type f16 or f32")
+
+
+def check_source_model(model_config: dict, tokenizer, cfg) -> None:
+    """What the loaded model shows the GGUF could not hold: family, tokenizer, widths of quantized rows (called
+    by `atp prune --gguf` before training)."""
+    family_of(model_config)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ATPError(f"--gguf needs the model's fast tokenizer (tokenizer.json); {cfg.model} has none")
+    check_tokenizer(json.loads(tokenizer.backend_tokenizer.to_str()), f"the tokenizer of {cfg.model}")
+    block = QUANT_BLOCK.get(cfg.gguf_type)
+    if block is None:
+        return
+    head_dim = head_dim_of(model_config)
+    attention = head_dim if cfg.prune and "heads" in cfg.space else head_dim * model_config["num_attention_heads"]
+    widths = {"hidden_size": model_config["hidden_size"], "intermediate_size": model_config["intermediate_size"],
+              "attention width (heads x head_dim)" if attention != head_dim else "head_dim": attention}
+    bad = [f"{name} {value}" for name, value in widths.items() if value % block]
+    if bad:
+        raise ATPError(f"--gguf-type {cfg.gguf_type} stores rows in blocks of {block} values, and {cfg.model} has "
+                       f"{', '.join(bad)}, not multiples of {block}; use --gguf-type f16 or f32")
 
 
 def export_gguf(model_dir, out_path, gguf_type: str = "f16", *, overwrite: bool = True) -> dict:
@@ -397,9 +441,8 @@ def export_gguf(model_dir, out_path, gguf_type: str = "f16", *, overwrite: bool 
     model_dir, out_path = Path(model_dir), Path(out_path)
     if out_path.suffix != ".gguf":
         raise ATPError(f"the GGUF output path should end in .gguf, got {out_path}")
-    if out_path.exists() and not overwrite:
-        raise ATPError(f"{out_path} already exists; pass --overwrite to replace it")
     qtype_of(gguf_type)
+    check_target(out_path, overwrite)
     config = read_config(model_dir)
     family, heterogeneous = family_of(config)
     layers = plan(config)
@@ -434,7 +477,7 @@ def export_gguf(model_dir, out_path, gguf_type: str = "f16", *, overwrite: bool 
     for name, data, raw in tensors:
         writer.add_tensor(name, data, raw_dtype=raw)
 
-    with atomic_file(out_path) as tmp:
+    with atomic_file(out_path, "the GGUF file") as tmp:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -499,6 +542,61 @@ def check_against_transformers(model_dir, gguf_path, text: str = "The patient wa
     return result
 
 
+# set in tests only: the check's child process crashes with a real SIGSEGV (a null read) before loading llama.cpp
+CRASH_HOOK = "_ATP_TEST_CHECK_SEGFAULT"
+AMX_HINT = ("a llama.cpp (llama-cpp-python) built with ggml's AMX backend crashes every q8_0 / q4_0 file on Intel "
+            "CPUs with AMX (llama.cpp issue 20824): rebuild it without AMX, with CFLAGS and CXXFLAGS "
+            "'-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' (`make gguf` does)")
+
+
+def crash_message(signum: int, gguf_path) -> str:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    cause = "It was killed from outside (out of memory?)" if signum == signal.SIGKILL else f"Likely cause: {AMX_HINT}"
+    return (f"llama.cpp died of {name} while checking {gguf_path} (in a child process, so atp itself went on); "
+            f"the GGUF file was written and is kept. {cause}; or skip the check with --no-check")
+
+
+def check_in_child(model_dir, gguf_path) -> dict:
+    """check_against_transformers in a child process, so that a crash of llama.cpp (a signal, e.g. SIGSEGV) becomes
+    an ATPError naming it instead of the end of this process. The child imports the same atp (this sys.path)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    with tempfile.TemporaryDirectory(prefix="atp-gguf-check-") as folder:
+        result_path = Path(folder) / "result.json"
+        code = "from atp.gguf_export import check_child_main; check_child_main()"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        done = subprocess.run([sys.executable, "-c", code, str(model_dir), str(gguf_path), str(result_path)],
+                              env=env, check=False)
+        if done.returncode < 0:
+            raise ATPError(crash_message(-done.returncode, gguf_path))
+        if done.returncode != 0 or not result_path.exists():  # a bug: the child printed its traceback above
+            raise RuntimeError(f"the llama.cpp check of {gguf_path} failed in its child process "
+                               f"(exit status {done.returncode}); its error is printed above")
+        result = json.loads(result_path.read_text())
+    if "error" in result:
+        raise ATPError(result["error"])
+    return result
+
+
+def check_child_main() -> None:
+    """The check's child process: argv MODEL_DIR GGUF RESULT_JSON; an ATPError is passed on in the result."""
+    model_dir, gguf_path, result_path = sys.argv[1:4]
+    if os.environ.get(CRASH_HOOK):
+        import ctypes
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        ctypes.string_at(0)
+    try:
+        result = check_against_transformers(model_dir, gguf_path)
+    except ATPError as err:
+        result = {"error": str(err)}
+    Path(result_path).write_text(json.dumps(result))
+
+
 def run_export_command(args) -> int:
     from .models import resolve_model
 
@@ -511,7 +609,7 @@ def run_export_command(args) -> int:
 
         check = importlib.util.find_spec("llama_cpp") is not None
     if check:
-        result = check_against_transformers(model_dir, args.gguf)
+        result = check_in_child(model_dir, args.gguf)
         print(f"llama.cpp vs transformers on {result['tokens']} tokens: top-1 agreement {result['top1_agreement']:.3f}, "
               f"max |logit diff| {result['max_abs_logit_diff']:.3g} (largest |logit| {result['max_abs_logit']:.3g})")
     return 0

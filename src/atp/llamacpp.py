@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -23,6 +24,14 @@ def require():
     except ImportError:
         raise ATPError(INSTALL_HINT) from None
     return llama_cpp
+
+
+def amx_features(info: str | None = None) -> list[str]:
+    """The AMX features that llama.cpp's system info reports on (e.g. `AMX_INT8 = 1`): ggml's AMX backend crashes
+    q8_0 / q4_0 models on Intel CPUs with AMX (llama.cpp issue 20824), so atp's build (`make gguf`) turns it off."""
+    if info is None:
+        info = require().llama_print_system_info().decode()
+    return re.findall(r"\b(AMX\w*) = 1\b", info)
 
 
 def load(path, *, n_ctx: int = 512, logits_all: bool = True, n_threads: int | None = None, n_batch: int | None = None,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, diagnostics, regularization, validation
+from . import checkpoint, diagnostics, gguf_export, regularization, validation
 from .config import (  # noqa: F401  (compare.py, cli.py and tests import these from atp.train)
     DEFAULT_TARGETS,
     LATER_OPTIONS,
@@ -216,10 +216,9 @@ class PruneRecipe:
         else:  # a resumed run: what a run it replaced left aside goes too
             discard_replaced(self.run_dir)
         if self.cfg.gguf:  # after the report, so that a GGUF error leaves the run's results in place
-            from .gguf_export import export_gguf, format_export
-
-            report["gguf"] = export_gguf(report["model_dir"], self.cfg.gguf, self.cfg.gguf_type)
-            self.accelerator.print(format_export(report["gguf"]))
+            report["gguf"] = gguf_export.export_gguf(report["model_dir"], self.cfg.gguf, self.cfg.gguf_type,
+                                                     overwrite=self.cfg.overwrite)
+            self.accelerator.print(gguf_export.format_export(report["gguf"]))
             write_text_atomic(self.run_dir / "report.json", json.dumps(report, indent=2))
         return report
 
@@ -243,8 +242,12 @@ class PruneRecipe:
                            f"{self.accelerator.distributed_type.value} (use --recovery lora)")
         set_seed(cfg.seed)
         self.check_run_dir()
+        if cfg.gguf and self.accelerator.is_main_process:  # before any work: a GGUF that cannot be written
+            gguf_export.check_target(cfg.gguf, cfg.overwrite)
         self.started = time.time()
         self.setup_model()
+        if cfg.gguf:  # or that the model cannot become
+            gguf_export.check_source_model(self.model.config.to_dict(), self.tokenizer, cfg)
         self.setup_data()
         self.protect_outliers()
         self.setup_lora()
