@@ -276,3 +276,25 @@ def test_compare_out_folder_ownership(tiny_model_dir, tmp_path, shared_data, cap
         holder.kill()
         holder.wait()
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
+
+def test_gguf_targets_are_never_inputs(tiny_model_dir, train_file, tmp_path, capsys):
+    target = tiny_model_dir / "model.gguf"
+    assert main(["export", "--model", str(tiny_model_dir), "--gguf", str(target), "--gguf-type", "f32"]) == 2
+    assert f"--gguf {target} lies inside the --model" in capsys.readouterr().err
+    assert main(prune_argv(tiny_model_dir, train_file, tmp_path / "run", "--gguf", str(target))) == 2
+    assert f"--gguf {target} lies inside the --model" in capsys.readouterr().err
+    assert not target.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_real_read_only_file_system_is_a_clear_error(tiny_model_dir, train_file, tmp_path, capsys):
+    disk = tmp_path / "ro"
+    if not _mount_tmpfs(disk, "1m"):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert main(prune_argv(tiny_model_dir, train_file, disk / "run")) == 2
+        err = capsys.readouterr().err
+        assert f"atp: error: cannot write {disk / 'run'}: read-only file system" in err and "Traceback" not in err
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

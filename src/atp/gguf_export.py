@@ -383,9 +383,13 @@ def _adds_special_tokens(model_dir: Path, ids: dict) -> dict:
 
 # ---- checks before the work (atp export, and atp prune --gguf before training) ----
 
-def check_target(path, overwrite: bool, flag: str = "--gguf") -> Path:
-    """The GGUF path is a file name in a writable folder, and an existing file is replaced only with --overwrite."""
-    path = Path(path)
+def check_target(path, overwrite: bool, flag: str = "--gguf", inputs: dict | None = None) -> Path:
+    """The GGUF path is a file name in a writable folder, not among the command's inputs, and an existing file is
+    replaced only with --overwrite."""
+    from .rundir import check_not_inside_inputs, check_out_path
+
+    path = check_out_path(path, flag)
+    check_not_inside_inputs(path, inputs or {}, flag)
     if path.is_dir():
         raise ATPError(f"{flag} {path} is a folder; give a file name ending in .gguf")
     if path.exists() and not overwrite:
@@ -601,6 +605,7 @@ def run_export_command(args) -> int:
     from .models import resolve_model
 
     model_dir = resolve_model(args.model)
+    check_target(args.gguf, args.overwrite, inputs={"--model": model_dir})
     summary = export_gguf(model_dir, args.gguf, args.gguf_type, overwrite=args.overwrite)
     print(format_export(summary))
     check = args.check

@@ -53,7 +53,7 @@ def bf16_speedup(hidden: int, intermediate: int, tokens: int = 512, repeats: int
 
 
 def choose(requested: str, device: torch.device, hidden: int, intermediate: int, flags: set[str] | None = None,
-           measure=bf16_speedup) -> dict:
+           measure=None) -> dict:
     """The accelerate mixed_precision to use ("no", "bf16", "fp16") and why, for report.json."""
     if requested != "auto":
         return {"mixed_precision": requested, "requested": requested, "reason": "as given"}
@@ -68,7 +68,7 @@ def choose(requested: str, device: torch.device, hidden: int, intermediate: int,
     if not native:
         return {**choice, "mixed_precision": "no",
                 "reason": "the CPU has neither AMX nor AVX512-BF16: bf16 would be emulated and slower"}
-    speedup = measure(hidden, intermediate)
+    speedup = (measure or bf16_speedup)(hidden, intermediate)
     fast = speedup >= MIN_SPEEDUP
     return {**choice, "mixed_precision": "bf16" if fast else "no", "bf16_matmul_speedup": round(speedup, 2),
             "reason": f"bf16 matmuls {speedup:.2f}x fp32 at the model's MLP shape "

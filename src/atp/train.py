@@ -202,7 +202,7 @@ class PruneRecipe:
         train_seconds = time.time() - self.started
         self.accelerator.wait_for_everyone()
         report = {"config": dataclasses.asdict(self.cfg), "train_seconds": train_seconds, "processes": self.world,
-                  "data_sha256": self.data_sha256}
+                  "precision": self.precision, "data_sha256": self.data_sha256}
         final = self.final_decisions()
         if self.cfg.prune and self.world > 1:
             self.check_same_decisions(final)
@@ -233,8 +233,9 @@ class PruneRecipe:
 
         cfg = self.cfg
         AcceleratorState._reset_state()  # a second run in one process may use other precision; the process group stays
+        self.precision = self.choose_precision()
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                                       mixed_precision=cfg.mixed_precision)
+                                       mixed_precision=self.precision["mixed_precision"])
         self.world = self.accelerator.num_processes
         sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
         if cfg.recovery == "full" and sharded:
@@ -243,7 +244,7 @@ class PruneRecipe:
         set_seed(cfg.seed)
         self.check_run_dir()
         if cfg.gguf and self.accelerator.is_main_process:  # before any work: a GGUF that cannot be written
-            gguf_export.check_target(cfg.gguf, cfg.overwrite)
+            gguf_export.check_target(cfg.gguf, cfg.overwrite, inputs=self.input_paths())
         self.started = time.time()
         self.setup_model()
         if cfg.gguf:  # or that the model cannot become
@@ -261,6 +262,30 @@ class PruneRecipe:
             self.generator.to(self.accelerator.device)
         if self.two_stage:
             self.setup_fixed_decisions()
+
+    def choose_precision(self) -> dict:
+        """--mixed-precision auto resolved once, on the main process, for every process (atp.precision)."""
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list
+
+        from .precision import choose
+
+        cfg = self.cfg
+        if cfg.mixed_precision != "auto":
+            return {"mixed_precision": cfg.mixed_precision, "requested": cfg.mixed_precision, "reason": "as given"}
+        state = PartialState()
+        choice = [None]
+        if state.is_main_process:
+            from transformers import AutoConfig
+
+            from .models import resolve_model
+
+            config = AutoConfig.from_pretrained(resolve_model(cfg.model), trust_remote_code=False)
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            choice = [choose("auto", state.device, text.hidden_size, text.intermediate_size)]
+        if state.num_processes > 1:
+            broadcast_object_list(choice)
+        return choice[0]
 
     def check_run_dir(self) -> None:
         """Before any work: (resume) the newest intact checkpoint of this config and data; (a new run) a folder

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .errors import ATPError
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 SEED_LIMIT = 2**32  # numpy's seed range; accelerate's set_seed seeds numpy too
 
 
