@@ -141,6 +141,10 @@ class ATPConfig:
         "help": "distillation teacher: self (the dense pretrained model: adapters disabled, gates open, no extra "
                 "memory) or a run directory made by `atp prune --no-prune` on the same domain (a dense + LoRA "
                 "teacher)"})
+    compact: bool = field(default=True, metadata={
+        "help": "once the pruning decisions are fixed (the freeze; step 0 of a two-stage method), remove the pruned "
+                "structures from the model being trained, its LoRA and the optimizer state, and train the smaller "
+                "model (same function, checked; fewer FLOPs). --no-compact trains the masked full-size model"})
     recovery: str = field(default="lora", metadata={
         "help": "training after the decisions are fixed (the steps after int(generator_frac * max_steps), for ATP and "
                 "the two-stage baselines alike): lora (LoRA continues) or full (LoRA is merged into the weights and "
@@ -365,7 +369,8 @@ LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-sc
                  "lora_decisions": "deterministic", "generator_batches": 1, "generator_clip": 0.0, "distill": 0.0,
                  "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
                  "sparsity_of": "prunable", "hidden_block": 32, "packing": False, "recovery": "lora",
-                 "recovery_lr": 5e-5, "qk_block": 4, "protect_outliers": 0.0}
+                 "recovery_lr": 5e-5, "qk_block": 4, "protect_outliers": 0.0,
+                 "compact": False}
 
 
 def inert_options(cfg: ATPConfig) -> set[str]:
@@ -380,6 +385,8 @@ def inert_options(cfg: ATPConfig) -> set[str]:
         inert |= {"lasso", "lora_mask", "lora_decisions"}
     if not cfg.prune or cfg.method in SCORED:  # no generator at all
         inert |= {"generator_batches", "generator_clip", "generator_ema", "ratio_penalty"}
+    if not cfg.prune:
+        inert.add("compact")
     if cfg.distill == 0:
         inert |= {"distill_temperature", "teacher"}
     if "hidden" not in cfg.space:
