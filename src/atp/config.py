@@ -75,7 +75,7 @@ class ATPConfig:
                 "order), with positions restarting at each example and no attention across examples, instead of "
                 "padding each batch to its longest example; calibration batches stay unpacked"})
     lr: float = field(default=6e-4, metadata={
-        "help": "peak LoRA learning rate (3e-4 before the fourth wave-2 session: 6e-4 scored higher for ATP and frozen-generator alike over three seeds, docs/benchmarks.md)"})
+        "help": "peak LoRA learning rate"})
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -107,15 +107,15 @@ class ATPConfig:
                 "the two-stage baselines"})
     lasso: str = field(default="ramp", metadata={
         "help": "group lasso on the LoRA of pruned groups: ramp (a proximal step whose threshold grows to the "
-                "largest pruned group's norm at the freeze, independent of Adam's step size) or lr-scaled (before "
-                "issue 15: lam * group lasso in the loss and a proximal threshold of lr * lam)"})
+                "largest pruned group's norm at the freeze, independent of Adam's step size) or lr-scaled (lam * group "
+                "lasso in the loss and a proximal threshold of lr * lam)"})
     proximal: bool = field(default=True, metadata={
         "help": "with --lasso lr-scaled, also take the proximal step (--no-proximal: the loss term only)"})
     lora_mask: str = field(default="frozen", metadata={
         "help": "where a pruning decision acts in LoRA steps while the generator searches: frozen (the frozen "
                 "weights of the structure only; its LoRA keeps learning until group lasso zeroes it: the paper's "
                 "LoRA-aware forward), both (frozen and LoRA paths: a moving two-stage mask, an ablation), or "
-                "frozen-output (the frozen path of o_proj/down_proj only, the earlier --no-mask-lora ablation). "
+                "frozen-output (the frozen path of o_proj/down_proj only, an ablation). "
                 "Generator steps, and every step after the generator freezes, mask both paths"})
     lora_decisions: str = field(default="deterministic", metadata={
         "help": "decisions that mask LoRA steps in the generator phase: deterministic (the generator's hard "
