@@ -425,3 +425,47 @@ def test_per_layer_keys_of_ten_or_more_layers(tmp_path, tokenizer):
     assert fields["deci.attention.head_count"] == [[8, 8, 6, 6][layer % 4] for layer in range(12)]
     for layer in range(12):
         assert tensors[f"blk.{layer}.attn_q.weight"][0][1] == 32 * fields["deci.attention.head_count"][layer]
+
+
+def test_gguf_families_come_from_the_arch_table():
+    import atp.gguf_export
+    from atp.arch import ARCHS
+
+    for name in ("FAMILIES", "PRUNED_TYPES", "NEOX_ROPE"):
+        assert not hasattr(atp.gguf_export, name), name
+    assert all(arch.gguf for arch in ARCHS.values())  # every family exports to GGUF
+
+
+@pytest.mark.parametrize("family,change,message", [
+    ("gemma3_text", {"query_pre_attn_scalar": 8}, r"1/sqrt\(query_pre_attn_scalar 8\).*gemma3 by 1/sqrt\(head_dim 32\)"),
+    ("gemma3_text", {"final_logit_softcapping": 30.0}, "final_logit_softcapping 30.0, which llama.cpp's gemma3"),
+    ("qwen3", {"attention_bias": True}, "biases, which llama.cpp's qwen3 architecture does not read"),
+    ("llama", {"sliding_window": 4, "layer_types": ["sliding_attention"] * 3}, "sliding-window layers.*not llama"),
+])
+def test_what_llama_cpp_cannot_hold_is_refused(family, change, message, tmp_path, tokenizer):
+    path, _ = save_kind("dense", tmp_path, tokenizer, family)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ATPError, match=message):
+        export_gguf(path, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_heterogeneous_widths_are_padded_for_single_width_architectures(family, tmp_path, tokenizer):
+    path, _ = save_kind("heterogeneous", tmp_path, tokenizer, family)
+    summary = export_gguf(path, tmp_path / "m.gguf", "f16")
+    fields, tensors = read_gguf(tmp_path / "m.gguf")
+    arch = summary["architecture"]
+    assert arch == fields["general.architecture"] == {"qwen3": "qwen3", "gemma3_text": "gemma3"}[family]
+    # one number for every layer: the most KV heads (layer 0: 3 of 2 query heads), the largest group (layer 1: one
+    # KV head of 3 query heads) and the widest MLP (layer 0: 128)
+    assert (fields[f"{arch}.attention.head_count"], fields[f"{arch}.attention.head_count_kv"],
+            fields[f"{arch}.feed_forward_length"]) == (9, 3, 128)
+    assert tensors["blk.2.attn_q.weight"] == ((64, 9 * 32), "F16") and tensors["blk.1.ffn_up.weight"][0] == (64, 128)
+    assert tensors["blk.0.attn_q_norm.weight"] == ((32,), "F32")
+    assert summary["padded_mlp_channels"] == (128 - 128) + (128 - 0) + (128 - 64)
+    if family == "gemma3_text":
+        assert fields["gemma3.attention.sliding_window"] == 4
+        assert fields["gemma3.attention.sliding_window_pattern"] == [True, False, True]
+        assert fields["gemma3.rope.freq_base_swa"] == 10000.0 and "blk.0.post_ffw_norm.weight" in tensors

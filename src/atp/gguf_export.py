@@ -94,6 +94,10 @@ def family_of(config: dict) -> tuple[Arch, bool]:
         if config.get(key) is not None:
             raise ATPError(f"this model sets {key} {config[key]}, which llama.cpp's {family.gguf} does not apply; "
                            "GGUF export cannot hold it")
+    scalar = config.get("query_pre_attn_scalar")
+    if scalar is not None and scalar != head_dim_of(config):  # llama.cpp's gemma3 ignores a written attention.scale
+        raise ATPError(f"this model scales attention scores by 1/sqrt(query_pre_attn_scalar {scalar}), and llama.cpp's "
+                       f"{family.gguf} by 1/sqrt(head_dim {head_dim_of(config)}); GGUF export cannot hold it")
     if not family.gguf_biases and (config.get("attention_bias") or config.get("mlp_bias")):
         raise ATPError(f"this {family.label} model has attention or MLP biases, which llama.cpp's {family.gguf} "
                        "architecture does not read; GGUF export cannot hold it")
@@ -332,18 +336,14 @@ def quantize_all(named, arch_enum, n_layers: int, gguf_type: str):
 SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' layer_types
 
 
-def attention_metadata(writer, config: dict, arch: str, head_dim: int) -> None:
-    """Sliding-window layers and the attention scale (Gemma 3), where the config has them."""
+def attention_metadata(writer, config: dict, arch: str) -> None:
+    """Sliding-window layers (Gemma 3), where the config has them."""
     types = config.get("layer_types") or []
     if SLIDING in types and config.get("sliding_window"):
         if arch != "gemma3":  # the architectures whose sliding layers this export writes and tests in llama.cpp
             raise ATPError(f"this model has sliding-window layers, which GGUF export writes for gemma3 only, not {arch}")
         writer.add_sliding_window(int(config["sliding_window"]))
         writer.add_sliding_window_pattern([t == SLIDING for t in types])
-    scalar = config.get("query_pre_attn_scalar")
-    if scalar is not None and scalar != head_dim:  # llama.cpp's gemma3 scales by 1/sqrt(head_dim), whatever is written
-        raise ATPError(f"this model scales attention scores by 1/sqrt(query_pre_attn_scalar {scalar}), and llama.cpp's "
-                       f"{arch} by 1/sqrt(head_dim {head_dim}); GGUF export cannot hold it")
 
 
 def rope_metadata(writer, model_dir: Path, config: dict, head_dim: int):
@@ -548,7 +548,7 @@ def export_gguf(model_dir, out_path, gguf_type: str = "f16", *, overwrite: bool 
     named = list(all_tensors(config, state, family, layers, not rotate_half))
 
     writer = g.GGUFWriter(None, arch)
-    attention_metadata(writer, config, arch, head_dim)
+    attention_metadata(writer, config, arch)
     writer.add_name(config.get("_name_or_path") or model_dir.name)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config.get("max_position_embeddings", 2048))
