@@ -28,6 +28,8 @@ TEXTS = ["The patient was treated with aspirin 325 mg twice daily.",
 
 def tiny(family="llama", **kw):
     values = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=32, intermediate_size=128)
+    if family == "gemma3_text":  # llama.cpp's gemma3 scales attention by 1/sqrt(head_dim)
+        values["query_pre_attn_scalar"] = 32
     values.update(kw)
     return tiny_model(family, True, **values)
 
@@ -147,7 +149,7 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     folder = tmp_path / "gpt2"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ATPError, match="supports Llama, Mistral and Qwen2"):
+    with pytest.raises(ATPError, match="supports LLaMA-2/3, SmolLM2, Mistral, Qwen2, Qwen3, Gemma 3 models"):
         export_gguf(folder, tmp_path / "out.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]  # nothing written, no temp file left
 
@@ -202,22 +204,48 @@ def compare(model, gguf_path, ids):
 
 # f32 weights and an f32 KV cache: llama.cpp and transformers differ by float rounding only (about 1e-6 here)
 F32_BOUND = 1e-4
+# Gemma 3's GELU: ggml's CPU backend looks it up in a table of f16 values (about 1e-3 off here); the reference model
+# rounds the same way (gelu_as_ggml), which leaves up to about 2.6e-4 of the largest logit (a misplaced head or
+# channel moves logits by 1e-2 and more)
+GEMMA_BOUND = 5e-4
+
+
+def gelu_as_ggml(model):
+    """Round the MLP activation's input and output to f16, as ggml's GELU table does."""
+    class F16Table(torch.nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.act = act
+
+        def forward(self, x):
+            return self.act(x.half().float()).half().float()
+
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "act_fn"):  # not a removed MLP block
+            layer.mlp.act_fn = F16Table(layer.mlp.act_fn)
+    return model
 
 
 @pytest.mark.parametrize("family,kind", [("llama", "dense"), ("llama", "uniform"), ("llama", "heterogeneous"),
                                          ("qwen2", "heterogeneous"), ("mistral", "uniform"), ("qwen2", "dense"),
-                                         ("llama", "blocks")])
+                                         ("llama", "blocks")]
+                         + [(family, kind) for family in ("qwen3", "gemma3_text")
+                            for kind in ("dense", "uniform", "heterogeneous", "blocks")])
 @pytest.mark.llamacpp
 def test_llama_cpp_matches_transformers(family, kind, tmp_path, tokenizer):
     llama_cpp_runtime()
     from atp import llamacpp
 
     path, model = save_kind(kind, tmp_path, tokenizer, family)
-    export_gguf(path, tmp_path / "m.gguf", "f32")
+    summary = export_gguf(path, tmp_path / "m.gguf", "f32")
+    assert summary["architecture"] == ({"qwen3": "qwen3", "gemma3_text": "gemma3"}.get(family) or summary["architecture"])
+    bound = F32_BOUND
+    if family == "gemma3_text":
+        model, bound = gelu_as_ggml(model), GEMMA_BOUND
     ids = prompt_ids(tokenizer)
     result, llm = compare(model, tmp_path / "m.gguf", ids)
     assert result["top1_agreement"] == 1.0, result
-    assert result["max_abs_logit_diff"] <= F32_BOUND * max(1.0, result["max_abs_logit"]), result
+    assert result["max_abs_logit_diff"] <= bound * max(1.0, result["max_abs_logit"]), result
     # greedy text: llama.cpp's sampler at temperature 0 against transformers' generate
     prompt = ids[:12]
     with torch.no_grad():
@@ -397,3 +425,47 @@ def test_per_layer_keys_of_ten_or_more_layers(tmp_path, tokenizer):
     assert fields["deci.attention.head_count"] == [[8, 8, 6, 6][layer % 4] for layer in range(12)]
     for layer in range(12):
         assert tensors[f"blk.{layer}.attn_q.weight"][0][1] == 32 * fields["deci.attention.head_count"][layer]
+
+
+def test_gguf_families_come_from_the_arch_table():
+    import atp.gguf_export
+    from atp.arch import ARCHS
+
+    for name in ("FAMILIES", "PRUNED_TYPES", "NEOX_ROPE"):
+        assert not hasattr(atp.gguf_export, name), name
+    assert all(arch.gguf for arch in ARCHS.values())  # every family exports to GGUF
+
+
+@pytest.mark.parametrize("family,change,message", [
+    ("gemma3_text", {"query_pre_attn_scalar": 8}, r"1/sqrt\(query_pre_attn_scalar 8\).*gemma3 by 1/sqrt\(head_dim 32\)"),
+    ("gemma3_text", {"final_logit_softcapping": 30.0}, "final_logit_softcapping 30.0, which llama.cpp's gemma3"),
+    ("qwen3", {"attention_bias": True}, "biases, which llama.cpp's qwen3 architecture does not read"),
+    ("llama", {"sliding_window": 4, "layer_types": ["sliding_attention"] * 3}, "sliding-window layers.*not llama"),
+])
+def test_what_llama_cpp_cannot_hold_is_refused(family, change, message, tmp_path, tokenizer):
+    path, _ = save_kind("dense", tmp_path, tokenizer, family)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ATPError, match=message):
+        export_gguf(path, tmp_path / "m.gguf")
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_heterogeneous_widths_are_padded_for_single_width_architectures(family, tmp_path, tokenizer):
+    path, _ = save_kind("heterogeneous", tmp_path, tokenizer, family)
+    summary = export_gguf(path, tmp_path / "m.gguf", "f16")
+    fields, tensors = read_gguf(tmp_path / "m.gguf")
+    arch = summary["architecture"]
+    assert arch == fields["general.architecture"] == {"qwen3": "qwen3", "gemma3_text": "gemma3"}[family]
+    # one number for every layer: the most KV heads (layer 0: 3 of 2 query heads), the largest group (layer 1: one
+    # KV head of 3 query heads) and the widest MLP (layer 0: 128)
+    assert (fields[f"{arch}.attention.head_count"], fields[f"{arch}.attention.head_count_kv"],
+            fields[f"{arch}.feed_forward_length"]) == (9, 3, 128)
+    assert tensors["blk.2.attn_q.weight"] == ((64, 9 * 32), "F16") and tensors["blk.1.ffn_up.weight"][0] == (64, 128)
+    assert tensors["blk.0.attn_q_norm.weight"] == ((32,), "F32")
+    assert summary["padded_mlp_channels"] == (128 - 128) + (128 - 0) + (128 - 64)
+    if family == "gemma3_text":
+        assert fields["gemma3.attention.sliding_window"] == 4
+        assert fields["gemma3.attention.sliding_window_pattern"] == [True, False, True]
+        assert fields["gemma3.rope.freq_base_swa"] == 10000.0 and "blk.0.post_ffw_norm.weight" in tensors

@@ -110,7 +110,7 @@ def test_prune_refuses_an_existing_gguf_without_overwrite(tmp_path, tokenizer, t
     ("qk-dims", "--gguf cannot hold a model pruned with --space qk-dims"),
     ("mlp-block", "--gguf-type q8_0 stores rows in blocks of 32 values, but this run keeps MLP widths in steps of 8"),
     ("model width", "has hidden_size 48, head_dim 8, not multiples of 32"),
-    ("family", "GGUF export supports Llama, Mistral and Qwen2"),
+    ("family", "scales attention scores by 1/sqrt(query_pre_attn_scalar 16), and llama.cpp's gemma3 by 1/sqrt"),
 ])
 def test_prune_gguf_problems_fail_before_training(case, message, tmp_path, tokenizer, train_file, no_training,
                                                    capsys):
@@ -130,7 +130,8 @@ def test_prune_gguf_problems_fail_before_training(case, message, tmp_path, token
         extra = ["--gguf-type", "q8_0", "--mlp-block", "8"]
     elif case in ("model width", "family"):
         model = tmp_path / "other"
-        tiny_model("llama" if case == "model width" else "gemma3_text", True).save_pretrained(model)
+        changes = {} if case == "model width" else {"query_pre_attn_scalar": 16}  # a Gemma 3 llama.cpp misreads
+        tiny_model("llama" if case == "model width" else "gemma3_text", True, **changes).save_pretrained(model)
         tokenizer.save_pretrained(model)
         extra = ["--gguf-type", "q8_0", "--mlp-block", "32"] if case == "model width" else []
     assert main(prune_args(model, train_file, tmp_path, "--gguf", str(gguf), *extra)) == 2

@@ -30,6 +30,14 @@ class Arch:
     rms_norms: bool = True  # every norm over hidden_size is an RMSNorm (hidden pruning renormalises over kept channels)
     norm_offset: float = 0.0  # an RMSNorm multiplies by (norm_offset + weight) (Gemma: 1)
     embed_scale: bool = False  # the embedding output is multiplied by sqrt(hidden_size) (Gemma)
+    # GGUF export (llama.cpp): the architecture name (a value of gguf.MODEL_ARCH_NAMES) of dense and uniform models
+    gguf: str | None = None
+    gguf_rotate_half: bool = False  # llama.cpp runs that architecture's RoPE in Hugging Face's rotate-half order
+    gguf_full_query: bool = False  # it needs heads x head_dim == hidden_size; other widths are written as `llama`
+    gguf_per_layer: str | None = None  # the architecture that holds per-layer head counts and MLP widths, if any;
+    # without one, a heterogeneous model is padded to uniform widths with zero heads and channels (exact)
+    gguf_biases: bool = True  # that architecture reads q/k/v/o and MLP biases
+    gguf_activation: str = "silu"  # the MLP activation llama.cpp uses for it (config hidden_act / hidden_activation)
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
@@ -88,20 +96,24 @@ class Arch:
 
 ARCHS = {a.model_type: a for a in (
     Arch("llama", "LLaMA-2/3, SmolLM2", "LlamaConfig", "transformers.models.llama.modeling_llama", "Llama",
-         biases=lambda c: (c.attention_bias, c.attention_bias, c.mlp_bias), heads_divide_hidden=True),
+         biases=lambda c: (c.attention_bias, c.attention_bias, c.mlp_bias), heads_divide_hidden=True,
+         gguf="llama", gguf_per_layer="deci"),
     Arch("mistral", "Mistral", "MistralConfig", "transformers.models.mistral.modeling_mistral", "Mistral",
-         biases=lambda c: (False, False, False)),
+         biases=lambda c: (False, False, False), gguf="llama", gguf_per_layer="deci"),
     Arch("qwen2", "Qwen2", "Qwen2Config", "transformers.models.qwen2.modeling_qwen2", "Qwen2",
-         biases=lambda c: (True, False, False)),
+         biases=lambda c: (True, False, False), gguf="qwen2", gguf_rotate_half=True, gguf_full_query=True,
+         gguf_per_layer="deci"),
     Arch("qwen3", "Qwen3", "Qwen3Config", "transformers.models.qwen3.modeling_qwen3", "Qwen3",
-         biases=lambda c: (c.attention_bias, c.attention_bias, False), head_norms=("q_norm", "k_norm")),
+         biases=lambda c: (c.attention_bias, c.attention_bias, False), head_norms=("q_norm", "k_norm"),
+         gguf="qwen3", gguf_rotate_half=True, gguf_biases=False),
     # Gemma 3 (text): norms before and after attention and MLP, per-head q/k norms, sliding and global layers,
     # a scaled embedding (a buffer, not a parameter)
     Arch("gemma3_text", "Gemma 3", "Gemma3TextConfig", "transformers.models.gemma3.modeling_gemma3", "Gemma3",
          biases=lambda c: (c.attention_bias, c.attention_bias, False), head_norms=("q_norm", "k_norm"),
          heads_divide_hidden=True, norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                 "post_feedforward_layernorm"),
-         attention_norms=("input_layernorm", "post_attention_layernorm"), norm_offset=1.0, embed_scale=True),
+         attention_norms=("input_layernorm", "post_attention_layernorm"), norm_offset=1.0, embed_scale=True,
+         gguf="gemma3", gguf_rotate_half=True, gguf_biases=False, gguf_activation="gelu_pytorch_tanh"),
 )}
 
 

@@ -1,11 +1,13 @@
 """GGUF export for llama.cpp (llama-cli, llama-server, Ollama, LM Studio, llama-cpp-python).
 
-Dense and uniform models become the family's own GGUF architecture (`llama` for Llama and Mistral, `qwen2`;
-Qwen2 with fewer query heads than hidden_size / head_dim becomes `llama`, which llama.cpp sizes by head count).
-Heterogeneous exports become `deci` GGUFs (llama.cpp's Nemotron-NAS architecture), which read per-layer
-arrays for `attention.head_count`, `attention.head_count_kv` and `feed_forward_length`, 0 meaning a removed
-block. The `gguf` package does the rest: tensor names, the writer, vocabulary and special-token metadata,
-quantization. llama.cpp's converter (convert_hf_to_gguf.py) is not installable from PyPI and needs its own,
+Every fact about a family comes from its `atp.arch` entry (`gguf`, `gguf_per_layer`, `norms`, ...). Dense and
+uniform models become the family's own GGUF architecture (`llama` for Llama and Mistral, `qwen2`, `qwen3`,
+`gemma3`; Qwen2 with fewer query heads than hidden_size / head_dim becomes `llama`, which llama.cpp sizes by head
+count). Heterogeneous Llama / Mistral / Qwen2 exports become `deci` GGUFs (llama.cpp's Nemotron-NAS architecture),
+which read per-layer arrays for `attention.head_count`, `attention.head_count_kv` and `feed_forward_length`, 0
+meaning a removed block. Families whose llama.cpp graph has one width for every layer (Qwen3, Gemma 3) are padded
+to the widest layer with all-zero query heads, KV heads and MLP channels, which change no output. The `gguf`
+package does the rest: tensor names, the writer, vocabulary and special-token metadata, quantization. llama.cpp's converter (convert_hf_to_gguf.py) is not installable from PyPI and needs its own,
 newer gguf-py, so it is not imported; what it does beyond the `gguf` package is done here:
   - Q/K rows are permuted from Hugging Face's rotate-half order to llama.cpp's interleaved RoPE (`llama`, `deci`);
   - uneven GQA groups (a per-layer `kv_map`) are made even, exactly: each KV head's query heads are made
@@ -28,14 +30,12 @@ from pathlib import Path
 
 import torch
 
+from .arch import ARCHS, PRUNED_PREFIX, Arch
 from .errors import ATPError
 from .fsutil import atomic_file, check_writable_file
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 QUANT_BLOCK = {"q8_0": 32, "q4_0": 32}  # values per block of a quantized row (gguf's GGML_QUANT_SIZES)
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> GGUF architecture (dense)
-PRUNED_TYPES = {"atp_llama": "llama", "atp_mistral": "mistral", "atp_qwen2": "qwen2"}
-NEOX_ROPE = ("qwen2",)  # GGUF architectures whose RoPE is Hugging Face's rotate-half order: no Q/K permutation
 ZERO_MLP = 32  # width of the all-zero MLP given to a layer that keeps attention but no MLP channels (see plan)
 
 # tokenizer.json Split regexes of the Llama-3 and Qwen2 tokenizers, and llama.cpp's names for them
@@ -75,15 +75,33 @@ def read_config(model_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def family_of(config: dict) -> tuple[str, bool]:
-    """(dense model_type, heterogeneous?) or a clear error for architectures llama.cpp export does not cover."""
-    model_type = config.get("model_type")
-    if model_type in FAMILIES:
-        return model_type, False
-    if model_type in PRUNED_TYPES:
-        return PRUNED_TYPES[model_type], bool(config.get("per_layer_config"))
-    raise ATPError(f"GGUF export supports Llama, Mistral and Qwen2 models (and their atp exports); "
-                   f"{config.get('architectures') or model_type} is not one of them")
+def gguf_families() -> str:
+    return ", ".join(a.label for a in ARCHS.values() if a.gguf)
+
+
+def family_of(config: dict) -> tuple[Arch, bool]:
+    """(the family's atp.arch entry, heterogeneous?) or a clear error for what llama.cpp export does not cover."""
+    model_type = config.get("model_type") or ""
+    family = ARCHS.get(model_type.removeprefix(PRUNED_PREFIX))
+    if family is None or family.gguf is None:
+        raise ATPError(f"GGUF export supports {gguf_families()} models (and their atp exports); "
+                       f"{config.get('architectures') or model_type} is not one of them")
+    activation = config.get("hidden_act") or config.get("hidden_activation") or family.gguf_activation
+    if activation != family.gguf_activation:
+        raise ATPError(f"llama.cpp's {family.gguf} architecture uses the {family.gguf_activation} activation, but this "
+                       f"model's is {activation}; GGUF export cannot hold it")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if config.get(key) is not None:
+            raise ATPError(f"this model sets {key} {config[key]}, which llama.cpp's {family.gguf} does not apply; "
+                           "GGUF export cannot hold it")
+    scalar = config.get("query_pre_attn_scalar")
+    if scalar is not None and scalar != head_dim_of(config):  # llama.cpp's gemma3 ignores a written attention.scale
+        raise ATPError(f"this model scales attention scores by 1/sqrt(query_pre_attn_scalar {scalar}), and llama.cpp's "
+                       f"{family.gguf} by 1/sqrt(head_dim {head_dim_of(config)}); GGUF export cannot hold it")
+    if not family.gguf_biases and (config.get("attention_bias") or config.get("mlp_bias")):
+        raise ATPError(f"this {family.label} model has attention or MLP biases, which llama.cpp's {family.gguf} "
+                       "architecture does not read; GGUF export cannot hold it")
+    return family, model_type != family.model_type and bool(config.get("per_layer_config"))
 
 
 def layer_widths(config: dict) -> list[dict]:
@@ -151,6 +169,28 @@ def plan(config: dict) -> list[dict]:
     return layers
 
 
+def pad_to_uniform(layers: list[dict]) -> list[dict]:
+    """Every layer as wide as the widest: KV groups padded with all-zero query heads, all-zero KV heads (with only
+    zero query heads) added, MLPs padded with all-zero channels. A zero query head's o_proj columns are zero and a
+    zero channel's down_proj column is zero, so the output is unchanged (also after q/k RMSNorm: norm(0) = 0)."""
+    n_kv = max(l["gguf_kv_heads"] for l in layers)
+    group = max(l["group"] for l in layers)
+    ff = max(l["ff"] for l in layers)
+    if not (n_kv and ff):
+        raise ATPError("this model keeps no attention heads or no MLP channels in any layer; GGUF export cannot "
+                       "hold it")
+    padded = []
+    for l in layers:
+        kv_order = l["kv_order"] + [None] * (n_kv - len(l["kv_order"]))
+        q_order = []
+        for position in range(n_kv):
+            members = l["q_order"][position * l["group"]:(position + 1) * l["group"]] if position < len(l["kv_order"]) else []
+            q_order += members + [None] * (group - len(members))
+        padded.append({**l, "q_order": q_order, "kv_order": kv_order, "group": group, "gguf_heads": len(q_order),
+                       "gguf_kv_heads": n_kv, "gguf_ff": ff, "zero_mlp": False})
+    return padded
+
+
 def is_uniform(layers: list[dict]) -> bool:
     first = layers[0]
     return all(l["gguf_heads"] == first["gguf_heads"] and l["gguf_kv_heads"] == first["gguf_kv_heads"]
@@ -193,52 +233,72 @@ def _heads(t: torch.Tensor, order: list, head_dim: int, dim: int = 0) -> torch.T
     return torch.cat(blocks, dim=dim)
 
 
-def layer_tensors(state, i: int, layer: dict, head_dim: int, hidden: int, permute: bool):
+def _norm(state, name: str, family: Arch, size: int) -> torch.Tensor:
+    """A norm's weight as llama.cpp multiplies by (family.norm_offset + weight; Gemma's converter adds the 1).
+    A removed block (--space blocks) has no norm; the all-zero block that stands in for it gets ones."""
+    return state[name] + family.norm_offset if name in state else torch.ones(size)
+
+
+def _pad_rows(t: torch.Tensor, rows: int, dim: int = 0) -> torch.Tensor:
+    """t with zero rows (or columns, dim=1) appended up to `rows`."""
+    shape = list(t.shape)
+    shape[dim] = rows - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def layer_tensors(state, family: Arch, i: int, layer: dict, head_dim: int, hidden: int, permute: bool):
     """(Hugging Face name, tensor) pairs of layer i as llama.cpp wants them."""
-    prefix = f"model.layers.{i}."
+    prefix = f"{family.layers}.{i}."
     out = []
-    o_bias = state.get(prefix + "self_attn.o_proj.bias")
-    if not layer["gguf_heads"] and o_bias is not None and o_bias.abs().max() > 0:
+    o_bias = state.get(f"{prefix}{family.path('o')}.bias")
+    if not layer["heads"] and o_bias is not None and o_bias.abs().max() > 0:
         raise ATPError(f"layer {i} keeps no attention heads but a nonzero o_proj bias, which llama.cpp cannot express")
     if layer["gguf_heads"]:
-        out.append((prefix + "input_layernorm.weight", state[prefix + "input_layernorm.weight"]))
-        for proj, order in (("q_proj", layer["q_order"]), ("k_proj", layer["kv_order"]), ("v_proj", layer["kv_order"])):
+        out += [(f"{prefix}{n}.weight", _norm(state, f"{prefix}{n}.weight", family, hidden))
+                for n in family.attention_norms]
+        for role, order in (("q", layer["q_order"]), ("k", layer["kv_order"]), ("v", layer["kv_order"])):
             for kind in ("weight", "bias"):
-                name = f"{prefix}self_attn.{proj}.{kind}"
-                if name not in state:
+                name = f"{prefix}{family.path(role)}.{kind}"
+                if name not in state and not (kind == "weight" and not layer["heads"]):
                     continue
-                t = _heads(state[name], order, head_dim)
-                if permute and proj != "v_proj":
+                # a removed attention block (--space blocks) padded to uniform widths has only zero heads
+                t = _heads(state.get(name, torch.zeros(0, hidden)), order, head_dim)
+                if permute and role != "v":
                     t = rope_permute(t, len(order))
                 out.append((name, t))
-        o_name = prefix + "self_attn.o_proj.weight"
-        out.append((o_name, _heads(state[o_name], layer["q_order"], head_dim, dim=1)))
-        if prefix + "self_attn.o_proj.bias" in state:
-            out.append((prefix + "self_attn.o_proj.bias", state[prefix + "self_attn.o_proj.bias"]))
+        for norm in family.head_norms:  # one weight over head_dim, shared by every head
+            name = f"{prefix}{family.attention}.{norm}.weight"
+            t = _norm(state, name, family, head_dim)
+            out.append((name, rope_permute(t, 1) if permute else t))
+        o_name = f"{prefix}{family.path('o')}.weight"
+        out.append((o_name, _heads(state.get(o_name, torch.zeros(hidden, 0)), layer["q_order"], head_dim, dim=1)))
+        if o_bias is not None:
+            out.append((f"{prefix}{family.path('o')}.bias", o_bias))
     if layer["gguf_ff"]:
-        norm = prefix + "post_attention_layernorm.weight"
-        # a removed MLP block (--space blocks) has no norm; the all-zero MLP that stands in for it needs one
-        out.append((norm, state[norm] if norm in state else torch.ones(hidden)))
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            weight, bias = f"{prefix}mlp.{proj}.weight", f"{prefix}mlp.{proj}.bias"
-            if layer["zero_mlp"]:  # see plan(): all-zero channels add nothing (a down_proj bias is kept)
-                out.append((weight, torch.zeros((hidden, ZERO_MLP) if proj == "down_proj" else (ZERO_MLP, hidden))))
+        out += [(f"{prefix}{n}.weight", _norm(state, f"{prefix}{n}.weight", family, hidden)) for n in family.mlp_norms]
+        width = layer["gguf_ff"]
+        for role in ("gate", "up", "down"):
+            weight, bias = f"{prefix}{family.path(role)}.weight", f"{prefix}{family.path(role)}.bias"
+            # all-zero channels add nothing (see plan() and pad_to_uniform(); a down_proj bias is kept)
+            if role == "down":
+                out.append((weight, _pad_rows(state.get(weight, torch.zeros(hidden, 0)), width, dim=1)))
                 if bias in state:
-                    out.append((bias, state[bias] if proj == "down_proj" else torch.zeros(ZERO_MLP)))
-                continue
-            out += [(name, state[name]) for name in (weight, bias) if name in state]
+                    out.append((bias, state[bias]))
+            else:
+                out.append((weight, _pad_rows(state.get(weight, torch.zeros(0, hidden)), width)))
+                if bias in state:
+                    out.append((bias, _pad_rows(state[bias], width)))
     return out
 
 
-def all_tensors(config: dict, state: dict, layers: list[dict], arch: str):
+def all_tensors(config: dict, state: dict, family: Arch, layers: list[dict], permute: bool):
     head_dim = head_dim_of(config)
-    permute = arch not in NEOX_ROPE
-    yield "model.embed_tokens.weight", state["model.embed_tokens.weight"]
+    yield f"{family.embed}.weight", state[f"{family.embed}.weight"]
     for i, layer in enumerate(layers):
-        yield from layer_tensors(state, i, layer, head_dim, config["hidden_size"], permute)
-    yield "model.norm.weight", state["model.norm.weight"]
-    if "lm_head.weight" in state and not config.get("tie_word_embeddings", False):
-        yield "lm_head.weight", state["lm_head.weight"]
+        yield from layer_tensors(state, family, i, layer, head_dim, config["hidden_size"], permute)
+    yield f"{family.final_norm}.weight", _norm(state, f"{family.final_norm}.weight", family, config["hidden_size"])
+    if f"{family.lm_head}.weight" in state and not config.get("tie_word_embeddings", False):
+        yield f"{family.lm_head}.weight", state[f"{family.lm_head}.weight"]
 
 
 def head_dim_of(config: dict) -> int:
@@ -273,9 +333,32 @@ def quantize_all(named, arch_enum, n_layers: int, gguf_type: str):
 
 # ---- metadata ----
 
+SLIDING, FULL = "sliding_attention", "full_attention"  # transformers' layer_types
+
+
+def attention_metadata(writer, config: dict, arch: str) -> None:
+    """Sliding-window layers (Gemma 3), where the config has them."""
+    types = config.get("layer_types") or []
+    if SLIDING in types and config.get("sliding_window"):
+        if arch != "gemma3":  # the architectures whose sliding layers this export writes and tests in llama.cpp
+            raise ATPError(f"this model has sliding-window layers, which GGUF export writes for gemma3 only, not {arch}")
+        writer.add_sliding_window(int(config["sliding_window"]))
+        writer.add_sliding_window_pattern([t == SLIDING for t in types])
+
+
 def rope_metadata(writer, model_dir: Path, config: dict, head_dim: int):
-    """RoPE base and scaling; Llama-3 scaling becomes llama.cpp's rope_freqs tensor (per-frequency divisors)."""
+    """RoPE base and scaling; Llama-3 scaling becomes llama.cpp's rope_freqs tensor (per-frequency divisors).
+    Per-layer-type RoPE (Gemma 3: full and sliding layers) writes the sliding layers' base as freq_base_swa."""
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if FULL in params:
+        sliding = params.get(SLIDING) or {}
+        if sliding.get("rope_type", "default") != "default":
+            raise ATPError(f"GGUF export does not support RoPE scaling on sliding-window layers "
+                           f"('{sliding['rope_type']}')")
+        writer.add_rope_freq_base_swa(float(sliding.get("rope_theta", 10000.0)))
+        params = params[FULL]
+    elif config.get("rope_local_base_freq") is not None:
+        writer.add_rope_freq_base_swa(float(config["rope_local_base_freq"]))
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     writer.add_rope_freq_base(float(theta))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
@@ -450,15 +533,22 @@ def export_gguf(model_dir, out_path, gguf_type: str = "f16", *, overwrite: bool 
     config = read_config(model_dir)
     family, heterogeneous = family_of(config)
     layers = plan(config)
-    arch = FAMILIES[family] if is_uniform(layers) else "deci"
-    if arch == "qwen2" and layers[0]["gguf_heads"] * head_dim_of(config) != config["hidden_size"]:
-        arch = "llama"  # llama.cpp's qwen2 wants query width == hidden size; llama reads Q/K/V biases too
+    arch, rotate_half = family.gguf, family.gguf_rotate_half
+    if not is_uniform(layers):
+        if family.gguf_per_layer:
+            arch, rotate_half = family.gguf_per_layer, False
+        else:
+            layers = pad_to_uniform(layers)
+    if family.gguf_full_query and arch == family.gguf and \
+            layers[0]["gguf_heads"] * head_dim_of(config) != config["hidden_size"]:
+        arch, rotate_half = "llama", False  # e.g. llama.cpp's qwen2 wants query width == hidden; llama reads biases
     arch_enum = next(a for a, name in g.MODEL_ARCH_NAMES.items() if name == arch)
     head_dim = head_dim_of(config)
     state = load_state(model_dir)
-    named = list(all_tensors(config, state, layers, arch))
+    named = list(all_tensors(config, state, family, layers, not rotate_half))
 
     writer = g.GGUFWriter(None, arch)
+    attention_metadata(writer, config, arch)
     writer.add_name(config.get("_name_or_path") or model_dir.name)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config.get("max_position_embeddings", 2048))
@@ -500,6 +590,7 @@ def export_gguf(model_dir, out_path, gguf_type: str = "f16", *, overwrite: bool 
         "duplicated_kv_heads": kv_gguf - kv_source,
         "padded_query_heads": sum(l["gguf_heads"] - l["heads"] for l in layers),
         "zero_mlp_layers": [i for i, l in enumerate(layers) if l["zero_mlp"]],
+        "padded_mlp_channels": sum(l["gguf_ff"] - l["ff"] for l in layers if not l["zero_mlp"]),
         "vocab": vocab,
     }
 
@@ -513,6 +604,9 @@ def format_export(summary: dict) -> str:
     if summary["zero_mlp_layers"]:
         lines.append(f"layers {summary['zero_mlp_layers']} keep no MLP channels: written with an all-zero MLP of "
                      f"{ZERO_MLP} channels (llama.cpp's deci graph needs one; the output is unchanged)")
+    if summary["padded_mlp_channels"]:
+        lines.append(f"llama.cpp's {summary['architecture']} has one MLP width for every layer: "
+                     f"{summary['padded_mlp_channels']} all-zero MLP channels pad the narrower layers")
     lines.append(f"KV cache {summary['kv_cache_bytes_per_token']:,} bytes per token (f16)")
     return "\n".join(lines)
 
