@@ -18,8 +18,7 @@ from atp import checkpoint, validation
 from atp.cli import main
 from atp.errors import ATPError
 from atp.fsutil import atomic_dir, clean_stale_temps, read_yaml_mapping
-from conftest import tiny_model
-from helpers import dead_pid, prune_argv, snapshot
+from helpers import dead_pid, prune_argv, random_gates, snapshot, tiny_model
 
 
 def small_checkpoint_parts():
@@ -199,7 +198,6 @@ def test_eval_refuses_weights_that_do_not_fit_the_model_type(tiny_model_dir, tmp
 def _heterogeneous_export(tmp_path, tokenizer):
     from atp.export import build_pruned, save_pruned
     from atp.space import HeadMLPSpace
-    from test_engine import random_gates
 
     model = tiny_model("llama", True)
     space = HeadMLPSpace.from_config(model.config, mlp_block=4)

@@ -14,6 +14,7 @@ from atp import checkpoint
 from atp.cli import main
 from atp.errors import ATPError
 from atp.train import ATPConfig, train
+from helpers import tiny_model
 
 STEPS = 120
 
@@ -154,7 +155,6 @@ def test_tokenizer_without_pad_token(tmp_path, tokenizer):
 
 def test_disk_full_during_export_leaves_nothing_half_written(tmp_path, tokenizer, monkeypatch):
     from atp.export import save_pruned
-    from conftest import tiny_model
 
     model = tiny_model("llama", True)
     out = tmp_path / "exports" / "model"
@@ -210,7 +210,6 @@ def test_permission_error_during_export(tmp_path, tokenizer, monkeypatch):
     import tempfile
 
     from atp.export import save_pruned
-    from conftest import tiny_model
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
