@@ -75,7 +75,7 @@ class ATPConfig:
                 "order), with positions restarting at each example and no attention across examples, instead of "
                 "padding each batch to its longest example; calibration batches stay unpacked"})
     lr: float = field(default=6e-4, metadata={
-        "help": "peak LoRA learning rate (3e-4 before the fourth wave-2 session: 6e-4 scored higher for ATP and frozen-generator alike over three seeds, docs/benchmarks.md)"})
+        "help": "peak LoRA learning rate"})
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -107,15 +107,15 @@ class ATPConfig:
                 "the two-stage baselines"})
     lasso: str = field(default="ramp", metadata={
         "help": "group lasso on the LoRA of pruned groups: ramp (a proximal step whose threshold grows to the "
-                "largest pruned group's norm at the freeze, independent of Adam's step size) or lr-scaled (before "
-                "issue 15: lam * group lasso in the loss and a proximal threshold of lr * lam)"})
+                "largest pruned group's norm at the freeze, independent of Adam's step size) or lr-scaled (lam * group "
+                "lasso in the loss and a proximal threshold of lr * lam)"})
     proximal: bool = field(default=True, metadata={
         "help": "with --lasso lr-scaled, also take the proximal step (--no-proximal: the loss term only)"})
     lora_mask: str = field(default="frozen", metadata={
         "help": "where a pruning decision acts in LoRA steps while the generator searches: frozen (the frozen "
                 "weights of the structure only; its LoRA keeps learning until group lasso zeroes it: the paper's "
                 "LoRA-aware forward), both (frozen and LoRA paths: a moving two-stage mask, an ablation), or "
-                "frozen-output (the frozen path of o_proj/down_proj only, the earlier --no-mask-lora ablation). "
+                "frozen-output (the frozen path of o_proj/down_proj only, an ablation). "
                 "Generator steps, and every step after the generator freezes, mask both paths"})
     lora_decisions: str = field(default="deterministic", metadata={
         "help": "decisions that mask LoRA steps in the generator phase: deterministic (the generator's hard "
@@ -141,6 +141,10 @@ class ATPConfig:
         "help": "distillation teacher: self (the dense pretrained model: adapters disabled, gates open, no extra "
                 "memory) or a run directory made by `atp prune --no-prune` on the same domain (a dense + LoRA "
                 "teacher)"})
+    compact: bool = field(default=True, metadata={
+        "help": "once the pruning decisions are fixed (the freeze; step 0 of a two-stage method), remove the pruned "
+                "structures from the model being trained, its LoRA and the optimizer state, and train the smaller "
+                "model (same function, checked; fewer FLOPs). --no-compact trains the masked full-size model"})
     recovery: str = field(default="lora", metadata={
         "help": "training after the decisions are fixed (the steps after int(generator_frac * max_steps), for ATP and "
                 "the two-stage baselines alike): lora (LoRA continues) or full (LoRA is merged into the weights and "
@@ -365,7 +369,8 @@ LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-sc
                  "lora_decisions": "deterministic", "generator_batches": 1, "generator_clip": 0.0, "distill": 0.0,
                  "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
                  "sparsity_of": "prunable", "hidden_block": 32, "packing": False, "recovery": "lora",
-                 "recovery_lr": 5e-5, "qk_block": 4, "protect_outliers": 0.0}
+                 "recovery_lr": 5e-5, "qk_block": 4, "protect_outliers": 0.0,
+                 "compact": False}
 
 
 def inert_options(cfg: ATPConfig) -> set[str]:
@@ -380,6 +385,8 @@ def inert_options(cfg: ATPConfig) -> set[str]:
         inert |= {"lasso", "lora_mask", "lora_decisions"}
     if not cfg.prune or cfg.method in SCORED:  # no generator at all
         inert |= {"generator_batches", "generator_clip", "generator_ema", "ratio_penalty"}
+    if not cfg.prune:
+        inert.add("compact")
     if cfg.distill == 0:
         inert |= {"distill_temperature", "teacher"}
     if "hidden" not in cfg.space:

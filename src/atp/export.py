@@ -35,30 +35,39 @@ _NOT_ARCHITECTURE = ("architectures", "auto_map", "model_type", "transformers_ve
                      "_name_or_path", "dtype", "torch_dtype")
 
 
+def slice_plan(arch, kept_structure: list[dict], head_dim: int) -> tuple[dict[str, list], tuple[str, ...]]:
+    """How pruning slices each decoder projection: {module path: [(dim, kept indices), ...] in the order they
+    apply} (dim 0: output rows, 1: input columns), and the path prefixes of removed blocks. The export slices
+    weights with it; compaction (atp.compaction) slices LoRA factors and optimizer state the same way."""
+    ops, gone = {}, []
+    for layer, kept in enumerate(kept_structure):
+        gone += [f"{arch.layers}.{layer}.{name}." for kind in KINDS.values() for name in kind.dropped(kept, arch)]
+        for kind in KINDS.values():
+            for role, (rows, cols) in kind.slices(kept, head_dim).items():
+                path = arch.path(role) if role in ROLES else f"{arch.attention}.{role}"  # per-head q/k norms
+                steps = ops.setdefault(f"{arch.layers}.{layer}.{path}", [])
+                steps += [(dim, index) for dim, index in ((0, rows), (1, cols)) if index is not None]
+    return ops, tuple(gone)
+
+
 def sliced_state(model, kept_structure: list[dict], head_dim: int) -> dict[str, torch.Tensor]:
     """The (LoRA-merged) model's state dict with only the kept rows and columns of every decoder layer, and
     nothing of its removed blocks; with hidden channels pruned, only their kept channels everywhere."""
     dense = base_model(model)
     arch = arch_for(dense.config)
     state = dict(dense.state_dict())
-    for layer, kept in enumerate(kept_structure):
-        gone = tuple(f"{arch.layers}.{layer}.{name}." for kind in KINDS.values() for name in kind.dropped(kept, arch))
-        for key in [k for k in state if k.startswith(gone)] if gone else []:
-            del state[key]
-        for kind in KINDS.values():
-            for role, (rows, cols) in kind.slices(kept, head_dim).items():
-                path = arch.path(role) if role in ROLES else f"{arch.attention}.{role}"  # per-head q/k norms
-                prefix = f"{arch.layers}.{layer}.{path}"
-                if f"{prefix}.weight" not in state:  # in a removed block
-                    continue
-                weight = state[f"{prefix}.weight"]
-                if rows is not None:
-                    weight = weight.index_select(0, rows.to(weight.device))
-                    if f"{prefix}.bias" in state:
-                        state[f"{prefix}.bias"] = state[f"{prefix}.bias"].index_select(0, rows.to(weight.device)).clone()
-                if cols is not None:
-                    weight = weight.index_select(1, cols.to(weight.device))
-                state[f"{prefix}.weight"] = weight.clone()
+    ops, gone = slice_plan(arch, kept_structure, head_dim)
+    for key in [k for k in state if k.startswith(gone)] if gone else []:
+        del state[key]
+    for prefix, steps in ops.items():
+        if f"{prefix}.weight" not in state:  # in a removed block
+            continue
+        weight = state[f"{prefix}.weight"]
+        for dim, index in steps:
+            weight = weight.index_select(dim, index.to(weight.device))
+            if dim == 0 and f"{prefix}.bias" in state:
+                state[f"{prefix}.bias"] = state[f"{prefix}.bias"].index_select(0, index.to(weight.device)).clone()
+        state[f"{prefix}.weight"] = weight.clone()
     if kept_structure and kept_structure[0].get("hidden") is not None:
         hidden.slice_outside(state, kept_structure[0]["hidden"], arch, dense.config)
     return state

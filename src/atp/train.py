@@ -180,6 +180,7 @@ class PruneRecipe:
         self.decisions, self.flips = None, 0  # the decisions in the masks; how many changed since the last log line
         self.outputs = None  # a new run's outputs (atp.rundir.RunOutputs), on the main process
         self.locked = False  # whether this process holds the run folder's lock (the main process does)
+        self.compacted, self.compaction = False, {}  # pruned structures physically gone from the trained model
         self.given = dataclasses.asdict(cfg)  # the config as given, for config.yaml
 
     def run(self) -> dict:
@@ -307,7 +308,7 @@ class PruneRecipe:
                 raise ATPError(f"--resume {self.run_dir}: checkpoint {found[0].name} was made with a different "
                                "config")
             check_same_data(found[1].get("data_sha256"), self.cfg, f"--resume {self.run_dir}")
-            self.resume_from = found[0]
+            self.resume_from, self.resume_manifest = found
         elif self.accelerator.is_main_process:
             self.outputs = RunOutputs(self.cfg)
             self.outputs.check()
@@ -403,13 +404,7 @@ class PruneRecipe:
         from peft import LoraConfig, get_peft_model
 
         cfg, model = self.cfg, self.model
-        model.config.use_cache = False
-        if cfg.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers 5.x name
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+        self.prepare_for_lora(model)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=validation.lora_targets_in(model, cfg.lora_targets), task_type="CAUSAL_LM")
         import warnings
@@ -418,11 +413,24 @@ class PruneRecipe:
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             self.peft_model = get_peft_model(model, lora)
         lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
-        self.opt_lora = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=0.0)
+        self.opt_lora = self.make_lora_optimizer(lora_params)
         self.optimizers = {"lora": self.opt_lora}  # checkpoints hold them as they are before accelerate wraps them
         # a lambda, not the bound method: LambdaLR's state_dict records a callable object's attributes
         factor = self.schedule.lora_lr_factor
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt_lora, lambda updates: factor(updates))
+
+    def prepare_for_lora(self, model) -> None:
+        """No KV cache while training, and gradient checkpointing if asked (also for the compacted model)."""
+        model.config.use_cache = False
+        if self.cfg.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+
+    def make_lora_optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
 
     def setup_generator(self) -> None:
         """When pruning: the decision generator, its AdamW, and the gate hooks that mask the model."""
@@ -491,10 +499,82 @@ class PruneRecipe:
                           f"({info['allocation']} allocation, {info['selection_seconds']:.0f}s)")
         return gates, info
 
+    @functools.cached_property
+    def compaction_step(self) -> int | None:
+        """The step after which the trained model is compacted (atp.compaction): 0 for decisions fixed before
+        tuning, the freeze for ATP; None without --compact, when no step follows the decisions, for a pruning space
+        whose masks are not physical removal, or where parameters are sharded."""
+        cfg = self.cfg
+        sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+        if not (cfg.prune and cfg.compact) or not self.space.exact or sharded:
+            return None
+        step = 0 if self.two_stage else self.schedule.freeze_at
+        return step if step < cfg.max_steps else None
+
+    def compact_now(self, decisions: dict, step: int, verify: bool = True) -> None:
+        """Remove the pruned structures from the trained model, its LoRA and the LoRA optimizer's state, and go
+        on with the smaller model. The self teacher keeps the dense weights. verify: the compact model's logits
+        must equal the masked model's (fp32 tolerance) on a few training texts."""
+        from .compaction import compact, compact_optimizer, kept_params
+        from .distill import SelfTeacher
+        from .models import rng_untouched
+
+        accelerator, cfg = self.accelerator, self.cfg
+        model = accelerator.unwrap_model(self.peft_model)
+        probe = {k: v.to(accelerator.device) for k, v in sample_texts(self.tokenizer, self.train_examples).items()}
+        if verify:
+            self.controller.use("both")
+            self.controller.set(decisions)
+            with torch.no_grad():
+                reference = model.eval()(**probe).logits.float()
+        before = kept_params(model)
+        with rng_untouched():
+            new_model, dense, mapping = compact(model, self.space.kept_structure(decisions), self.prepare_for_lora)
+        self.controller.remove()
+        self.controller = None
+        if isinstance(self.teacher, SelfTeacher):
+            self.teacher = SelfTeacher(dense.requires_grad_(False).eval(), contextlib.nullcontext)
+        old_optimizer, lr = self.optimizers["lora"], self.optimizers["lora"].param_groups[0]["lr"]
+        optimizer = compact_optimizer(old_optimizer, mapping, self.make_lora_optimizer)
+        factor = self.schedule.lora_lr_factor
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda updates: factor(updates))
+        scheduler.load_state_dict(self.lr_scheduler.state_dict())
+        optimizer.param_groups[0]["lr"] = lr
+        for attribute, old in (("_models", self.peft_model), ("_optimizers", self.opt_lora)):
+            if hasattr(accelerator, attribute):  # let the larger model go
+                setattr(accelerator, attribute, [x for x in getattr(accelerator, attribute) if x is not old])
+        self.peft_model, self.opt_lora = accelerator.prepare(new_model, optimizer)
+        self.optimizers["lora"], self.lr_scheduler = optimizer, scheduler
+        self.compacted = True
+        self.compaction = {"step": step, "base_params_before": before, "base_params_after": kept_params(new_model)}
+        if verify:
+            with torch.no_grad():
+                logits = new_model.eval()(**probe).logits.float()
+            real = probe["attention_mask"].bool()
+            diff = float((logits - reference)[real].abs().max())
+            allowed = cfg.check_tolerance * max(1.0, float(reference[real].abs().max()))
+            self.compaction.update(max_abs_logit_diff=diff, allowed=allowed)
+            if not diff <= allowed:
+                raise ATPError(f"internal error: the compacted model does not compute what the masked model did "
+                               f"(max |logit diff| {diff:.3g} > {allowed:.3g}); run with --no-compact and report it")
+            accelerator.print(f"compacted after step {step}: {before:,} -> {self.compaction['base_params_after']:,} "
+                              f"base parameters (max |logit diff| {diff:.2e})")
+        new_model.train()
+
     def load_checkpoint(self) -> int:
         """Resume: LoRA, generator, optimizers, learning-rate schedule and RNG from the checkpoint; the batch
         streams skip what the run used; the log keeps its lines up to the checkpoint. Returns the next step."""
         cfg, path = self.cfg, self.resume_from
+        step = self.resume_manifest["step"]
+        if self.compaction_step is not None and step >= self.compaction_step:  # saved from the compacted model
+            if self.two_stage:
+                decisions = checkpoint.load_decisions(path, self.accelerator.device)[0]
+            else:
+                from safetensors.torch import load_file
+
+                self.generator.load_state_dict(load_file(str(path / "generator.safetensors")))
+                decisions = self.generator.decisions()
+            self.compact_now(decisions, self.compaction_step, verify=False)
         done = checkpoint.load(path, self.accelerator.unwrap_model(self.peft_model), self.generator, self.optimizers,
                                self.lr_scheduler)
         if self.two_stage:
@@ -525,10 +605,12 @@ class PruneRecipe:
             self.decisions = self.fixed
         elif self.generator is not None:
             self.decisions = self.generator.decisions()
-        if self.decisions is not None:
+        if self.decisions is not None and self.controller is not None:
             self.controller.set(self.decisions)
         if schedule.learns_decisions and schedule.freeze_at == 0 and first_step == 1:
             self.freeze(0)  # no generator phase: decisions calibrated before the first step
+        if self.fixed is not None and self.compaction_step == 0 and not self.compacted:
+            self.compact_now(self.fixed, 0)
         desc = ("atp prune" if cfg.method == "atp" else cfg.method) if cfg.prune else "lora"
         self.bar = tqdm(range(first_step, cfg.max_steps + 1), initial=first_step - 1, total=cfg.max_steps, desc=desc,
                         disable=not (self.progress and self.accelerator.is_main_process))
@@ -566,6 +648,8 @@ class PruneRecipe:
         when = "trained to the last step" if self.schedule.generator_to_end else f"frozen at step {step}"
         self.accelerator.print(f"generator {when}; decisions calibrated to ratio {reached:.4f}; LoRA norm of pruned "
                                f"groups {before:.4g} -> {after:.4g}")
+        if step == self.compaction_step:
+            self.compact_now(self.decisions, step)
 
     def batch_loss(self, data: Batch) -> torch.Tensor:
         """The objective on one batch: the mean token loss of this process's shard, normalised by the global
@@ -658,7 +742,7 @@ class PruneRecipe:
         if cfg.lora_decisions == "sampled" and schedule.in_generator_phase(step):
             with torch.no_grad():  # a fresh Gumbel sample (structured dropout); the log and lasso keep the hard ones
                 self.controller.set(self.generator(step=cfg.max_steps + step))
-        lam = 0.0 if full else schedule.lasso_weight(step)
+        lam = 0.0 if full or self.compacted else schedule.lasso_weight(step)
         for _ in range(cfg.grad_accum):
             with accelerator.accumulate(self.peft_model):
                 data = next(self.train_iter)
@@ -677,7 +761,7 @@ class PruneRecipe:
         if cfg.proximal and lam > 0:
             threshold = self.lr_scheduler.get_last_lr()[0] * lam
             regularization.proximal_step(self.peft_model, self.space, self.decisions, threshold=threshold)
-        if not full and schedule.lasso_fraction(step) > 0:
+        if not (full or self.compacted) and schedule.lasso_fraction(step) > 0:
             regularization.ramp_proximal_step(self.peft_model, self.space, self.decisions, schedule.lasso_fraction(step))
             lasso = torch.tensor(self.pruned_lora_norm(self.decisions))
         self.step_times["full" if full else "lora"].append(time.perf_counter() - t0)
@@ -697,7 +781,7 @@ class PruneRecipe:
 
         cfg, accelerator = self.cfg, self.accelerator
         model = accelerator.unwrap_model(self.peft_model)
-        if isinstance(self.teacher, SelfTeacher):
+        if isinstance(self.teacher, SelfTeacher) and not self.compacted:  # (compaction gave it its own copy)
             self.teacher = SelfTeacher(copy.deepcopy(model).requires_grad_(False), self.teacher.gates_off)
         with torch.no_grad():
             for module in model.modules():
@@ -725,7 +809,10 @@ class PruneRecipe:
                                f"(peak lr {cfg.recovery_lr:g})")
 
     def pruned_lora_norm(self, decisions) -> float:
-        """Sum of the LoRA norms of the groups these decisions prune (0.0 exactly once the lasso zeroed them)."""
+        """Sum of the LoRA norms of the groups these decisions prune (0.0 exactly once the lasso zeroed them, or
+        compaction removed them)."""
+        if self.compacted:
+            return 0.0
         norms = regularization.pruned_norms(self.peft_model, self.space, decisions)
         return sum(v["sum"] for v in norms.values())
 
@@ -787,7 +874,8 @@ class PruneRecipe:
         if controller is not None:
             controller.use("both")  # the export removes both paths
         model_dir, check, merged = export_checked(cfg, peft_model, controller, self.space, final, self.tokenizer, probe,
-                                                  self.accelerator.device, self.run_dir / "model")
+                                                  self.accelerator.device, self.run_dir / "model",
+                                                  compacted=self.compacted)
         return model_dir, check, merged, pruned_lora_norm
 
     def report(self, final: dict, model_dir, check: dict, merged, pruned_lora_norm: float) -> dict:
@@ -801,6 +889,7 @@ class PruneRecipe:
             "logits_check": check,
             "pruned_lora_group_norm_sum": pruned_lora_norm,  # at export
             **self.freeze_norms,
+            **({"compaction": self.compaction} if self.compacted else {}),
             "model_dir": str(model_dir),
             "exported_params": exported,
             "dense_params": dense_total,
@@ -850,9 +939,11 @@ class PruneRecipe:
                 "decision_search": search}
 
 
-def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tokenizer, probe, device, out_dir):
+def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tokenizer, probe, device, out_dir,
+                   compacted: bool = False):
     """Merge LoRA, slice the pruned structures out and save; before the saved folder is moved into place,
-    reload it and compare its logits on `probe` with the masked model's (fp32). Returns (path, check, model)."""
+    reload it and compare its logits on `probe` with the masked model's (fp32). Returns (path, check, model).
+    compacted: the structures are gone already (checked against the masked model when they went)."""
     with torch.no_grad():
         if controller is not None:
             controller.set(decisions)
@@ -861,8 +952,10 @@ def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tok
             controller.remove()
     merged = dense = peft_model.merge_and_unload()
     merged.config.use_cache = True
-    if cfg.prune:
+    if cfg.prune and not compacted:
         merged = build_pruned(merged, space.kept_structure(decisions))
+    else:
+        dense = None  # no masked dense model left for the float64 recheck
     merged = merged.float()
     check = {}
     verify = functools.partial(verify_export, cfg, space, decisions, dense, probe, reference, check)
@@ -895,7 +988,8 @@ def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, che
     allowed = cfg.check_tolerance * scale
     check.update(max_abs_logit_diff=diff, max_abs_logit=scale, tolerance=cfg.check_tolerance, allowed=allowed,
                  passed=diff <= allowed)
-    if diff > allowed and cfg.prune and space.exact and space.total_params() <= FLOAT64_RECHECK_MAX_PARAMS:
+    if (diff > allowed and cfg.prune and space.exact and dense is not None
+            and space.total_params() <= FLOAT64_RECHECK_MAX_PARAMS):
         # Damaged models can carry huge hidden states (1e4 seen), where fp32 rounding alone exceeds the
         # tolerance. Slicing is exact, so in float64 the masked dense model and the export must agree
         # (for exact gate kinds only: a non-exact kind's masked model is not the export).
