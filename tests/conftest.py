@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of every family in atp.arch, a tokenizer trained here, the domain data
+"""Shared fixtures: a tiny model folder (tiny models themselves: helpers.py), a tokenizer trained here, the domain data
 folder (../shared/data, or generated rows in its formats where it is absent) and the real_data marker."""
 from __future__ import annotations
 
@@ -11,58 +11,13 @@ import pytest
 import torch
 from synthetic_data import FILES, write_synthetic_data
 
-from atp.arch import ARCHS
+from helpers import FAMILIES, tiny_config, tiny_model  # noqa: F401 (test files may import them from here too)
 
 # Tiny models gain nothing from threads, and oversubscribed cores make them far slower.
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ATP_DATA_DIR", REPO.parent / "shared" / "data"))
-
-FAMILIES = list(ARCHS)  # every family in atp's architecture table
-EXTRA = {  # per family, beyond the shared tiny sizes
-    "mistral": {"sliding_window": None},
-    # every other layer slides over 4 tokens, so that sliding and global layers differ on 12-token inputs
-    "gemma3_text": {"sliding_window": 4, "sliding_window_pattern": 2, "query_pre_attn_scalar": 8},
-}
-
-
-def tiny_config(family: str = "llama", gqa: bool = True, vocab_size: int = 512, **overrides):
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2 if gqa else 6,
-        head_dim=8,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    kwargs.update(EXTRA.get(family, {}))
-    kwargs.update(overrides)
-    return ARCHS[family].config_cls()(**kwargs)
-
-
-def tiny_model(family: str = "llama", gqa: bool = True, seed: int = 0, attn: str = "eager", **overrides):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config(family, gqa, **overrides)
-    config._attn_implementation = attn
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    # Random init is small; widen it so that pruning differences are visible in the logits.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-            elif p.dim() == 1 and p.abs().sum() > 0 and not torch.all(p == 1):
-                p.normal_(0, 0.05)
-    return model.eval()
-
 
 REAL_DATA = all((SHARED_DATA / name).exists() for name in FILES)
 

@@ -9,8 +9,7 @@ from atp.arch import ARCHS, arch_for, check_supported
 from atp.errors import ATPError
 from atp.export import build_pruned, count_safetensors_params, load_pruned, save_pruned
 from atp.space import PruningSpace, ShapeRule
-from conftest import FAMILIES, tiny_model
-from test_engine import ids, masked_logits, random_gates, with_lora
+from helpers import FAMILIES, ids, masked_logits, random_gates, tiny_model, with_lora
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 

@@ -11,8 +11,8 @@ from atp.baselines import fixed_decisions, select
 from atp.cli import main
 from atp.errors import ATPError
 from atp.space import HeadMLPSpace
-from atp.train import ATPConfig, train
-from conftest import tiny_model
+from atp.train import train
+from helpers import cfg_for, lm_batches, tiny_model
 
 
 def decoder_params(model_dir) -> int:
@@ -22,15 +22,6 @@ def decoder_params(model_dir) -> int:
         with safe_open(str(file), framework="pt") as f:
             total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys() if ".layers." in name)
     return total
-
-
-def cfg_for(model_dir, train_file, out, **kw):
-    values = dict(model=str(model_dir), domain=None, train_files=[f"pubmedqa={train_file}"], out=str(out),
-                  sparsity=0.4, mlp_block=1, max_steps=4, batch_size=2, max_length=64, generator_every=1,
-                  generator_frac=0.75, generator_lr=3e-2, alpha=8.0, log_every=2, save_every=0, lr=1e-3,
-                  calib_batches=2)
-    values.update(kw)
-    return ATPConfig(**values)
 
 
 @pytest.mark.parametrize("method", ["taylor", "magnitude", "activation", "random", "frozen-generator"])
@@ -44,19 +35,6 @@ def test_baseline_hits_target_and_exports_exactly(method, tiny_model_dir, train_
     assert report["generator_steps"] == (3 if method == "frozen-generator" else 0)  # the generator phase only
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert all(r["lam"] == 0 and r["group_lasso"] == 0 and r["flips"] == 0 for r in log)
-
-
-def lm_batches(tokenizer, n=2):
-    texts = ["The patient was treated with aspirin and recovered after two weeks of care.",
-             "Does the court hold that the statute applies to the appeal of the defendant?",
-             "Mitochondrial function in the heart declines with age in most of the patients.",
-             "The randomized trial compared two doses of the drug in adults with asthma."]
-    out = []
-    for i in range(n):
-        batch = tokenizer(texts[2 * i: 2 * i + 2], return_tensors="pt", padding=True)
-        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        out.append(dict(batch))
-    return out
 
 
 @pytest.mark.parametrize("method", ["taylor", "magnitude", "activation"])

@@ -5,7 +5,7 @@ from atp.bench import benchmark, format_bench
 from atp.cli import main
 from atp.export import build_pruned, load_pruned, save_pruned
 from atp.space import HeadMLPSpace
-from conftest import tiny_model
+from helpers import tiny_model
 
 
 def pruned_copy(tmp_path, tokenizer):

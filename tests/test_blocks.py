@@ -1,7 +1,6 @@
 """The "blocks" gate kind: a layer's whole attention or MLP block with one decision, for every family in atp.arch.
 Masking equals physical removal, counts equal an independent count of the exported weights, removed blocks leave
 no weights, norms or KV cache behind, and exports reload with atp and with trust_remote_code alone."""
-import dataclasses
 import json
 
 import pytest
@@ -17,76 +16,26 @@ from atp.kinds import KINDS, check_kinds
 from atp.masking import decoder_layers
 from atp.regularization import group_sq_norms, proximal_step
 from atp.space import PruningSpace, ShapeRule
-from atp.train import ATPConfig, train
-from conftest import FAMILIES, tiny_model
-from test_baselines import lm_batches
-from test_deploy import assert_loads_without_atp
-from test_engine import ids, random_gates, with_lora
-from test_kinds import frozen_removed, logits_under
+from atp.train import train
+from helpers import (
+    FAMILIES,
+    assert_loads_without_atp,
+    block_gates,
+    frozen_removed,
+    ids,
+    independent_count,
+    lm_batches,
+    logits_under,
+    model_for,
+    short_cfg,
+    tiny_model,
+    with_lora,
+)
 
 ALL = ["heads", "mlp", "blocks"]
 BIASED = {"llama": {"attention_bias": True, "mlp_bias": True}, "qwen3": {"attention_bias": True}}
 # every family, plus the ones whose o_proj / down_proj carry biases (a removed block loses them too)
 CASES = [(family, {}) for family in FAMILIES] + [(family, BIASED[family]) for family in BIASED if family in FAMILIES]
-
-
-def model_for(family, overrides=None, attn="eager", layers=5):
-    model = tiny_model(family, True, attn=attn, num_hidden_layers=layers, **(overrides or {}))
-    with torch.no_grad():  # norms that are not all ones, so that a lost or misplaced norm shows
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-def block_gates(space, seed=0):
-    """Random head and channel gates (of every kind, selected or not) on 5 layers: layer 0 without attention
-    (the first layer, whose cache would track the length), layer 1 without either block, layer 2 without its
-    MLP, layer 3 with its attention block kept but none of its heads (so the block goes too), layer 4 whole."""
-    gates = random_gates(dataclasses.replace(space, kinds=ALL), seed=seed)
-    gates["blocks"] = torch.ones(space.num_layers, 2)
-    gates["blocks"][0, 0] = 0
-    gates["blocks"][1] = 0
-    gates["blocks"][2, 1] = 0
-    gates["heads"][3] = 0
-    gates["heads"][4] = 1
-    return gates
-
-
-def _block_of(arch, rest):
-    if rest.startswith(arch.attention + ".") or rest.split(".")[0] in arch.attention_norms:
-        return 0
-    return 1
-
-
-def independent_count(model, space, gates) -> int:
-    """Parameters left, from the dense model's parameter names and shapes and the gates (of every kind) alone: a
-    removed block (or, in a space with blocks, one with no heads / channels left) loses everything under it and
-    its norms; a kept block loses the rows / columns of pruned query heads, fully pruned KV heads and channels."""
-    arch, config = space.arch, model.config
-    total = 0
-    for name, p in model.named_parameters():
-        if not name.startswith(arch.layers + "."):
-            total += p.numel()
-            continue
-        index, rest = name[len(arch.layers) + 1:].split(".", 1)
-        layer = int(index)
-        heads = gates["heads"][layer]
-        per_kv = config.num_attention_heads // config.num_key_value_heads
-        kv = heads.view(config.num_key_value_heads, per_kv).amax(1)
-        channels = gates["mlp"][layer].repeat_interleave(space.mlp_block)[:config.intermediate_size]
-        left = (heads, channels)[_block_of(arch, rest)]  # with blocks, a block with nothing left goes as a whole
-        if gates["blocks"][layer, _block_of(arch, rest)] == 0 or ("blocks" in space.kinds and left.sum() == 0):
-            continue
-        kept = {f"{arch.path('q')}.weight": heads.mean(), f"{arch.path('q')}.bias": heads.mean(),
-                f"{arch.path('k')}.weight": kv.mean(), f"{arch.path('k')}.bias": kv.mean(),
-                f"{arch.path('v')}.weight": kv.mean(), f"{arch.path('v')}.bias": kv.mean(),
-                f"{arch.path('o')}.weight": heads.mean(),
-                f"{arch.path('gate')}.weight": channels.mean(), f"{arch.path('gate')}.bias": channels.mean(),
-                f"{arch.path('up')}.weight": channels.mean(), f"{arch.path('up')}.bias": channels.mean(),
-                f"{arch.path('down')}.weight": channels.mean()}
-        total += round(p.numel() * float(kept.get(rest, 1.0)))
-    return total
 
 
 def test_registry_order_and_options():
@@ -274,19 +223,14 @@ def test_scored_baselines_select_blocks(tokenizer):
     assert int((gates["blocks"] == 0).sum()) >= 1
 
 
-def _cfg(model_dir, train_file, out, **kw):
-    return ATPConfig(model=str(model_dir), domain=None, train_files=[f"pubmedqa={train_file}"], out=str(out),
-                     max_steps=8, batch_size=2, max_length=48, mlp_block=4, generator_every=1, generator_lr=3e-2,
-                     alpha=8.0, save_every=0, **kw)
-
-
 def test_train_with_blocks_hits_the_target_and_passes_the_export_check(tiny_model_dir, train_file, tmp_path):
-    report = train(_cfg(tiny_model_dir, train_file, tmp_path / "run", space=ALL, sparsity=0.4), progress=False)
+    report = train(short_cfg(tiny_model_dir, train_file, tmp_path / "run", space=ALL, sparsity=0.4), progress=False)
     assert report["logits_check"]["passed"]
     assert count_safetensors_params(tmp_path / "run" / "model") == report["exported_params"]
     assert abs(report["prunable_sparsity"] - 0.4) <= 0.02
     # blocks alone: coarse steps, but whatever it removes leaves the export exact and the count right
-    report = train(_cfg(tiny_model_dir, train_file, tmp_path / "only", space=["blocks"], sparsity=0.2), progress=False)
+    report = train(short_cfg(tiny_model_dir, train_file, tmp_path / "only", space=["blocks"], sparsity=0.2),
+                   progress=False)
     assert report["logits_check"]["passed"]
     assert count_safetensors_params(tmp_path / "only" / "model") == report["exported_params"]
     assert any(layer.get("skip") for layer in report["layers"])

@@ -11,8 +11,7 @@ from atp.cli import main
 from atp.compaction import compact, compact_optimizer
 from atp.masking import GateController
 from atp.space import PruningSpace
-from conftest import tiny_model
-from helpers import prune_argv
+from helpers import prune_argv, tiny_model
 
 SPACES = {"heads+mlp": ["heads", "mlp"], "blocks": ["blocks", "heads", "mlp"], "hidden": ["hidden", "heads", "mlp"],
           "qk-dims": ["heads", "qk-dims", "mlp"]}

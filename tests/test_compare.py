@@ -258,3 +258,40 @@ def test_cell_order_first_seeds_then_rounds_of_extra_seeds():
                            "h:atp-s0.5-seed0", "h:taylor-s0.5-seed0", "l:atp-s0.5-seed0", "l:taylor-s0.5-seed0"]
     assert names[12:] == ["h:atp-s0.4-seed1", "h:taylor-s0.4-seed1", "l:atp-s0.4-seed1", "l:taylor-s0.4-seed1",
                           "h:atp-s0.4-seed2", "h:taylor-s0.4-seed2", "l:atp-s0.4-seed2", "l:taylor-s0.4-seed2"]
+
+
+# ----------------------------------------------------------------------------- compare configs
+
+@pytest.mark.parametrize("change, message", [
+    ({"eval": {"limit": "x"}}, "eval: limit in {path} must be a number of examples per task (0: all), null, or a "
+                               "mapping of domain (healthcare, legal) to one, got 'x'"),
+    ({"eval": {"limit": {"healthcare": 2, "medical": 3}}}, "eval: limit in {path} must be"),
+    ({"eval": {"limit": {"healthcare": -1}}}, "eval: limit in {path} must be"),
+    ({"eval": {"batch_size": 0}}, "eval: batch_size in {path} must be a whole number of at least 1, got 0"),
+    ({"eval": {"ppl_windows": 32}}, "eval: ppl_windows in {path} must be a list of window lengths"),
+    ({"seeds": [-1]}, "{path}: cell healthcare dense-lora-seed-1: --seed must be a whole number from 0 to"),
+    ({"train": {"max_steps": "3"}}, "max_steps in `train` of {path} must be a whole number, got '3'"),
+    ({"train": {"lam": float("inf")}}, "lam in `train` of {path} must be a finite number, got inf"),
+    ({"train": {"generator_frac": 2.0}}, "{path}: cell healthcare dense-lora-seed0: --generator-frac must be in "
+                                         "[0, 1]"),
+    ({"train": {"lora_targets": ["qkv", ""]}}, "{path}: cell healthcare dense-lora-seed0: --lora-targets must be a "
+                                               "non-empty list of module names"),
+    ({"variants": {"v": {"lora_mask": 1}}, "methods": ["v"]}, "lora_mask in variant 'v' of {path} must be a string"),
+    ({"methods": "atp"}, "methods in {path} must be a list such as [atp, taylor], got 'atp'"),
+    ({"data_dir": "MISSING_HQS"}, "{path}: domain healthcare needs {data}/healthcare/hqs_train.jsonl (task hqs), "
+                                  "which is not there; check data_dir"),
+])
+def test_compare_dry_run_checks_what_the_run_will_use(change, message, tmp_path, shared_data, capsys):
+    import yaml
+
+    data = tmp_path / "data"
+    (data / "healthcare").mkdir(parents=True)
+    (data / "healthcare" / "pubmedqa_train.jsonl").write_text((shared_data / "healthcare" /
+                                                               "pubmedqa_train.jsonl").read_text())
+    config = {"out": str(tmp_path / "out"), "data_dir": str(shared_data), **change}
+    if config["data_dir"] == "MISSING_HQS":
+        config["data_dir"] = str(data)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["compare", "--config", str(path), "--dry-run"]) == 2
+    assert f"atp: error: {message.format(path=path, data=data)}" in capsys.readouterr().err

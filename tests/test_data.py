@@ -21,11 +21,7 @@ from atp.data import (
     tokenize_example,
 )
 from atp.errors import ATPError
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from helpers import write_jsonl
 
 
 def head_rows(path, n):

@@ -14,7 +14,7 @@ from atp.errors import ATPError
 from atp.evaluation import perplexity
 from atp.export import count_safetensors_params
 from atp.models import load_model
-from conftest import tiny_model
+from helpers import tiny_model
 
 # ----------------------------------------------------------------------------- sources
 

@@ -1,15 +1,10 @@
 """Deployable exports: uniform (plain family checkpoints), heterogeneous (per_layer_config + modeling_atp.py),
 rounded widths, loading without atp, peft on a pruned model."""
 import json
-import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from atp.arch import ARCHS
 from atp.errors import ATPError
@@ -17,8 +12,7 @@ from atp.export import MODELING_FILE, build_pruned, layer_widths, load_pruned, s
 from atp.generator import DecisionGenerator
 from atp.space import HeadMLPSpace, ShapeRule
 from atp.train import ATPConfig, train
-from conftest import FAMILIES, tiny_model
-from test_engine import ids, masked_logits, random_gates, with_lora
+from helpers import FAMILIES, assert_loads_without_atp, ids, masked_logits, random_gates, tiny_model, with_lora
 
 FAMILY_CLASS = {family: f"{arch.prefix}ForCausalLM" for family, arch in ARCHS.items()}
 
@@ -142,45 +136,6 @@ def test_heterogeneous_config_uses_per_layer_config(tmp_path, tokenizer):
         assert given.get("kv_map") == expected["kv_map"]
         for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             assert given[key] == expected[key]
-
-
-LOAD_WITHOUT_ATP = textwrap.dedent("""
-    import sys, torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-    path, data = sys.argv[1], load_file(sys.argv[2])
-    for attn in ("eager", "sdpa"):
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, attn_implementation=attn).eval()
-        with torch.no_grad():
-            diff = (model(data["ids"]).logits - data["logits"]).abs().max().item()
-        assert diff < 1e-5, (attn, diff)
-    prompt = data["ids"][:1, :5]
-    with torch.no_grad():
-        cached = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        seq = prompt
-        for _ in range(6):
-            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(cached, seq), (cached, seq)
-    from peft import LoraConfig, get_peft_model
-    tuned = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "o_proj", "up_proj", "down_proj"]))
-    tuned.train()
-    tuned(data["ids"], labels=data["ids"]).loss.backward()
-    assert any(p.grad is not None for n, p in tuned.named_parameters() if "lora_" in n)
-    assert "atp" not in sys.modules, "atp was imported"
-    print("ok")
-""")
-
-
-def assert_loads_without_atp(out, x, masked, tmp_path) -> None:
-    """In a fresh interpreter without atp on the path, the export at `out` (remote code) gives `masked` on `x`,
-    with eager and sdpa attention and with cached generation."""
-    save_file({"ids": x, "logits": masked}, str(tmp_path / "ref.safetensors"))
-    script = tmp_path / "load.py"
-    script.write_text(LOAD_WITHOUT_ATP)
-    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "ref.safetensors")],
-                            capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,8 +10,7 @@ from atp.diagnostics import decode, encode, gate_params, overlap, search_diagnos
 from atp.report import decision_overlaps
 from atp.space import PruningSpace
 from atp.train import PruneRecipe, train
-from conftest import tiny_config
-from test_baselines import cfg_for
+from helpers import cfg_for, tiny_config
 
 
 def lines_of(path):

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from atp.distill import kd_loss
+from helpers import cfg_for, tiny_model
 
 
 def test_kd_loss_is_token_averaged_kl_times_t_squared():
@@ -41,7 +42,6 @@ def test_self_teacher_is_the_dense_pretrained_model(tmp_path, tokenizer):
     from atp.errors import ATPError
     from atp.masking import GateController
     from atp.space import PruningSpace
-    from conftest import tiny_model
 
     ids = torch.randint(3, 500, (2, 12))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -80,7 +80,6 @@ def test_training_with_distillation_logs_kd_and_exports(tiny_model_dir, train_fi
     import json
 
     from atp.train import train
-    from test_baselines import cfg_for
 
     report = train(cfg_for(tiny_model_dir, train_file, tmp_path / "run", max_steps=4, distill=0.5, log_every=1),
                    progress=False)

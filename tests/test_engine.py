@@ -3,49 +3,15 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 from atp.errors import ATPError
 from atp.export import build_pruned, count_safetensors_params, load_pruned, save_pruned
 from atp.generator import DecisionGenerator
 from atp.masking import GateController
 from atp.space import HeadMLPSpace
-from conftest import FAMILIES, tiny_model
+from helpers import FAMILIES, ids, masked_logits, random_gates, tiny_model, with_lora
 
 CASES = [(family, gqa) for family in FAMILIES for gqa in (True, False)]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def random_gates(space, seed=0, keep=0.6):
-    g = torch.Generator().manual_seed(seed)
-    gates = {k: (torch.rand(shape, generator=g) < keep).float() for k, shape in space.gate_shapes.items()}
-    gates["heads"][0] = 1.0  # one full layer
-    gates["heads"][1, : space.heads_per_kv] = 0.0  # a whole KV group gone
-    return gates
-
-
-def ids(n=2, length=12, vocab=512, seed=1):
-    return torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def masked_logits(model, space, gates, x):
-    """Logits of the model under the gates; the hooks are removed afterwards."""
-    ctl = GateController(model, space)
-    ctl.set(gates)
-    with torch.no_grad():
-        logits = model(x).logits
-    ctl.remove()
-    return logits
-
-
-def with_lora(model, seed=0):
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
-    with torch.no_grad():  # non-zero B so that the LoRA path matters
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return peft_model
 
 
 @pytest.mark.parametrize("family,gqa", CASES)

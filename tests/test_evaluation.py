@@ -21,7 +21,7 @@ from atp.evaluation import (
     run_eval_command,
     summarization,
 )
-from conftest import tiny_model
+from helpers import tiny_model, write_jsonl
 
 TEXTS = ["The patient was treated with aspirin.", "The court held that the statute applies.",
          "Telephone counseling promoted screening."]
@@ -32,11 +32,6 @@ MEDNLI = [
      "gold_label": "neutral"},
     {"sentence1": "No fever today. " * 20, "sentence2": "The patient is febrile.", "gold_label": "contradiction"},
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def eval_args(*argv):

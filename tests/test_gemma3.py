@@ -14,12 +14,7 @@ import atp.models
 from atp.errors import ATPError
 from atp.export import build_pruned, count_safetensors_params, load_pruned, save_pruned
 from atp.space import PruningSpace, ShapeRule
-from test_blocks import block_gates, independent_count, model_for
-from test_engine import ids, random_gates, with_lora
-from test_kinds import logits_under
-
-# the 270M's attention shape, scaled down: 4 query heads over 1 KV head, head_dim 16 with hidden 48
-GEMMA_SHAPE = {"num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 16}
+from helpers import GEMMA_SHAPE, block_gates, ids, independent_count, logits_under, model_for, random_gates, with_lora
 
 
 def gemma(seed=0, attn="eager", layers=5, **overrides):

@@ -11,8 +11,7 @@ from atp.generator import DecisionGenerator
 from atp.regularization import lagrangian_penalty
 from atp.space import PruningSpace
 from atp.train import train
-from conftest import tiny_config
-from test_baselines import cfg_for
+from helpers import cfg_for, tiny_config
 
 
 def space():

@@ -17,31 +17,19 @@ from atp.errors import ATPError
 from atp.export import build_pruned, load_pruned, save_pruned
 from atp.gguf_export import even_groups, export_gguf, plan, read_config, vocab_metadata
 from atp.space import HeadMLPSpace, PruningSpace
-from conftest import tiny_model
-
-TEXTS = ["The patient was treated with aspirin 325 mg twice daily.",
-         "The court held that the statute applies; see 42 U.S.C. § 1983.\nIt's  done — isn't it?",
-         "Résumé: naïve café, 1234567 tokens, <s> and </s> inline."]
-
+from helpers import (
+    F32_BOUND,
+    GGUF_TEXTS,
+    compare,
+    heterogeneous_gates,
+    llama_cpp_runtime,
+    prompt_ids,
+    read_gguf,
+    tiny,
+    tiny_model,
+)
 
 # ---- tiny models: head_dim 32 and hidden 64, so that q8_0 / q4_0 blocks of 32 fit every row ----
-
-def tiny(family="llama", **kw):
-    values = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=32, intermediate_size=128)
-    if family == "gemma3_text":  # llama.cpp's gemma3 scales attention by 1/sqrt(head_dim)
-        values["query_pre_attn_scalar"] = 32
-    values.update(kw)
-    return tiny_model(family, True, **values)
-
-
-def heterogeneous_gates(space):
-    gates = space.full_gates()
-    gates["heads"][0, [5, 7]] = 0        # groups of 4 and 2: uneven
-    gates["heads"][1, [0, 1, 2, 3, 5]] = 0  # one group of 3
-    gates["mlp"][1, :] = 0               # attention but no MLP
-    gates["heads"][2, :] = 0             # no attention
-    gates["mlp"][2, 1:3] = 0
-    return gates
 
 
 def save_kind(kind, tmp_path, tokenizer, family="llama"):
@@ -91,14 +79,6 @@ def test_even_groups_keep_every_query_head_on_its_kv_head(sizes):
 
 def test_even_layers_are_unchanged():
     assert even_groups(6, 2, None) == {"q_order": list(range(6)), "kv_order": [0, 1], "group": 3}
-
-
-def read_gguf(path):
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    fields = {k: f.contents() for k, f in reader.fields.items()}
-    return fields, {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors}
 
 
 @pytest.mark.parametrize("kind,arch", [("dense", "llama"), ("uniform", "llama"), ("heterogeneous", "deci")])
@@ -186,24 +166,6 @@ def test_prune_gguf_options_leave_the_fingerprint_alone(tmp_path):
 
 # ---- in llama.cpp ----
 
-def llama_cpp_runtime():
-    return pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed; make test installs it")
-
-
-def prompt_ids(tokenizer, n=48):
-    ids = tokenizer(" ".join(TEXTS), add_special_tokens=False)["input_ids"]
-    return ids[:n]
-
-
-def compare(model, gguf_path, ids):
-    from atp import llamacpp
-
-    llm = llamacpp.load(gguf_path, n_ctx=128, f32_cache=True)
-    return llamacpp.agreement(llamacpp.hf_logits(model, ids), llamacpp.logits(llm, ids)), llm
-
-
-# f32 weights and an f32 KV cache: llama.cpp and transformers differ by float rounding only (about 1e-6 here)
-F32_BOUND = 1e-4
 # Gemma 3's GELU: ggml's CPU backend looks it up in a table of f16 values (about 1e-3 off here); the reference model
 # rounds the same way (gelu_as_ggml), which leaves up to about 2.6e-4 of the largest logit (a misplaced head or
 # channel moves logits by 1e-2 and more)
@@ -302,10 +264,10 @@ def test_llama_cpp_tokenizes_like_the_hf_tokenizer(tmp_path, tokenizer):
     path, _ = save_kind("dense", tmp_path, tokenizer)
     export_gguf(path, tmp_path / "m.gguf", "f16")
     llm = llamacpp.load(tmp_path / "m.gguf", n_ctx=64)
-    for text in TEXTS:
+    for text in GGUF_TEXTS:
         # transformers parses special tokens written in the text ("<s>"), as llama.cpp does with special=True
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert llm.detokenize(tokenizer(TEXTS[0])["input_ids"]).decode() == TEXTS[0]
+    assert llm.detokenize(tokenizer(GGUF_TEXTS[0])["input_ids"]).decode() == GGUF_TEXTS[0]
 
 
 @pytest.mark.llamacpp

@@ -13,12 +13,11 @@ from atp import gguf_export, llamacpp
 from atp.cli import main
 from atp.errors import ATPError
 from atp.train import PruneRecipe
+from helpers import tiny_model
 
 
 def save_tiny(tmp_path, tokenizer):
     """A tiny Llama whose widths (hidden 64, head_dim 32, MLP 128) fit q8_0 / q4_0 blocks of 32."""
-    from conftest import tiny_model
-
     model = tiny_model("llama", True, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                        intermediate_size=128)
     path = tmp_path / "tiny"
@@ -114,8 +113,6 @@ def test_prune_refuses_an_existing_gguf_without_overwrite(tmp_path, tokenizer, t
 ])
 def test_prune_gguf_problems_fail_before_training(case, message, tmp_path, tokenizer, train_file, no_training,
                                                    capsys):
-    from conftest import tiny_model
-
     model = save_tiny(tmp_path, tokenizer)
     gguf = tmp_path / "m.gguf"
     extra = []

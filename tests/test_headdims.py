@@ -18,13 +18,18 @@ from atp.masking import GateController
 from atp.regularization import group_sq_norms, proximal_step
 from atp.space import PruningSpace, ShapeRule
 from atp.train import ATPConfig, train
-from test_baselines import lm_batches
-from test_blocks import _block_of, model_for
-from test_deploy import assert_loads_without_atp
-from test_engine import ids, with_lora
-from test_gemma3 import GEMMA_SHAPE
-from test_hidden import close, stored
-from test_kinds import logits_under
+from helpers import (
+    GEMMA_SHAPE,
+    assert_loads_without_atp,
+    block_of,
+    close,
+    ids,
+    lm_batches,
+    logits_under,
+    model_for,
+    stored,
+    with_lora,
+)
 
 QK = "qk-dims"
 KIND_SETS = [[QK], ["heads", QK, "mlp"], ["blocks", "heads", QK, "mlp"]]
@@ -84,7 +89,7 @@ def independent_count(model, space, gates) -> int:
         kv = heads.view(config.num_key_value_heads, per_kv).amax(1)
         mlp = gates["mlp"][layer] if "mlp" in gates else torch.ones(space.num_mlp_blocks)
         channels = int(mlp.repeat_interleave(space.mlp_block)[: config.intermediate_size].sum())
-        block = _block_of(arch, rest)
+        block = block_of(arch, rest)
         if "blocks" in gates and (gates["blocks"][layer, block] == 0 or (heads.sum(), channels)[block] == 0):
             continue
         qk, h, k = kept_dims(space, gates, layer), int(heads.sum()), int(kv.sum())

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from atp.arch import ARCHS
 from atp.baselines import SCORED, fixed_decisions, magnitude_scores
@@ -18,12 +17,25 @@ from atp.masking import GateController
 from atp.regularization import group_sq_norms, proximal_step
 from atp.space import PruningSpace, ShapeRule
 from atp.train import ATPConfig, check_reachable, train
-from test_baselines import lm_batches
-from test_blocks import _block_of, model_for
-from test_deploy import assert_loads_without_atp
-from test_engine import ids, with_lora
-from test_gemma3 import GEMMA_SHAPE
-from test_kinds import logits_under
+from helpers import (
+    F32_BOUND,
+    GEMMA_SHAPE,
+    assert_loads_without_atp,
+    block_of,
+    close,
+    compare,
+    heterogeneous_gates,
+    ids,
+    llama_cpp_runtime,
+    lm_batches,
+    logits_under,
+    model_for,
+    prompt_ids,
+    read_gguf,
+    stored,
+    tiny,
+    with_lora,
+)
 
 ALL = ["blocks", "hidden", "heads", "mlp"]
 KIND_SETS = [["hidden"], ["hidden", "heads", "mlp"], ALL]
@@ -79,7 +91,7 @@ def independent_count(model, space, gates) -> tuple[int, int]:
         kv = heads.view(config.num_key_value_heads, per_kv).amax(1)
         mlp = gates["mlp"][layer] if "mlp" in gates else torch.ones(space.num_mlp_blocks)
         channels = mlp.repeat_interleave(space.mlp_block)[:config.intermediate_size]
-        block = _block_of(arch, rest)
+        block = block_of(arch, rest)
         if "blocks" in gates and (gates["blocks"][layer, block] == 0 or (heads, channels)[block].sum() == 0):
             continue
         q, k, c = int(heads.sum()) * space.head_dim, int(kv.sum()) * space.head_dim, int(channels.sum())
@@ -94,16 +106,6 @@ def independent_count(model, space, gates) -> tuple[int, int]:
                 **{f"{norm}.weight": kept_hidden for norm in arch.norms}}
         blocks += kept.get(rest, p.numel())  # per-head q/k norms (over head_dim) stay whole
     return blocks, blocks + outside
-
-
-def close(actual, masked):
-    """fp32 rounding grows with the logits (Gemma's scaled embedding and 1 + weight norms make them larger)."""
-    torch.testing.assert_close(actual, masked, rtol=0, atol=1e-5 * max(1.0, float(masked.abs().max())))
-
-
-def stored(path) -> dict:
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
 
 
 # ----------------------------------------------------------------------------- the kind, counts, sparsity
@@ -436,8 +438,6 @@ def test_train_hidden_alone_exports_a_plain_checkpoint(tiny_model_dir, train_fil
 def gguf_folder(kind, tmp_path, tokenizer):
     """test_gguf's tiny Llama (hidden 64, head_dim 32) with one of its two hidden blocks of 32 pruned: hidden 32,
     which its 4 kept heads divide (uniform) or with test_gguf's uneven heads and channels (heterogeneous)."""
-    from test_gguf import heterogeneous_gates, tiny
-
     model = tiny("llama")
     space = PruningSpace.from_config(model.config, mlp_block=32, kinds=["hidden", "heads", "mlp"], hidden_block=32)
     gates = {**space.full_gates(), **(heterogeneous_gates(space) if kind == "heterogeneous" else {})}
@@ -451,7 +451,6 @@ def gguf_folder(kind, tmp_path, tokenizer):
 @pytest.mark.parametrize("kind,arch", [("uniform", "llama"), ("heterogeneous", "deci")])
 def test_gguf_export_reads_the_smaller_hidden_size(kind, arch, tmp_path, tokenizer):
     from atp.gguf_export import export_gguf
-    from test_gguf import read_gguf
 
     path, _ = gguf_folder(kind, tmp_path, tokenizer)
     assert json.loads((path / "config.json").read_text())["hidden_size"] == 32
@@ -467,7 +466,6 @@ def test_gguf_export_reads_the_smaller_hidden_size(kind, arch, tmp_path, tokeniz
 @pytest.mark.parametrize("kind", ["uniform", "heterogeneous"])
 def test_llama_cpp_runs_a_hidden_pruned_model(kind, tmp_path, tokenizer):
     from atp.gguf_export import export_gguf
-    from test_gguf import F32_BOUND, compare, llama_cpp_runtime, prompt_ids
 
     llama_cpp_runtime()
     path, model = gguf_folder(kind, tmp_path, tokenizer)

@@ -1,5 +1,4 @@
 """Gate kinds: the registry and --space, single-kind spaces, mask modes, the baseline method registry."""
-import copy
 import dataclasses
 
 import pytest
@@ -9,58 +8,21 @@ from atp.baselines import ALLOCATION, METHODS, SCORED, check_method, fixed_decis
 from atp.errors import ATPError
 from atp.export import build_pruned, count_safetensors_params, load_pruned, save_pruned
 from atp.kinds import KINDS, MASK_MODES, HeadKind, check_kinds
-from atp.masking import GateController, decoder_layers
+from atp.masking import GateController
 from atp.regularization import group_sq_norms, proximal_step
 from atp.space import PruningSpace, ShapeRule
 from atp.train import ATPConfig, fingerprint, train
-from conftest import FAMILIES, tiny_model
-from test_baselines import lm_batches
-from test_engine import ids, random_gates, with_lora
-
-
-def logits_under(model, space, gates, x, mode):
-    ctl = GateController(model, space, mode=mode)
-    ctl.set(gates)
-    with torch.no_grad():
-        logits = model(x).logits
-    ctl.remove()
-    return logits
-
-
-def _base(module):
-    return getattr(module, "base_layer", module)
-
-
-def frozen_removed(model, space, gates, output_only=False):
-    """A copy whose FROZEN weights of pruned structures are zero (LoRA untouched), built by hand:
-    rows (and biases) of q per head, k/v per fully pruned KV head, gate/up per channel; columns of o and down."""
-    model = copy.deepcopy(model)
-    hd = space.head_dim
-    with torch.no_grad():
-        for index, layer in enumerate(decoder_layers(model)):
-            attn, mlp = layer.self_attn, layer.mlp
-            heads = gates["heads"][index]
-            kv = space.kv_gates(heads)
-            channels = space.channel_mask(gates["mlp"][index])
-            for h in torch.nonzero(heads == 0).flatten().tolist():
-                _base(attn.o_proj).weight[:, h * hd:(h + 1) * hd] = 0
-                if not output_only:
-                    _base(attn.q_proj).weight[h * hd:(h + 1) * hd] = 0
-                    if _base(attn.q_proj).bias is not None:
-                        _base(attn.q_proj).bias[h * hd:(h + 1) * hd] = 0
-            for c in torch.nonzero(channels == 0).flatten().tolist():
-                _base(mlp.down_proj).weight[:, c] = 0
-                if not output_only:
-                    _base(mlp.gate_proj).weight[c] = 0
-                    _base(mlp.up_proj).weight[c] = 0
-            if output_only:
-                continue
-            for g in torch.nonzero(kv == 0).flatten().tolist():
-                for proj in (attn.k_proj, attn.v_proj):
-                    _base(proj).weight[g * hd:(g + 1) * hd] = 0
-                    if _base(proj).bias is not None:
-                        _base(proj).bias[g * hd:(g + 1) * hd] = 0
-    return model
+from helpers import (
+    FAMILIES,
+    frozen_removed,
+    ids,
+    lm_batches,
+    logits_under,
+    random_gates,
+    short_cfg,
+    tiny_model,
+    with_lora,
+)
 
 
 def test_registry_and_space_option(tiny_model_dir):
@@ -165,15 +127,10 @@ def test_method_registry_and_single_kind_baselines(tokenizer):
         fixed_decisions("frozen-generator", model, space, 0.2, [], seed=0, device="cpu")
 
 
-def _cfg(model_dir, train_file, out, **kw):
-    return ATPConfig(model=str(model_dir), domain=None, train_files=[f"pubmedqa={train_file}"], out=str(out),
-                     max_steps=8, batch_size=2, max_length=48, mlp_block=4, generator_every=1, generator_lr=3e-2,
-                     alpha=8.0, save_every=0, **kw)
-
-
 @pytest.mark.parametrize("kinds, sparsity", [(["heads"], 0.2), (["mlp"], 0.4)])
 def test_train_with_one_kind(kinds, sparsity, tiny_model_dir, train_file, tmp_path):
-    report = train(_cfg(tiny_model_dir, train_file, tmp_path / "run", space=kinds, sparsity=sparsity), progress=False)
+    report = train(short_cfg(tiny_model_dir, train_file, tmp_path / "run", space=kinds, sparsity=sparsity),
+                   progress=False)
     assert report["logits_check"]["passed"]
     assert count_safetensors_params(tmp_path / "run" / "model") == report["exported_params"]
     assert abs(report["prunable_sparsity"] - sparsity) <= 0.04
@@ -182,7 +139,7 @@ def test_train_with_one_kind(kinds, sparsity, tiny_model_dir, train_file, tmp_pa
     else:
         assert all((layer["num_attention_heads"], layer["num_key_value_heads"]) == (6, 2) for layer in report["layers"])
     with pytest.raises(ATPError, match="cannot be reached"):
-        train(_cfg(tiny_model_dir, train_file, tmp_path / "far", space=["heads"], sparsity=0.5), progress=False)
+        train(short_cfg(tiny_model_dir, train_file, tmp_path / "far", space=["heads"], sparsity=0.5), progress=False)
 
 
 class NotExactHeads(HeadKind):
@@ -196,7 +153,7 @@ def test_export_check_makes_no_float64_claim_for_a_non_exact_kind(monkeypatch, t
     assert not PruningSpace.from_config(tiny_model("llama", True).config).exact
     monkeypatch.setattr(atp.train, "float64_diff", lambda *a: pytest.fail("float64 recheck of a non-exact space"))
     try:
-        report = train(_cfg(tiny_model_dir, train_file, tmp_path / "run", sparsity=0.4, check_tolerance=0.0),
+        report = train(short_cfg(tiny_model_dir, train_file, tmp_path / "run", sparsity=0.4, check_tolerance=0.0),
                        progress=False)
     except ATPError as err:  # fp32 alone cannot pass a zero tolerance, and no float64 claim may rescue it
         assert "not exact" in str(err)

@@ -8,14 +8,11 @@ from peft import LoraConfig, get_peft_model
 from atp.regularization import group_sq_norms, pruned_norms, ramp_proximal_step
 from atp.space import PruningSpace
 from atp.train import train
-from conftest import tiny_model
-from test_baselines import cfg_for
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from helpers import LORA_TARGETS, cfg_for, tiny_model
 
 
 def lora_model(seed=0):
-    model = get_peft_model(tiny_model("llama", True, seed=seed), LoraConfig(r=4, target_modules=TARGETS))
+    model = get_peft_model(tiny_model("llama", True, seed=seed), LoraConfig(r=4, target_modules=LORA_TARGETS))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:

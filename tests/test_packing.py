@@ -12,7 +12,7 @@ from atp.data import Example, collate, collate_packed, pack, tokenize_example
 from atp.distill import SelfTeacher
 from atp.errors import ATPError
 from atp.train import ATPConfig, batches, check_packing, train
-from conftest import FAMILIES, tiny_model
+from helpers import FAMILIES, tiny_model
 
 
 def single_token_words(tokenizer, n=40):

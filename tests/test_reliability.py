@@ -14,6 +14,7 @@ from atp import checkpoint
 from atp.cli import main
 from atp.errors import ATPError
 from atp.train import ATPConfig, train
+from helpers import save_checkpoint, small_checkpoint_parts, tiny_model
 
 STEPS = 120
 
@@ -154,7 +155,6 @@ def test_tokenizer_without_pad_token(tmp_path, tokenizer):
 
 def test_disk_full_during_export_leaves_nothing_half_written(tmp_path, tokenizer, monkeypatch):
     from atp.export import save_pruned
-    from conftest import tiny_model
 
     model = tiny_model("llama", True)
     out = tmp_path / "exports" / "model"
@@ -210,7 +210,6 @@ def test_permission_error_during_export(tmp_path, tokenizer, monkeypatch):
     import tempfile
 
     from atp.export import save_pruned
-    from conftest import tiny_model
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
@@ -227,3 +226,34 @@ def test_bf16_run_keeps_generator_in_fp32(tiny_model_dir, train_file, tmp_path):
     assert report["logits_check"]["passed"]
     generator = load_file(str(tmp_path / "run" / "checkpoints" / "step-000006" / "generator.safetensors"))
     assert {t.dtype for t in generator.values()} == {torch.float32}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+@pytest.mark.parametrize("manifest", [{"step": 2, "fingerprint": "fp"}, [], "null", {"step": 2, "fingerprint": "fp",
+                                      "files": {}}, {"files": []}])
+def test_manifest_without_a_file_list_is_corrupt(manifest, tmp_path, capsys):
+    parts = small_checkpoint_parts()
+    run = tmp_path / "run"
+    first = save_checkpoint(run, 1, parts)
+    second = save_checkpoint(run, 2, parts)
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    (second / "manifest.json").write_text(text)
+    found = checkpoint.latest_valid(run)
+    assert found is not None and found[0] == first
+    assert "atp: warning: skipping checkpoint step-000002" in capsys.readouterr().err
+
+
+def test_checkpoint_save_refuses_nan_weights(tmp_path):
+    parts = small_checkpoint_parts()
+    lora = next(p for n, p in parts[0].named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        lora[0, 0] = float("nan")
+    with pytest.raises(ATPError, match=r"refusing to save the checkpoint of step 4: LoRA weight .*lora_B.* NaN"):
+        save_checkpoint(tmp_path / "run", 4, parts)
+    assert not (tmp_path / "run" / "checkpoints" / "step-000004").exists()
+    with torch.no_grad():
+        lora[0, 0] = 0.0
+        parts[1].inputs[0, 0] = float("inf")
+    with pytest.raises(ATPError, match="generator weight inputs holds NaN or Inf"):
+        save_checkpoint(tmp_path / "run", 4, parts)

@@ -1,5 +1,5 @@
 
-from conftest import FAMILIES, tiny_model
+from helpers import FAMILIES, tiny_model
 
 
 def test_tiny_models_build(tokenizer):

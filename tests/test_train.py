@@ -14,9 +14,7 @@ from atp.regularization import group_lasso, group_sq_norms, proximal_step, ratio
 from atp.schedule import Schedule
 from atp.space import PruningSpace
 from atp.train import ATPConfig, fingerprint, train
-from conftest import tiny_model
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from helpers import LORA_TARGETS, tiny_model
 
 
 @pytest.mark.parametrize("target", [0.6, 0.5])
@@ -48,7 +46,7 @@ def test_offset_calibration_hits_target():
 
 
 def test_group_lasso_and_proximal_zero_pruned_lora():
-    model = get_peft_model(tiny_model("qwen2", True), LoraConfig(r=4, target_modules=TARGETS))
+    model = get_peft_model(tiny_model("qwen2", True), LoraConfig(r=4, target_modules=LORA_TARGETS))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
