@@ -22,6 +22,7 @@ from .schedule import Schedule
 # distillation from the dense model when pruning: at equal time it ties on ROUGE-L and wins perplexity, at equal
 # steps it wins both (docs/benchmarks.md, eighth session)
 DEFAULT_DISTILL = 0.5
+MIN_LENGTH = 2  # tokens of a sequence with a next-token loss: one to read, one to predict
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -184,13 +185,18 @@ class ATPConfig:
         def flag(name):
             return f"--{name.replace('_', '-')}"
 
-        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lora_r", "generator_every", "mlp_block",
+        for name in ("max_steps", "batch_size", "grad_accum", "lora_r", "generator_every", "mlp_block",
                      "generator_hidden", "log_every", "keep_checkpoints", "calib_batches", "generator_batches",
                      "hidden_block", "qk_block"):
             if getattr(self, name) < 1:
                 raise ATPError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
-        if self.calib_max_length is not None and self.calib_max_length < 1:
-            raise ATPError(f"{flag('calib_max_length')} must be at least 1, got {self.calib_max_length}")
+        # the causal LM loss predicts each token from those before it, so the first token of a sequence (packed
+        # or not: each packed example restarts) is never a target: one token leaves no loss at all
+        for name in ("max_length", "calib_max_length"):
+            if getattr(self, name) is not None and getattr(self, name) < MIN_LENGTH:
+                raise ATPError(f"{flag(name)} must be at least {MIN_LENGTH} tokens (the loss predicts each token "
+                               f"from the ones before it, so {getattr(self, name)} leaves nothing to predict), "
+                               f"got {getattr(self, name)}")
         for name in ("lr", "generator_lr", "temperature", "lora_alpha", "recovery_lr"):
             if not getattr(self, name) > 0:
                 raise ATPError(f"{flag(name)} must be greater than 0, got {getattr(self, name)}")

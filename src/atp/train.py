@@ -76,7 +76,7 @@ def tokenize_all(tokenizer, examples, max_length):
     for example in examples:
         row = tokenize_example(tokenizer, example, max_length)
         truncated += bool(row.pop("truncated", False))
-        if any(label != -100 for label in row["labels"]):
+        if any(label != -100 for label in row["labels"][1:]):  # a first token is never predicted
             rows.append(row)
     return rows, truncated
 
