@@ -30,10 +30,12 @@ from .config import (  # noqa: F401  (compare.py, cli.py and tests import these 
     ATPConfig,
     RunOutputs,
     check_same_data,
+    check_same_model,
     config_from_record,
     data_sha256,
     fingerprint,
     inert_options,
+    model_sha256,
     restore_interrupted,
     resume_config,
 )
@@ -191,7 +193,7 @@ class PruneRecipe:
         train_seconds = time.time() - self.started
         self.accelerator.wait_for_everyone()
         report = {"config": dataclasses.asdict(self.cfg), "train_seconds": train_seconds, "processes": self.world,
-                  "data_sha256": self.data_sha256}
+                  "data_sha256": self.data_sha256, "model_sha256": self.model_sha256}
         final = self.final_decisions()
         if self.cfg.prune and self.world > 1:
             self.check_same_decisions(final)
@@ -260,6 +262,7 @@ class PruneRecipe:
                 raise ATPError(f"--resume {self.run_dir}: checkpoint {found[0].name} was made with a different "
                                "config")
             check_same_data(found[1].get("data_sha256"), self.cfg, f"--resume {self.run_dir}")
+            self.model_sha256 = check_same_model(found[1].get("model_sha256"), self.cfg, f"--resume {self.run_dir}")
             self.resume_from = found[0]
         elif self.accelerator.is_main_process:
             self.outputs = RunOutputs(self.cfg)
@@ -276,6 +279,8 @@ class PruneRecipe:
         """Model and tokenizer, and the pruning space read from the model's config."""
         cfg = self.cfg
         self.model, self.tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
+        if not self.resume:  # a resume has them from check_run_dir
+            self.model_sha256 = model_sha256(cfg)
         check_supported(self.model.config)
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context and cfg.max_length > context:
@@ -679,7 +684,7 @@ class PruneRecipe:
         checkpoint.save(self.run_dir, step, self.accelerator.unwrap_model(self.peft_model), self.generator,
                         self.optimizers, self.lr_scheduler, fingerprint(self.cfg), self.cfg.keep_checkpoints,
                         decisions=(self.fixed, self.chosen) if self.fixed is not None else None,
-                        data_sha256=self.data_sha256,
+                        data_sha256=self.data_sha256, model_sha256=self.model_sha256,
                         full=((self.full_params, self.full_optimizer, self.full_scheduler) if self.full_params
                               else None))
         if self.outputs is not None:
