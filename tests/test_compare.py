@@ -134,6 +134,40 @@ def test_compare_config_errors(tmp_path, capsys):
         assert message.format(path) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, message", [
+    ("methods: [atp, taylor, atp]", "methods in {} lists 'atp' twice; a repeat runs the same cells again and counts "
+                                    "them twice in results.md: list each value once"),
+    ("seeds: [0, 1, 0]", "seeds in {} lists 0 twice"),
+    ("sparsities: [0.4, 0.5, 0.4]", "sparsities in {} lists 0.4 twice"),
+    ("sparsities: [0.4, 0.40000001]", "sparsities in {} lists 0.4 and 0.40000001, which name the same cells (-s0.4)"),
+    ("domains: [healthcare, legal, healthcare]", "domains in {} lists 'healthcare' twice"),
+    ("cell_seeds: {atp: [0, 1, 1]}", "cell_seeds['atp'] in {} lists seed 1 twice"),
+    ("variants:\n  v: {lam: 0.5}\n  v: {lam: 2.0}\nmethods: [v]",
+     "compare config {}, line 3: key 'v' appears a second time in the same mapping (YAML would silently keep only "
+     "the last); keep one"),
+])
+def test_compare_refuses_repeated_values(text, message, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    for dry_run in ([], ["--dry-run"]):
+        assert main(["compare", "--config", str(path), *dry_run]) == 2
+        assert f"atp: error: {message.format(path)}" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_length": 1}, "eval: max_length in {} must be a whole number of at least 2, got 1"),
+    ({"max_length": 32, "max_new_tokens": 32}, "eval: max_new_tokens (32) in {} must be smaller than max_length (32)"),
+    ({"max_new_tokens": 600}, "eval: max_new_tokens (600) in {} must be smaller than max_length (512)"),
+    ({"ppl_windows": [32, 1]}, "eval: ppl_windows in {} must be a list of window lengths of at least 2 tokens"),
+])
+def test_compare_refuses_eval_lengths_that_leave_nothing_to_score(settings, message, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"eval": settings}))
+    assert main(["compare", "--config", str(path), "--dry-run"]) == 2
+    assert f"atp: error: {message.format(path)}" in capsys.readouterr().err
+
+
 def test_compare_variants_are_methods_with_their_own_options(tiny_compare, capsys):
     path, out = tiny_compare
     config = yaml.safe_load(path.read_text())

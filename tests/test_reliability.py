@@ -73,6 +73,58 @@ def test_resume_refuses_a_different_config(tiny_model_dir, train_file, tmp_path,
     assert "no config.yaml" in capsys.readouterr().err
 
 
+def _small_run_args(model_dir, train_file, out):
+    args = prune_args(model_dir, train_file, out)
+    args[args.index("--max-steps") + 1], args[args.index("--save-every") + 1] = "2", "1"
+    return args
+
+
+def test_resume_refuses_a_changed_base_model(tiny_model_dir, train_file, tmp_path, capsys):
+    import hashlib
+
+    from conftest import tiny_model
+
+    run, weights = tmp_path / "run", tiny_model_dir / "model.safetensors"
+    assert main(_small_run_args(tiny_model_dir, train_file, run)) == 0
+    manifest_path = run / "checkpoints" / "step-000002" / "manifest.json"
+    recorded = json.loads(manifest_path.read_text())["model_sha256"]
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert recorded["model"]["model.safetensors"]["sha256"] == digest
+    assert {"config.json", "tokenizer.json"} <= set(recorded["model"]) and "teacher" not in recorded
+    assert json.loads((run / "report.json").read_text())["model_sha256"] == recorded
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched (or copied): compared by content
+    assert main(["prune", "--resume", str(run)]) == 0
+    tiny_model("llama", seed=1).save_pretrained(tiny_model_dir)  # other weights, same shapes, same path
+    assert main(["prune", "--resume", str(run)]) == 2  # was: resumed on the other model
+    err = capsys.readouterr().err
+    assert (f"atp: error: --resume {run}: the base model's model.safetensors changed (SHA-256 {digest[:12]}... "
+            "then, ") in err and "resume with the base model the run used, or start a new run" in err
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["model_sha256"]  # a checkpoint of an older atp records none: it resumes as before
+    manifest_path.write_text(json.dumps(manifest))
+    assert main(["prune", "--resume", str(run)]) == 0
+
+
+def test_resume_refuses_a_changed_teacher(tiny_model_dir, tmp_path):
+    import shutil
+
+    from atp.config import check_same_model, model_sha256
+
+    teacher = tmp_path / "teacher-run"
+    shutil.copytree(tiny_model_dir, teacher / "model")
+    cfg = ATPConfig(model=str(tiny_model_dir), distill=0.5, teacher=str(teacher))
+    recorded = model_sha256(cfg)
+    assert set(recorded) == {"model", "teacher"}
+    assert recorded["teacher"]["model.safetensors"] == recorded["model"]["model.safetensors"] | {
+        "mtime_ns": (teacher / "model" / "model.safetensors").stat().st_mtime_ns}
+    assert check_same_model(recorded, cfg, "--resume r") == recorded
+    config = json.loads((teacher / "model" / "config.json").read_text())
+    (teacher / "model" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    with pytest.raises(ATPError, match=r"--resume r: the teacher's config\.json changed \(SHA-256 "):
+        check_same_model(recorded, cfg, "--resume r")
+    assert "teacher" not in model_sha256(ATPConfig(model=str(tiny_model_dir), distill=0.5))  # self: the model
+
+
 def test_checkpoint_verify_detects_missing_and_corrupt(tiny_model_dir, train_file, tmp_path):
     run = tmp_path / "run"
     args = prune_args(tiny_model_dir, train_file, run)

@@ -128,13 +128,35 @@ def test_cli_errors(tiny_model_dir, train_file, tmp_path, capsys):
     ("lora_dropout", 1.0, r"--lora-dropout must be in \[0, 1\)"),
     ("log_every", 0, "--log-every must be at least 1"),
     ("keep_checkpoints", 0, "--keep-checkpoints must be at least 1"),
-    ("calib_max_length", 0, "--calib-max-length must be at least 1"),
+    ("calib_max_length", 0, "--calib-max-length must be at least 2 tokens"),
     ("check_tolerance", -1e-3, "--check-tolerance must be at least 0"),
 ])
 def test_config_rejects_out_of_range_values(name, value, message):
     ATPConfig().validate()
     with pytest.raises(ATPError, match=message):
         ATPConfig(**{name: value}).validate()
+
+
+@pytest.mark.parametrize("flag", ["--max-length", "--calib-max-length"])
+def test_lengths_that_leave_no_token_to_predict_are_refused(flag, tiny_model_dir, train_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["prune", "--model", str(tiny_model_dir), "--domain", "", "--train-file", f"pubmedqa={train_file}",
+            "--out", str(out), "--max-steps", "2", "--batch-size", "2", "--mlp-block", "4"]
+    assert main([*argv, flag, "1"]) == 2  # was: a loss of exactly 0 at every step, and exit 0
+    assert (f"atp: error: {flag} must be at least 2 tokens (the loss predicts each token from the ones before it, "
+            "so 1 leaves nothing to predict), got 1") in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_examples_whose_only_target_is_their_first_token_are_dropped(tokenizer):
+    from atp.data import Example
+    from atp.train import tokenize_all
+
+    # the first is its eos alone (was kept: a row without loss); the others keep two tokens, the second a target
+    rows, _ = tokenize_all(tokenizer, [Example("", ""), Example("A question", ""), Example("", "an answer")], 2)
+    assert [len(row["input_ids"]) for row in rows] == [2, 2]
+    assert rows[0]["input_ids"][1] == tokenizer.eos_token_id
+    assert all(row["labels"][1] != -100 for row in rows)
 
 
 def test_unsupported_model_rejected(tmp_path, tokenizer, train_file):

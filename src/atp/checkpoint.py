@@ -34,9 +34,10 @@ def _sha256(path: Path) -> str:
 
 def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, scheduler, fingerprint: str,
          keep: int, decisions: tuple[dict, dict] | None = None, data_sha256: dict | None = None,
-         full: tuple[dict, torch.optim.Optimizer, object] | None = None) -> Path:
+         full: tuple[dict, torch.optim.Optimizer, object] | None = None, model_sha256: dict | None = None) -> Path:
     """decisions: (gates, info) of a run whose decisions were fixed before tuning (two-stage baselines).
-    data_sha256: the SHA-256 of each data file the run reads, recorded next to the fingerprint for --resume.
+    data_sha256: the SHA-256 of each data file the run reads, recorded next to the fingerprint for --resume;
+    model_sha256: the same of the base model's (and a teacher's) files (atp.config.model_sha256).
     full: (weights by name, optimizer, learning-rate scheduler) of the --recovery full phase."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -74,6 +75,8 @@ def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, sche
         manifest = {"step": step, "fingerprint": fingerprint, "files": files}
         if data_sha256 is not None:
             manifest["data_sha256"] = data_sha256
+        if model_sha256 is not None:
+            manifest["model_sha256"] = model_sha256
         (tmp / MANIFEST).write_text(json.dumps(manifest))
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from .config import check_types
+from .config import MIN_LENGTH, check_types
 from .errors import ATPError
 from .fsutil import read_yaml_mapping, write_text_atomic
 from .report import write_outputs
@@ -110,6 +110,7 @@ class CompareSpec:
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
                 raise ATPError(f"{name} in {path} must be a list such as {example}, got {value!r}")
+        self._check_unique(path)
         for name, (kind, what) in SCALARS.items():
             if not isinstance(getattr(self, name), kind):
                 raise ATPError(f"{name} in {path} must be {what}, got {getattr(self, name)!r}")
@@ -139,6 +140,20 @@ class CompareSpec:
         self.out = str(check_out_path(self.out, f"out in {path}").resolve())
         self._check_cells(path)
 
+    def _check_unique(self, path) -> None:
+        """No value twice in a list key: a repeat would run the same cells again (same folder) and count them as
+        several seeds in results.md. Sparsities compare as cell names write them (0.4 and 0.40000001: -s0.4)."""
+        for name in LISTS:
+            seen = {}
+            for value in getattr(self, name):
+                key = f"{value:g}" if name == "sparsities" else value
+                if key in seen:
+                    same = f"{seen[key]!r} twice" if seen[key] == value else \
+                        f"{seen[key]!r} and {value!r}, which name the same cells (-s{key})"
+                    raise ATPError(f"{name} in {path} lists {same}; a repeat runs the same cells again and counts "
+                                   "them twice in results.md: list each value once")
+                seen[key] = value
+
     def _check_eval(self, path) -> None:
         """`eval` values: limit a count (0: all) or null, or a mapping domain -> that; sizes whole numbers >= 1;
         ppl_windows a list of them."""
@@ -153,14 +168,18 @@ class CompareSpec:
             if (domain is not None and domain not in DOMAINS) or not (value is None or count(value, 0)):
                 raise ATPError(f"eval: limit in {path} must be a number of examples per task (0: all), null, or a "
                                f"mapping of domain ({', '.join(DOMAINS)}) to one, got {limit!r}")
-        for name in ("batch_size", "max_length", "max_new_tokens"):
-            if name in self.eval and not count(self.eval[name], 1):
-                raise ATPError(f"eval: {name} in {path} must be a whole number of at least 1, "
+        for name, least in (("batch_size", 1), ("max_length", MIN_LENGTH), ("max_new_tokens", 1)):
+            if name in self.eval and not count(self.eval[name], least):
+                raise ATPError(f"eval: {name} in {path} must be a whole number of at least {least}, "
                                f"got {self.eval[name]!r}")
+        settings = {**EVAL_DEFAULTS, **self.eval}
+        if settings["max_new_tokens"] >= settings["max_length"]:  # as `atp eval` refuses it
+            raise ATPError(f"eval: max_new_tokens ({settings['max_new_tokens']}) in {path} must be smaller than "
+                           f"max_length ({settings['max_length']}), which holds the prompt and the new tokens")
         windows = self.eval.get("ppl_windows", [])
-        if not isinstance(windows, list) or not all(count(w, 1) for w in windows):
-            raise ATPError(f"eval: ppl_windows in {path} must be a list of window lengths such as [256], "
-                           f"got {windows!r}")
+        if not isinstance(windows, list) or not all(count(w, MIN_LENGTH) for w in windows):
+            raise ATPError(f"eval: ppl_windows in {path} must be a list of window lengths of at least {MIN_LENGTH} "
+                           f"tokens such as [256], got {windows!r}")
 
     def _check_cells(self, path) -> None:
         """What the real run will use, checked before any cell trains (and by --dry-run): each cell's training
@@ -222,6 +241,10 @@ class CompareSpec:
             if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
                 raise ATPError(f"cell_seeds['{key}'] in {path} must be a list of integer seeds ([] skips the cell), "
                                f"got {seeds!r}")
+            repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+            if repeated:
+                raise ATPError(f"cell_seeds['{key}'] in {path} lists seed {repeated[0]} twice; a repeat runs the same "
+                               "cell again and counts it twice in results.md: list each seed once")
 
     def seeds_for(self, method: str, sparsity: float) -> list[int]:
         overrides = self.cell_seeds

@@ -19,6 +19,7 @@ from .schedule import Schedule
 # distillation from the dense model when pruning: at equal time it ties on ROUGE-L and wins perplexity, at equal
 # steps it wins both (docs/benchmarks.md, eighth session)
 DEFAULT_DISTILL = 0.5
+MIN_LENGTH = 2  # tokens of a sequence with a next-token loss: one to read, one to predict
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -189,13 +190,18 @@ class ATPConfig:
         def flag(name):
             return f"--{name.replace('_', '-')}"
 
-        for name in ("max_steps", "batch_size", "grad_accum", "max_length", "lora_r", "generator_every", "mlp_block",
+        for name in ("max_steps", "batch_size", "grad_accum", "lora_r", "generator_every", "mlp_block",
                      "generator_hidden", "log_every", "keep_checkpoints", "calib_batches", "generator_batches",
                      "hidden_block", "qk_block"):
             if getattr(self, name) < 1:
                 raise ATPError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
-        if self.calib_max_length is not None and self.calib_max_length < 1:
-            raise ATPError(f"{flag('calib_max_length')} must be at least 1, got {self.calib_max_length}")
+        # the causal LM loss predicts each token from those before it, so the first token of a sequence (packed
+        # or not: each packed example restarts) is never a target: one token leaves no loss at all
+        for name in ("max_length", "calib_max_length"):
+            if getattr(self, name) is not None and getattr(self, name) < MIN_LENGTH:
+                raise ATPError(f"{flag(name)} must be at least {MIN_LENGTH} tokens (the loss predicts each token "
+                               f"from the ones before it, so {getattr(self, name)} leaves nothing to predict), "
+                               f"got {getattr(self, name)}")
         for name in ("lr", "generator_lr", "temperature", "lora_alpha", "recovery_lr"):
             if not getattr(self, name) > 0:
                 raise ATPError(f"{flag(name)} must be greater than 0, got {getattr(self, name)}")
@@ -355,6 +361,72 @@ def check_same_data(recorded: dict | None, cfg: ATPConfig, where: str) -> None:
                      f"changed (SHA-256 {recorded[key][:12]}... then, {now[key][:12]}... now)")
             raise ATPError(f"{where}: the training data {key} {state}; resume with the data the run used, or "
                            "start a new run")
+
+
+# the files of a model folder that decide what a run computes: config, tokenizer, atp's modeling file, weights
+MODEL_FILES = ("config.json", "modeling_atp.py", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+               "vocab.json", "merges.txt", "special_tokens_map.json", "*.safetensors", "*.safetensors.index.json")
+
+
+def _file_stamps(folder: Path, recorded) -> dict[str, dict]:
+    """name -> {sha256, size, mtime_ns} of a model folder's MODEL_FILES.
+
+    A full SHA-256 rather than a hash of the safetensors headers: new weights of the same shapes (another
+    fine-tune saved over the folder) have the same headers and size. Its cost is one read of the weights when a
+    run starts (they are read to load them anyway; seconds for a 1B model). A resume re-reads only a file whose
+    size or mtime differs from the record, so an untouched model costs nothing, and a copied or touched one is
+    still compared by content."""
+    from .checkpoint import _sha256
+
+    recorded = recorded if isinstance(recorded, dict) else {}
+    stamps = {}
+    for pattern in MODEL_FILES:
+        for path in sorted(folder.glob(pattern)):
+            if not path.is_file():
+                continue
+            stat = path.stat()
+            before = recorded.get(path.name)
+            same = (isinstance(before, dict) and before.get("size") == stat.st_size
+                    and before.get("mtime_ns") == stat.st_mtime_ns and isinstance(before.get("sha256"), str))
+            digest = before["sha256"] if same else _sha256(path)
+            stamps[path.name] = {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return stamps
+
+
+def model_sha256(cfg: ATPConfig, recorded=None) -> dict[str, dict]:
+    """The base model's files (role "model") and, with --distill from a run, the teacher's ("teacher"), as
+    `_file_stamps`; a hub model is left out. `recorded`: an earlier result, whose digests of files unchanged in
+    size and mtime are reused."""
+    from .models import resolve_model
+
+    recorded = recorded if isinstance(recorded, dict) else {}
+    folders = {"model": Path(resolve_model(cfg.model))}  # an embedded model: its prepared folder
+    if cfg.distill and cfg.teacher != "self":
+        teacher = Path(cfg.teacher).expanduser()
+        folders["teacher"] = teacher / "model" if (teacher / "model").is_dir() else teacher
+    return {role: _file_stamps(folder, recorded.get(role)) for role, folder in folders.items() if folder.is_dir()}
+
+
+def check_same_model(recorded, cfg: ATPConfig, where: str) -> dict[str, dict]:
+    """Refuse to resume when a file of the base model or the teacher changed (checkpoints before issue 31 record
+    none and resume as before); the files' stamps now."""
+    now = model_sha256(cfg, recorded)
+    if not isinstance(recorded, dict):
+        return now
+    for role in sorted(set(recorded) | set(now)):
+        then, current = recorded.get(role), now.get(role, {})
+        then = then if isinstance(then, dict) else {}
+        for name in sorted(set(then) | set(current)):
+            old = then[name].get("sha256") if isinstance(then.get(name), dict) else None
+            new = current[name]["sha256"] if name in current else None
+            if old == new:
+                continue
+            state = ("is no longer there" if new is None else "was not there then" if old is None else
+                     f"changed (SHA-256 {str(old)[:12]}... then, {new[:12]}... now)")
+            who = "base model" if role == "model" else role
+            raise ATPError(f"{where}: the {who}'s {name} {state}; resume with the {who} the run used, or start a "
+                           "new run")
+    return now
 
 
 # options that do not change what a run computes; everything else must match to resume

@@ -190,11 +190,26 @@ def _sha256(text: str) -> str:
 
 
 def verify_modeling_file(path) -> None:
-    """The shipped modeling_atp.py (run by trust_remote_code loading) must be the file the export recorded."""
+    """The shipped modeling_atp.py (run by trust_remote_code loading) must be the file the export recorded; a
+    folder that ships it, or names code in auto_map, without a recorded hash is refused (deleting the hash must
+    not turn the check off). atp itself never runs the file: `import atp` registers the same classes."""
+    from .models import read_config
+
     path = Path(path)
-    recorded = json.loads((path / "config.json").read_text()).get(CONFIG_KEY, {}).get("modeling_sha256")
+    config = read_config(path)
+    record = config.get(CONFIG_KEY)
+    recorded = record.get("modeling_sha256") if isinstance(record, dict) else None
     shipped = path / MODELING_FILE
-    if recorded is None or not shipped.exists():  # older exports record none; without the file nothing runs
+    if recorded is None:
+        if shipped.exists() or "auto_map" in config:
+            what = f"ships {MODELING_FILE}" if shipped.exists() else "names Python code in auto_map"
+            raise ATPError(f"{path} {what}, but its config.json records no {CONFIG_KEY}.modeling_sha256 to check "
+                           "that code against (atp exports record it; a folder without it may run anything with "
+                           "trust_remote_code=True). Restore config.json from the original export, or re-export")
+        return
+    if not isinstance(recorded, str):
+        raise ATPError(f"{path}/config.json: {CONFIG_KEY}.modeling_sha256 must be a SHA-256 string, got {recorded!r}")
+    if not shipped.exists():  # nothing to run: transformers refuses the auto_map, atp uses its own classes
         return
     actual = hashlib.sha256(shipped.read_bytes()).hexdigest()
     if actual != recorded:
@@ -213,16 +228,16 @@ def load_pruned(path, dtype: torch.dtype = torch.float32, attn_implementation: s
     register()
     path = Path(path)
     check_weights(path)
+    verify_modeling_file(path)  # first, whatever the config says: no branch below skips it
     if "layers" in read_config(path).get(CONFIG_KEY, {}):
         try:
             return _load_legacy(path, dtype, attn_implementation).to(device).eval()
         except RuntimeError as err:  # strict load_state_dict: the widths in config.json do not fit the weights
             raise ATPError(f"the weights in {path} do not fit its config.json: {str(err).splitlines()[0]}") from None
-    verify_modeling_file(path)
-    try:
+    try:  # the registered classes load it; the folder's modeling_atp.py is never run
         model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
                                                            use_safetensors=True, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True)
+                                                           ignore_mismatched_sizes=True, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ATPError(f"could not load the pruned model in {path}: {str(err).splitlines()[0]}") from None
     check_loaded(model, info, path)
@@ -234,7 +249,7 @@ def _load_legacy(path: Path, dtype, attn_implementation):
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    dense = AutoConfig.from_pretrained(path)
+    dense = AutoConfig.from_pretrained(path, trust_remote_code=False)
     arch = check_supported(dense)
     records = json.loads((path / "config.json").read_text())[CONFIG_KEY]["layers"]
     kept = [{"heads": r["kept_heads"], "kv_heads": list(range(r["num_kv_heads"])), "kv_map": r["kv_map"],

@@ -223,16 +223,43 @@ def check_writable_file(path, flag: str) -> Path:
     return path
 
 
+class DuplicateKey(Exception):
+    pass
+
+
+def _unique_key_loader():
+    """A safe YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:  # the mapping's own keys; keys merged in with << may be overridden
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise DuplicateKey(f"line {key_node.start_mark.line + 1}: key {key!r} appears a second time in "
+                                       "the same mapping (YAML would silently keep only the last); keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def read_yaml_mapping(path, what: str, known) -> dict:
-    """A YAML file holding a mapping whose keys are all in `known`, or an ATPError naming `what`."""
+    """A YAML file holding a mapping whose keys are all in `known` (none twice in any mapping), or an ATPError
+    naming `what`."""
     import yaml
 
     try:
-        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        values = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
     except UnicodeDecodeError as err:
         raise ATPError(f"{what} {path} is not a YAML text file ({err.reason} at byte {err.start})") from None
     except RecursionError:
         raise ATPError(f"{what} {path} is nested too deeply to read") from None
+    except DuplicateKey as err:
+        raise ATPError(f"{what} {path}, {err}") from None
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise ATPError(f"could not read {what} {path}: {err}") from None
     if not isinstance(values, dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import random
 import shutil
@@ -131,8 +132,9 @@ def _convert_embedded(name: str, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _gguf_file(name, target) as gguf:  # dequantized to fp32 while loading
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                         trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     config = quantized.config
     config.dtype = torch.float32
     if hasattr(config, "quantization_config"):
@@ -157,7 +159,7 @@ def resolve_model(name: str) -> str:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ATPError(f"model folder {path} has no config.json")
-        read_config(path)
+        check_config(path)
         return str(path)
     if path.exists():
         raise ATPError(f"model path {path} is a file; pass the model's folder")
@@ -183,6 +185,89 @@ def read_config(folder: Path) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ATPError(f"{path} has no model_type; it is not a Hugging Face model config")
     return config
+
+
+# whole-number sizes of the decoder families' configs; transformers derives the two that may be null
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings")
+DERIVED = ("num_key_value_heads", "head_dim")
+
+
+def check_config(folder: Path) -> dict:
+    """A model folder's config.json, checked before anything loads it (prune, eval, bench, export): no code of the
+    folder's to run, an intact modeling_atp.py, sizes that transformers accepts. An ATPError names the field."""
+    from .arch import ARCHS, PRUNED_PREFIX, register
+    from .export import CONFIG_KEY, MODELING_FILE, verify_modeling_file
+
+    folder = Path(folder)
+    path, config = folder / "config.json", read_config(folder)
+    model_type = config["model_type"]
+    register()  # atp's pruned model types are known without remote code
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING and "auto_map" in config:
+        raise ATPError(f"{path}: model_type {model_type!r} is not one transformers or atp knows, and its auto_map "
+                       "points at Python code in the folder; atp does not run a model folder's code "
+                       "(trust_remote_code), so it cannot load this model")
+    if CONFIG_KEY in config or (folder / MODELING_FILE).exists() or model_type.startswith(PRUNED_PREFIX):
+        verify_modeling_file(folder)  # an atp export: its code, if any, must be the exported file
+    if model_type in ARCHS or model_type.startswith(PRUNED_PREFIX):
+        _check_sizes(path, config)
+    _check_with_transformers(folder, path)
+    return config
+
+
+def _check_sizes(path: Path, config: dict) -> None:
+    """The sizes of a decoder family's config: whole numbers >= 1, KV heads that divide the query heads, and an
+    even head_dim (RoPE rotates dimension pairs)."""
+    for name in SIZES:
+        if name not in config or (config[name] is None and name in DERIVED):
+            continue
+        value = config[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            hint = " (a string; write it without quotes)" if isinstance(value, str) else ""
+            raise ATPError(f"{path}: {name} must be a whole number of at least 1, got {value!r}{hint}")
+    heads, kv_heads = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise ATPError(f"{path}: num_key_value_heads {kv_heads} does not divide num_attention_heads {heads} (each "
+                       "KV head serves an equal group of query heads)")
+    head_dim = config.get("head_dim")
+    if head_dim is None and heads and config.get("hidden_size"):
+        if config["hidden_size"] % heads:
+            raise ATPError(f"{path}: hidden_size {config['hidden_size']} is not a multiple of num_attention_heads "
+                           f"{heads}, and no head_dim is given")
+        head_dim = config["hidden_size"] // heads
+    if head_dim is not None and head_dim % 2:
+        raise ATPError(f"{path}: head_dim {head_dim}{'' if 'head_dim' in config else ' (hidden_size / heads)'} is "
+                       "odd; rotary position embeddings rotate pairs of dimensions, so it must be even")
+    for name, theta in _rope_thetas(config):
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not 0 < theta < math.inf:
+            raise ATPError(f"{path}: {name} must be a positive number (the RoPE base), got {theta!r}")
+
+
+def _rope_thetas(config: dict) -> list[tuple[str, object]]:
+    """(field, value) of every RoPE base in a config: rope_theta, rope_parameters.rope_theta, and per layer type
+    (Gemma 3: rope_parameters.full_attention.rope_theta)."""
+    found = [("rope_theta", config["rope_theta"])] if "rope_theta" in config else []
+    params = config.get("rope_parameters")
+    if isinstance(params, dict):
+        groups = {"rope_parameters": params, **{f"rope_parameters.{k}": v for k, v in params.items()
+                                                 if isinstance(v, dict)}}
+        found += [(f"{where}.rope_theta", group["rope_theta"]) for where, group in groups.items()
+                  if "rope_theta" in group]
+    return found
+
+
+def _check_with_transformers(folder: Path, path: Path) -> None:
+    """What transformers' own config validation rejects, as one line naming the field (was: a traceback)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    except (StrictDataclassError, ValueError, TypeError, KeyError, ZeroDivisionError) as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise ATPError(f"{path}: transformers rejects this config: {detail[:400]}") from None
 
 
 def check_weights(folder: Path) -> None:
@@ -230,8 +315,11 @@ def load_tokenizer(name_or_path: str):
         raise ATPError(f"{folder} has no tokenizer (tokenizer.json or tokenizer_config.json); copy the tokenizer "
                        "files of the original model into it")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as err:
+        if "custom code" in str(err):
+            raise ATPError(f"the tokenizer of {name_or_path} needs the Python code in its folder (auto_map in "
+                           "tokenizer_config.json); atp does not run a model folder's code (trust_remote_code)") from None
         raise ATPError(f"could not load the tokenizer of {name_or_path}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -261,6 +349,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, attn_implementatio
         else:
             try:  # safetensors only: a pickle could run code
                 model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                                   trust_remote_code=False,
                                                                    attn_implementation=attn_implementation,
                                                                    output_loading_info=True, ignore_mismatched_sizes=True)
             except (OSError, ValueError, RuntimeError, SafetensorError) as err:

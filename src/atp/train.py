@@ -28,10 +28,12 @@ from .config import (  # noqa: F401  (compare.py, cli.py and tests import these 
     NON_SEMANTIC,
     ATPConfig,
     check_same_data,
+    check_same_model,
     config_from_record,
     data_sha256,
     fingerprint,
     inert_options,
+    model_sha256,
     resume_config,
 )
 from .errors import ATPError
@@ -82,7 +84,7 @@ def tokenize_all(tokenizer, examples, max_length):
     for example in examples:
         row = tokenize_example(tokenizer, example, max_length)
         truncated += bool(row.pop("truncated", False))
-        if any(label != -100 for label in row["labels"]):
+        if any(label != -100 for label in row["labels"][1:]):  # a first token is never predicted
             rows.append(row)
     return rows, truncated
 
@@ -203,7 +205,7 @@ class PruneRecipe:
         train_seconds = time.time() - self.started
         self.accelerator.wait_for_everyone()
         report = {"config": dataclasses.asdict(self.cfg), "train_seconds": train_seconds, "processes": self.world,
-                  "precision": self.precision, "data_sha256": self.data_sha256}
+                  "precision": self.precision, "data_sha256": self.data_sha256, "model_sha256": self.model_sha256}
         final = self.final_decisions()
         if self.cfg.prune and self.world > 1:
             self.check_same_decisions(final)
@@ -308,6 +310,7 @@ class PruneRecipe:
                 raise ATPError(f"--resume {self.run_dir}: checkpoint {found[0].name} was made with a different "
                                "config")
             check_same_data(found[1].get("data_sha256"), self.cfg, f"--resume {self.run_dir}")
+            self.model_sha256 = check_same_model(found[1].get("model_sha256"), self.cfg, f"--resume {self.run_dir}")
             self.resume_from, self.resume_manifest = found
         elif self.accelerator.is_main_process:
             self.outputs = RunOutputs(self.cfg)
@@ -341,6 +344,8 @@ class PruneRecipe:
         """Model and tokenizer, and the pruning space read from the model's config."""
         cfg = self.cfg
         self.model, self.tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
+        if not self.resume:  # a resume has them from check_run_dir
+            self.model_sha256 = model_sha256(cfg)
         check_supported(self.model.config)
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context and cfg.max_length > context:
@@ -843,7 +848,7 @@ class PruneRecipe:
         checkpoint.save(self.run_dir, step, self.accelerator.unwrap_model(self.peft_model), self.generator,
                         self.optimizers, self.lr_scheduler, fingerprint(self.cfg), self.cfg.keep_checkpoints,
                         decisions=(self.fixed, self.chosen) if self.fixed is not None else None,
-                        data_sha256=self.data_sha256,
+                        data_sha256=self.data_sha256, model_sha256=self.model_sha256,
                         full=((self.full_params, self.full_optimizer, self.full_scheduler) if self.full_params
                               else None))
         if self.outputs is not None:
