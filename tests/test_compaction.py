@@ -92,13 +92,13 @@ def weights(run):
     return load_file(str(run / "model" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("method", ["atp", "taylor"])
-def test_runs_compact_and_resume_across_the_compaction_bit_for_bit(method, tiny_model_dir, train_file, tmp_path,
-                                                                   capsys):
+@pytest.mark.parametrize("method, recovery", [("atp", "lora"), ("taylor", "lora"), ("atp", "full")])
+def test_runs_compact_and_resume_across_the_compaction_bit_for_bit(method, recovery, tiny_model_dir, train_file,
+                                                                   tmp_path, capsys):
     import shutil
 
     whole = tmp_path / "whole"
-    assert main(run_argv(tiny_model_dir, train_file, whole, "--method", method)) == 0
+    assert main(run_argv(tiny_model_dir, train_file, whole, "--method", method, "--recovery", recovery)) == 0
     report = json.loads((whole / "report.json").read_text())
     step = report["compaction"]["step"]
     assert step == (0 if method == "taylor" else 4)  # generator_frac 0.6 of 8 steps: the freeze at step 4

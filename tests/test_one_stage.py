@@ -59,8 +59,9 @@ def test_pruned_lora_learns_in_the_generator_phase_and_is_zero_from_the_freeze(l
         assert report["pruned_lora_norm_at_freeze"] == 0.0 and report["pruned_lora_group_norm_sum"] == 0.0
         assert all(r["group_lasso"] == 0.0 for r in log if r["step"] >= 6)
         assert [r["lasso_fraction"] for r in log if r["step"] in (3, 6, 7)] == [0.5, 1.0, 1.0]
-    else:  # no lasso: the pruned groups' LoRA is cut abruptly at the freeze (both paths masked from there on)
-        assert report["pruned_lora_norm_at_freeze"] > 0 and report["pruned_lora_group_norm_sum"] > 0
+    else:  # no lasso: the pruned groups' LoRA is cut abruptly at the freeze (compaction removes it with them)
+        assert report["pruned_lora_norm_at_freeze"] > 0 and report["pruned_lora_group_norm_sum"] == 0.0
+        assert report["compaction"]["step"] == 6
 
 
 def _v_rows_after_training(tiny_model_dir, train_file, out, **kw):

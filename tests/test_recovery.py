@@ -21,7 +21,8 @@ def full_cfg(model_dir, train_file, out, **kw):
     values = dict(model=str(model_dir), domain=None, train_files=[f"pubmedqa={train_file}"], out=str(out),
                   sparsity=0.4, mlp_block=4, max_steps=STEPS, batch_size=4, max_length=64, generator_every=1,
                   generator_frac=FREEZE / STEPS, generator_lr=3e-2, alpha=8.0, log_every=1, save_every=4,
-                  keep_checkpoints=3, lr=1e-3, recovery="full", recovery_lr=1e-3)
+                  keep_checkpoints=3, lr=1e-3, recovery="full", recovery_lr=1e-3,
+                  compact=False)  # these tests read pruned rows in the full-size model (tests/test_compaction.py: on)
     values.update(kw)
     return ATPConfig(**values)
 
@@ -149,10 +150,12 @@ def test_full_recovery_of_a_two_stage_baseline(tiny_model_dir, train_file, tmp_p
                                part(recipe.at_start[name], rows, cols)), name
 
 
-def test_self_teacher_stays_the_pretrained_model(tiny_model_dir, train_file, tmp_path):
+@pytest.mark.parametrize("compact", [False, True])
+def test_self_teacher_stays_the_pretrained_model(compact, tiny_model_dir, train_file, tmp_path):
     from atp.models import load_model
 
-    cfg = full_cfg(tiny_model_dir, train_file, tmp_path / "run", max_steps=6, save_every=0, distill=0.5)
+    cfg = full_cfg(tiny_model_dir, train_file, tmp_path / "run", max_steps=6, save_every=0, distill=0.5,
+                   compact=compact)
     recipe = Watched(cfg, progress=False)
     report = recipe.run()
     assert report["logits_check"]["passed"] and report["full_recovery_steps"] == 3

@@ -4,6 +4,9 @@ and its AdamW moments are sliced the same way (A by the input columns kept, B by
 training continues on the smaller model: same function, same gradients for every kept entry, fewer FLOPs."""
 from __future__ import annotations
 
+import copy
+import warnings
+
 import torch
 
 from .arch import arch_for
@@ -42,7 +45,7 @@ def compact(peft_model, kept_structure: list[dict], prepare_for_lora):
     optimizer. `prepare_for_lora(model)` readies a model for LoRA as the run's set-up did."""
     from peft import get_peft_model
 
-    config = peft_model.peft_config["default"]
+    config = copy.copy(peft_model.peft_config["default"])
     old = {name: p for name, p in peft_model.named_parameters() if _factor(name) is not None}
     dense = peft_model.unload()  # the LoRA layers out, the base weights as they were (nothing merged)
     head_dim = getattr(dense.config, "head_dim", None) or dense.config.hidden_size // dense.config.num_attention_heads
@@ -50,8 +53,11 @@ def compact(peft_model, kept_structure: list[dict], prepare_for_lora):
     pruned = build_pruned(dense, kept_structure).train()
     pruned.requires_grad_(False)
     pruned.config.use_cache = False
+    pruned.config._name_or_path = dense.config._name_or_path  # the same base model, for peft's bookkeeping
     prepare_for_lora(pruned)
-    new_model = get_peft_model(pruned, config)
+    with warnings.catch_warnings():  # peft reads transformers 5's deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        new_model = get_peft_model(pruned, config)
     mapping = {}
     with torch.no_grad():
         for name, param in new_model.named_parameters():

@@ -375,7 +375,7 @@ def rope_metadata(writer, model_dir: Path, config: dict, head_dim: int):
         from .arch import register
 
         register()
-        hf_config = AutoConfig.from_pretrained(model_dir)
+        hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
         scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
         plain = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         return ("rope_freqs.weight", (plain / scaled.float()).float())
@@ -453,7 +453,7 @@ def _adds_special_tokens(model_dir: Path, ids: dict) -> dict:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ATPError(f"could not load the tokenizer in {model_dir}: {err}") from None
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]

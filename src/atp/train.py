@@ -557,7 +557,7 @@ class PruneRecipe:
                 logits = new_model.eval()(**probe).logits.float()
             real = probe["attention_mask"].bool()
             diff = float((logits - reference)[real].abs().max())
-            allowed = cfg.check_tolerance * max(1.0, float(reference[real].abs().max()))
+            allowed = max(cfg.check_tolerance, COMPACTION_TOLERANCE) * max(1.0, float(reference[real].abs().max()))
             self.compaction.update(max_abs_logit_diff=diff, allowed=allowed)
             if not diff <= allowed:
                 raise ATPError(f"internal error: the compacted model does not compute what the masked model did "
@@ -797,6 +797,11 @@ class PruneRecipe:
                         module.lora_A[name].weight.zero_()
                         module.lora_B[name].weight.zero_()
         trained = {id(p) for layer in decoder_layers(model) for n, p in layer.named_parameters() if "lora_" not in n}
+        if self.compacted:  # weights the compaction left unsliced are shared with the dense teacher: train copies
+            with torch.no_grad():
+                for p in model.parameters():
+                    if id(p) in trained:
+                        p.data = p.data.clone()
         self.full_params = {}
         for name, p in model.named_parameters():
             p.requires_grad_(id(p) in trained)
@@ -807,6 +812,10 @@ class PruneRecipe:
         start, factor = self.schedule.full_from - 1, self.schedule.lora_lr_factor
         self.full_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda updates: factor(start + updates))
         if self.world > 1:  # DDP again, over the parameters that train now
+            if self.compacted:  # e.g. the norm before an attention block with no heads left: it gets no gradient
+                from accelerate.utils import DistributedDataParallelKwargs
+
+                accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
             self.peft_model = accelerator.prepare(model)
         self.opt_full = accelerator.prepare(optimizer)
         self.accelerator.print(f"full recovery from step {self.schedule.full_from}: LoRA merged, "
@@ -1016,6 +1025,7 @@ def exported_sparsity(space, path, of: str) -> float:
 
 
 FLOAT64_RECHECK_MAX_PARAMS = 2_000_000_000
+COMPACTION_TOLERANCE = 1e-3  # the compact model against the masked one, relative to the largest |logit| (fp32 rounding)
 SPARSITY_TOLERANCE = 0.05  # most an export's measured sparsity may differ from the target ...
 
 
