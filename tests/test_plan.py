@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, tiny_config, tiny_model
 
 from atp.cli import main
 from atp.errors import ATPError
 from atp.generator import DecisionGenerator
 from atp.plan import GIB, PlanOptions, generator_params, load_config, plan_memory
 from atp.space import PruningSpace
+from conftest import REPO, tiny_config, tiny_model
 
 
 def test_parts_add_up_and_follow_the_options():

@@ -277,6 +277,10 @@ class PruneRecipe:
         cfg = self.cfg
         self.model, self.tokenizer = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
         check_supported(self.model.config)
+        if cfg.quantize_base != "none":  # QLoRA: frozen decoder projections in NF4 / int8 on the device
+            from .quantize import quantize_base
+
+            quantize_base(self.model, cfg.quantize_base, device=self.accelerator.device)
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context and cfg.max_length > context:
             self.accelerator.print(f"note: --max-length {cfg.max_length} exceeds the model's context of {context} "
@@ -769,7 +773,12 @@ def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tok
         reference = peft_model(**{k: v.to(device) for k, v in probe.items()}).logits.float().cpu()
         if controller is not None:
             controller.remove()
-    merged = dense = peft_model.merge_and_unload()
+    if cfg.quantize_base != "none":  # dequantized to fp32, LoRA merged
+        from .quantize import dequantize_and_merge
+
+        merged = dense = dequantize_and_merge(peft_model)
+    else:
+        merged = dense = peft_model.merge_and_unload()
     merged.config.use_cache = True
     if cfg.prune:
         merged = build_pruned(merged, space.kept_structure(decisions))
@@ -802,10 +811,17 @@ def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, che
     diff = float((logits - reference)[real].abs().max())
     # fp32 rounding grows with the logits' magnitude, so the tolerance is relative to it (at least 1)
     scale = max(1.0, float(reference[real].abs().max()))
-    allowed = cfg.check_tolerance * scale
-    check.update(max_abs_logit_diff=diff, max_abs_logit=scale, tolerance=cfg.check_tolerance, allowed=allowed,
+    from .quantize import CHECK_TOLERANCE
+
+    tolerance = max(cfg.check_tolerance, CHECK_TOLERANCE.get(cfg.quantize_base, 0.0))
+    allowed = tolerance * scale
+    check.update(max_abs_logit_diff=diff, max_abs_logit=scale, tolerance=tolerance, allowed=allowed,
                  passed=diff <= allowed)
-    if diff > allowed and cfg.prune and space.exact and space.total_params() <= FLOAT64_RECHECK_MAX_PARAMS:
+    if cfg.quantize_base != "none":  # the masked model computed on the quantized base, the export dequantized
+        check["quantize_base"] = cfg.quantize_base
+    # (a quantized run is not rechecked: float64 compares the dequantized model with its slices, not the reference)
+    if (diff > allowed and cfg.prune and space.exact and space.total_params() <= FLOAT64_RECHECK_MAX_PARAMS
+            and cfg.quantize_base == "none"):
         # Damaged models can carry huge hidden states (1e4 seen), where fp32 rounding alone exceeds the
         # tolerance. Slicing is exact, so in float64 the masked dense model and the export must agree
         # (for exact gate kinds only: a non-exact kind's masked model is not the export).
@@ -816,7 +832,7 @@ def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, che
         if not space.exact:
             exact = "; no float64 recheck: the pruning space is not exact (its masks are not physical removal)"
         raise ATPError(f"exported model does not match the masked model: max |logit diff| {diff:.3g} > "
-                       f"{allowed:.3g} ({cfg.check_tolerance:g} x the largest |logit|, {scale:.3g}){exact}")
+                       f"{allowed:.3g} ({tolerance:g} x the largest |logit|, {scale:.3g}){exact}")
 
 
 def exported_sparsity(space, path, of: str) -> float:
