@@ -172,6 +172,7 @@ class PruneRecipe:
         self.freeze_norms = {}  # pruned groups' LoRA norm before and after the freeze's last proximal step
         self.decisions, self.flips = None, 0  # the decisions in the masks; how many changed since the last log line
         self.outputs = None  # a new run's outputs (atp.config.RunOutputs), on the main process
+        self.fsdp, self.export_model = False, None  # FSDP: the model gathered for the export, on the main process
         self.given = dataclasses.asdict(cfg)  # the config as given, for config.yaml
 
     def run(self) -> dict:
@@ -191,11 +192,15 @@ class PruneRecipe:
         train_seconds = time.time() - self.started
         self.accelerator.wait_for_everyone()
         report = {"config": dataclasses.asdict(self.cfg), "train_seconds": train_seconds, "processes": self.world,
-                  "data_sha256": self.data_sha256}
+                  "distributed_type": self.accelerator.distributed_type.value, "data_sha256": self.data_sha256}
+        if self.fsdp:  # parameters this process held as shards (the frozen base) and whole (LoRA)
+            report["fsdp_sharded_params"] = sum(1 for p in self.peft_model.parameters() if hasattr(p, "to_local"))
+            report["fsdp_replicated_lora_params"] = sum(1 for p in self.lora_params if not hasattr(p, "to_local"))
         final = self.final_decisions()
         if self.cfg.prune and self.world > 1:
             self.check_same_decisions(final)
             report["decisions_identical_across_processes"] = True
+        self.export_model = self.gathered_model() if self.fsdp else None  # every process takes part
         if not self.accelerator.is_main_process:
             return report
         report.update(self.report(final, *self.export(final)))
@@ -224,10 +229,16 @@ class PruneRecipe:
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                        mixed_precision=cfg.mixed_precision)
         self.world = self.accelerator.num_processes
+        fsdp_on_cpu(self.accelerator)
         sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+        self.fsdp = self.accelerator.distributed_type.value == "FSDP"
         if cfg.recovery == "full" and sharded:
             raise ATPError(f"--recovery full runs in one process or with DDP; it is not implemented for "
-                           f"{self.accelerator.distributed_type.value} (use --recovery lora)")
+                           f"{self.accelerator.distributed_type.value}: it trains every decoder weight, which "
+                           "sharding splits, under masks of whole rows (use --recovery lora)")
+        if self.fsdp and cfg.quantize_base != "none":
+            raise ATPError("--quantize-base does not shard under FSDP (accelerate keeps bitsandbytes' uint8 weights "
+                           "whole on every process); use DDP or one process with a quantized base")
         set_seed(cfg.seed)
         self.check_run_dir()
         self.started = time.time()
@@ -238,6 +249,8 @@ class PruneRecipe:
         self.setup_generator()
         self.setup_teacher()
         self.setup_run_dir()
+        if self.fsdp:  # FSDP shards the frozen base; LoRA stays whole on every process (see reduce_lora_grads)
+            self.accelerator.state.fsdp_plugin.ignored_modules = lora_modules(self.peft_model)
         self.peft_model, self.opt_lora = self.accelerator.prepare(self.peft_model, self.opt_lora)
         # The generator stays unwrapped and fp32 on every process: same init, same per-step noise and
         # all-reduced gradients keep its decisions identical across processes.
@@ -350,14 +363,14 @@ class PruneRecipe:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        self.lora_config = lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=validation.lora_targets_in(model, cfg.lora_targets), task_type="CAUSAL_LM")
         import warnings
 
         with warnings.catch_warnings():  # peft reads transformers 5's deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             self.peft_model = get_peft_model(model, lora)
-        lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        self.lora_params = lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.opt_lora = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=0.0)
         self.optimizers = {"lora": self.opt_lora}  # checkpoints hold them as they are before accelerate wraps them
         # a lambda, not the bound method: LambdaLR's state_dict records a callable object's attributes
@@ -598,6 +611,7 @@ class PruneRecipe:
                 check_finite(step, task_loss=loss, group_lasso=lasso, loss=total)
                 accelerator.backward(total)
                 if accelerator.sync_gradients:
+                    self.reduce_lora_grads()
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -696,6 +710,33 @@ class PruneRecipe:
             return self.fixed
         return self.generator.decisions() if self.generator is not None else self.space.full_gates()
 
+    def reduce_lora_grads(self) -> None:
+        """FSDP: LoRA is outside the sharded parameters, so its gradients are averaged here, as DDP would."""
+        if not self.fsdp:
+            return
+        for p in self.lora_params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+
+    def gathered_model(self):
+        """FSDP: the whole trained model, unsharded, on the main process (None elsewhere): every process sends
+        its shards, the main process loads them into a fresh copy with the same LoRA and gate hooks."""
+        from peft import get_peft_model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.peft_model, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+        if not self.accelerator.is_main_process:
+            return None
+        model, _ = load_model(self.cfg.model, attn_implementation=self.cfg.attn_implementation)
+        model.config.use_cache = False
+        fresh = get_peft_model(model, self.lora_config)
+        fresh.load_state_dict(state)
+        if self.controller is not None:
+            self.controller.remove()
+            self.controller = GateController(fresh, self.space, mode="both")
+        return fresh
+
     def check_same_decisions(self, final: dict) -> None:
         mine = torch.cat([v.flatten() for v in final.values()]).to(self.accelerator.device)
         everyone = self.accelerator.gather(mine.unsqueeze(0))
@@ -706,10 +747,13 @@ class PruneRecipe:
         """Reference logits from the masked LoRA model (fp32), then merge, slice, save, reload and compare.
         Returns (model folder, logits check, exported model, LoRA norm left in pruned groups)."""
         cfg = self.cfg
-        peft_model = self.accelerator.unwrap_model(self.peft_model, keep_fp32_wrapper=False).eval()  # fp32 reference
+        peft_model = self.export_model  # FSDP: gathered
+        if peft_model is None:
+            peft_model = self.accelerator.unwrap_model(self.peft_model, keep_fp32_wrapper=False)
+        peft_model.eval()  # fp32 reference
         examples = self.train_examples
         probe = sample_texts(self.tokenizer, examples[::max(1, len(examples) // 4)][:4])
-        pruned_lora_norm = self.pruned_lora_norm(final) if cfg.prune else 0.0  # what group lasso left in pruned groups
+        pruned_lora_norm = regularization_norm(peft_model, self.space, final) if cfg.prune else 0.0  # what group lasso left in pruned groups
         controller = self.controller
         if controller is not None:
             controller.use("both")  # the export removes both paths
@@ -762,6 +806,40 @@ class PruneRecipe:
             "export_format": "heterogeneous" if is_heterogeneous(merged.config) else "uniform",
             "total_seconds": time.time() - self.started,
         }
+
+
+def fsdp_on_cpu(accelerator) -> None:
+    """accelerate chooses FSDP only on top of an accelerator (MULTI_GPU and kin; accelerate.state, where it picks
+    the distributed type); launched with an FSDP config on CPU it runs MULTI_CPU, a DDP over gloo. torch's FSDP2
+    itself runs on CPU with gloo, so there atp switches accelerate's state to FSDP with the launcher's FSDP plugin:
+    the same accelerate path (fsdp2_prepare_model) then runs in tests and CPU runs as on GPUs."""
+    import os
+
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if (state.distributed_type == DistributedType.MULTI_CPU
+            and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
+        plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* settings
+        if plugin.fsdp_version != 2:
+            raise ATPError("FSDP on CPU runs with FSDP2 only (fsdp_version: 2 in the accelerate config, e.g. "
+                           "configs/accelerate/fsdp2.yaml)")
+        state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+        PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState() copies it again later
+
+
+def lora_modules(peft_model) -> list:
+    """The LoRA matrices' modules (peft's lora_A / lora_B of every adapter)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [module for layer in peft_model.modules() if isinstance(layer, LoraLayer)
+            for pieces in (layer.lora_A, layer.lora_B) for module in pieces.values()]
+
+
+def regularization_norm(peft_model, space, decisions) -> float:
+    """Sum of the LoRA norms of the groups these decisions prune."""
+    return sum(v["sum"] for v in regularization.pruned_norms(peft_model, space, decisions).values())
 
 
 def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tokenizer, probe, device, out_dir):
