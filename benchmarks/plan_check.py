@@ -3,10 +3,12 @@
     ATP_HOME=... python benchmarks/plan_check.py --max-steps 4 --out runs/plan-check
 
 Each configuration runs alone in its own child process (peak RSS: the child's ru_maxrss, training and export);
-the prediction is `atp.plan.plan_memory(...).peak` for the same options with --device cpu.
+the prediction is `atp.plan.plan_memory(...).peak` for the same options with --device cpu. The children run with
+MALLOC_MMAP_THRESHOLD_=131072 unless --glibc-default.
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +32,11 @@ def main():
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--out", default="runs/plan-check")
     parser.add_argument("--only", nargs="*", help="names of CONFIGS to run")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="leave glibc's dynamic mmap threshold on (freed activations stay resident)")
     args = parser.parse_args()
+    if not args.glibc_default:  # big tensors mmapped and returned on free: the RSS follows the live tensors
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
     out = Path(args.out)
     config = load_config(args.model)
     results = {}

@@ -96,10 +96,13 @@ def test_model_arguments_and_cli(tmp_path, tiny_model_dir, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert 8.0e9 < plan["params"] < 8.1e9  # Llama-3-8B's published size
     assert plan["parts"]["base_weights"] == plan["params"] * 2
-    assert main(["plan", "--model", str(REPO / "benchmarks" / "configs" / "llama-3-70b.json"), "--quantize-base",
-                 "nf4", "--processes", "2", "--sharding", "fsdp"]) == 0
+    assert main(["plan", "--model", str(REPO / "benchmarks" / "configs" / "llama-3-70b.json"), "--dtype", "bf16",
+                 "--processes", "8", "--sharding", "fsdp"]) == 0
     out = capsys.readouterr().out
     assert "70.6B parameters" in out and "per process" in out
+    assert main(["plan", "--model", str(REPO / "benchmarks" / "configs" / "llama-3-70b.json"), "--quantize-base",
+                 "nf4", "--processes", "2", "--sharding", "fsdp"]) == 2
+    assert "atp refuses it" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(ATPError, match="no model_type"):

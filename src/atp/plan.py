@@ -10,11 +10,13 @@ The parts, in bytes per device:
   generator         the decision generator (fp32 weights, gradients, two AdamW moments), replicated
   activations       what autograd keeps for the backward pass of one micro-batch (counted per decoder layer from its
                     saved tensors), or with --gradient-checkpointing each layer's input plus one layer recomputed
-  logits            the LM head's logits and the loss's log-softmax (fp32), per token and vocabulary entry
+  logits            the LM head's logits and the loss's log-softmax (fp32), and their gradients in the backward
   teacher           weights of a separate teacher (--teacher-params); the self teacher shares the model's weights
   distillation      the teacher's logits and the KL's fp32 buffers over the vocabulary (--distill > 0)
   runtime           the process itself (CPU: the Python, torch and transformers a run imports, measured here; CUDA:
                     the context)
+On CPU the parts are live memory; glibc's malloc keeps freed activations unless its mmap threshold is fixed
+(MALLOC_MMAP_THRESHOLD_=131072), and then a run's peak RSS was up to a third above the plan (docs/scaling.md).
 The training peak is their sum. The export (after training, on the main process) holds the dense model, the
 pruned copy in fp32 and its reload: `export_peak`; a run's peak is the larger of the two.
 """
@@ -31,9 +33,9 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 QUANTIZE = ("none", "nf4", "int8")
 SHARDING = ("ddp", "fsdp")
 NF4_BLOCK, NF4_SCALE_BLOCK = 64, 256  # weights per absmax scale; scales per second-level fp32 scale
-# Resident memory of a CPU process that has imported torch, transformers, peft, accelerate and atp and tokenized
-# its data, before the model is loaded (measured on the SmolLM2 runs in docs/scaling.md). CUDA: the context.
-RUNTIME_BYTES = {"cpu": int(0.55 * GIB), "cuda": int(0.5 * GIB)}
+# Resident memory of a CPU process once torch, transformers, peft, accelerate and atp are imported (measured:
+# 343-398 MiB here, docs/scaling.md). CUDA: the context, which torch's memory counters do not include.
+RUNTIME_BYTES = {"cpu": int(0.35 * GIB), "cuda": int(0.5 * GIB)}
 
 
 def bytes_per_weight(quantize: str, dtype_bytes: int) -> float:
@@ -59,7 +61,7 @@ class PlanOptions:
     distill: float = 0.5
     prune: bool = True
     sparsity: float = 0.4
-    mlp_block: int = 1
+    mlp_block: int = 32  # atp prune's default
     generator_hidden: int = 64
     mixed_precision: str = "no"  # bf16: activations in bf16 under autocast
     attention: str = "sdpa"  # eager keeps the heads x length x length probabilities
@@ -80,6 +82,9 @@ class PlanOptions:
             validation.at_least(getattr(self, name), 1, name)
         if not 0 <= self.distill <= 1:
             raise ATPError(f"--distill must be in [0, 1], got {self.distill}")
+        if self.quantize_base != "none" and self.sharding == "fsdp" and self.processes > 1:
+            raise ATPError("--quantize-base with --sharding fsdp: atp refuses it (accelerate keeps bitsandbytes' "
+                           "uint8 weights whole on every process); plan DDP or one process")
         if not 0 <= self.sparsity < 1:
             raise ATPError(f"--sparsity must be in [0, 1), got {self.sparsity}")
 
@@ -211,7 +216,7 @@ def plan_memory(config, opts: PlanOptions | None = None) -> Plan:
     full = tokens * (space.num_layers * per_layer + outside) * act_bytes
     checkpointed = tokens * (space.num_layers * space.hidden_size + per_layer + outside) * act_bytes
     parts["activations"] = checkpointed if opts.gradient_checkpointing else full
-    parts["logits"] = tokens * space.vocab_size * 4 * 2  # logits, log-softmax
+    parts["logits"] = tokens * space.vocab_size * 4 * 4  # logits, log-softmax and their gradients (backward)
     if opts.teacher_params:
         parts["teacher"] = opts.teacher_params * dtype_bytes
     if opts.distill > 0:
