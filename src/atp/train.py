@@ -667,8 +667,7 @@ class PruneRecipe:
 
     def pruned_lora_norm(self, decisions) -> float:
         """Sum of the LoRA norms of the groups these decisions prune (0.0 exactly once the lasso zeroed them)."""
-        norms = regularization.pruned_norms(self.peft_model, self.space, decisions)
-        return sum(v["sum"] for v in norms.values())
+        return regularization_norm(self.peft_model, self.space, decisions)
 
     def use_generator_decisions(self) -> None:
         """Mask with the generator's deterministic decisions; count the gates that flipped."""
