@@ -1,4 +1,4 @@
-"""Command line: atp prepare | eval | prune | export | bench | compare | demo."""
+"""Command line: atp prepare | eval | prune | export | bench | compare | demo | plan."""
 from __future__ import annotations
 
 import argparse
@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plan", help="predicted peak memory per device of an atp prune run, from the model's config "
+                                    "alone (bf16 or QLoRA base, DDP or FSDP over N processes)")
+    from .plan import add_plan_arguments, run_plan_command
+
+    add_plan_arguments(p)
+    p.set_defaults(func=run_plan_command)
     return parser
 
 

@@ -166,6 +166,9 @@ class ATPConfig:
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute activations in the backward pass to save memory"})
     attn_implementation: str | None = None
+    quantize_base: str = field(default="none", metadata={
+        "help": "QLoRA: hold the frozen decoder projections in 4-bit NF4 or 8-bit (bitsandbytes); LoRA, gates and "
+                "distillation run on them, the export dequantizes to fp32 (none, nf4 or int8)"})
     check_tolerance: float = field(default=1e-3, metadata={
         "help": "export check: the reloaded model's max |logit diff| from the masked model must be at most "
                 "this times the largest |logit| (at least 1)"})
@@ -222,6 +225,9 @@ class ATPConfig:
             raise ATPError(f"--target-warmup must be in [0, 1], got {self.target_warmup}")
         if not 0 <= self.generator_frac <= 1:
             raise ATPError(f"--generator-frac must be in [0, 1], got {self.generator_frac}")
+        from .quantize import check_options
+
+        check_options(self)
         if self.gguf is not None and not str(self.gguf).endswith(".gguf"):
             raise ATPError(f"--gguf takes a path ending in .gguf, got '{self.gguf}'")
         for name, choices in CHOICES.items():
@@ -441,7 +447,7 @@ LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-sc
                  "lora_decisions": "deterministic", "generator_batches": 1, "generator_clip": 0.0, "distill": 0.0,
                  "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
                  "sparsity_of": "prunable", "hidden_block": 32, "packing": False, "recovery": "lora",
-                 "recovery_lr": 5e-5, "qk_block": 4, "protect_outliers": 0.0,
+                 "recovery_lr": 5e-5, "qk_block": 4, "protect_outliers": 0.0, "quantize_base": "none",
                  "compact": False}
 
 

@@ -183,6 +183,7 @@ class PruneRecipe:
         self.outputs = None  # a new run's outputs (atp.rundir.RunOutputs), on the main process
         self.locked = False  # whether this process holds the run folder's lock (the main process does)
         self.compacted, self.compaction = False, {}  # pruned structures physically gone from the trained model
+        self.fsdp, self.export_model = False, None  # FSDP: the model gathered for the export, on the main process
         self.given = dataclasses.asdict(cfg)  # the config as given, for config.yaml
 
     def run(self) -> dict:
@@ -205,11 +206,16 @@ class PruneRecipe:
         train_seconds = time.time() - self.started
         self.accelerator.wait_for_everyone()
         report = {"config": dataclasses.asdict(self.cfg), "train_seconds": train_seconds, "processes": self.world,
-                  "precision": self.precision, "data_sha256": self.data_sha256, "model_sha256": self.model_sha256}
+                  "precision": self.precision, "distributed_type": self.accelerator.distributed_type.value,
+                  "data_sha256": self.data_sha256, "model_sha256": self.model_sha256}
+        if self.fsdp:  # parameters this process held as shards (the frozen base) and whole (LoRA)
+            report["fsdp_sharded_params"] = sum(1 for p in self.peft_model.parameters() if hasattr(p, "to_local"))
+            report["fsdp_replicated_lora_params"] = sum(1 for p in self.lora_params if not hasattr(p, "to_local"))
         final = self.final_decisions()
         if self.cfg.prune and self.world > 1:
             self.check_same_decisions(final)
             report["decisions_identical_across_processes"] = True
+        self.export_model = self.gathered_model() if self.fsdp else None  # every process takes part
         if not self.accelerator.is_main_process:
             return report
         report.update(self.report(final, *self.export(final)))
@@ -240,10 +246,16 @@ class PruneRecipe:
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                        mixed_precision=self.precision["mixed_precision"])
         self.world = self.accelerator.num_processes
+        fsdp_on_cpu(self.accelerator)
         sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+        self.fsdp = self.accelerator.distributed_type.value == "FSDP"
         if cfg.recovery == "full" and sharded:
             raise ATPError(f"--recovery full runs in one process or with DDP; it is not implemented for "
-                           f"{self.accelerator.distributed_type.value} (use --recovery lora)")
+                           f"{self.accelerator.distributed_type.value}: it trains every decoder weight, which "
+                           "sharding splits, under masks of whole rows (use --recovery lora)")
+        if self.fsdp and cfg.quantize_base != "none":
+            raise ATPError("--quantize-base does not shard under FSDP (accelerate keeps bitsandbytes' uint8 weights "
+                           "whole on every process); use DDP or one process with a quantized base")
         set_seed(cfg.seed)
         self.check_run_dir()
         if cfg.gguf and self.accelerator.is_main_process:  # before any work: a GGUF that cannot be written
@@ -258,6 +270,8 @@ class PruneRecipe:
         self.setup_generator()
         self.setup_teacher()
         self.setup_run_dir()
+        if self.fsdp:  # FSDP shards the frozen base; LoRA stays whole on every process (see reduce_lora_grads)
+            self.accelerator.state.fsdp_plugin.ignored_modules = lora_modules(self.peft_model)
         self.peft_model, self.opt_lora = self.accelerator.prepare(self.peft_model, self.opt_lora)
         # The generator stays unwrapped and fp32 on every process: same init, same per-step noise and
         # all-reduced gradients keep its decisions identical across processes.
@@ -347,6 +361,10 @@ class PruneRecipe:
         if not self.resume:  # a resume has them from check_run_dir
             self.model_sha256 = model_sha256(cfg)
         check_supported(self.model.config)
+        if cfg.quantize_base != "none":  # QLoRA: frozen decoder projections in NF4 / int8 on the device
+            from .quantize import quantize_base
+
+            quantize_base(self.model, cfg.quantize_base, device=self.accelerator.device)
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context and cfg.max_length > context:
             self.accelerator.print(f"note: --max-length {cfg.max_length} exceeds the model's context of {context} "
@@ -410,14 +428,14 @@ class PruneRecipe:
 
         cfg, model = self.cfg, self.model
         self.prepare_for_lora(model)
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        self.lora_config = lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=validation.lora_targets_in(model, cfg.lora_targets), task_type="CAUSAL_LM")
         import warnings
 
         with warnings.catch_warnings():  # peft reads transformers 5's deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             self.peft_model = get_peft_model(model, lora)
-        lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        self.lora_params = lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
         self.opt_lora = self.make_lora_optimizer(lora_params)
         self.optimizers = {"lora": self.opt_lora}  # checkpoints hold them as they are before accelerate wraps them
         # a lambda, not the bound method: LambdaLR's state_dict records a callable object's attributes
@@ -508,10 +526,10 @@ class PruneRecipe:
     def compaction_step(self) -> int | None:
         """The step after which the trained model is compacted (atp.compaction): 0 for decisions fixed before
         tuning, the freeze for ATP; None without --compact, when no step follows the decisions, for a pruning space
-        whose masks are not physical removal, or where parameters are sharded."""
+        whose masks are not physical removal, where parameters are sharded, or on a quantized base."""
         cfg = self.cfg
         sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-        if not (cfg.prune and cfg.compact) or not self.space.exact or sharded:
+        if not (cfg.prune and cfg.compact) or not self.space.exact or sharded or cfg.quantize_base != "none":
             return None
         step = 0 if self.two_stage else self.schedule.freeze_at
         return step if step < cfg.max_steps else None
@@ -550,6 +568,7 @@ class PruneRecipe:
                 setattr(accelerator, attribute, [x for x in getattr(accelerator, attribute) if x is not old])
         self.peft_model, self.opt_lora = accelerator.prepare(new_model, optimizer)
         self.optimizers["lora"], self.lr_scheduler = optimizer, scheduler
+        self.lora_params = list(mapping)
         self.compacted = True
         self.compaction = {"step": step, "base_params_before": before, "base_params_after": kept_params(new_model)}
         if verify:
@@ -760,6 +779,7 @@ class PruneRecipe:
                 check_finite(step, task_loss=loss, group_lasso=lasso, loss=total)
                 accelerator.backward(total)
                 if accelerator.sync_gradients:
+                    self.reduce_lora_grads()
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -827,8 +847,7 @@ class PruneRecipe:
         compaction removed them)."""
         if self.compacted:
             return 0.0
-        norms = regularization.pruned_norms(self.peft_model, self.space, decisions)
-        return sum(v["sum"] for v in norms.values())
+        return regularization_norm(self.peft_model, self.space, decisions)
 
     def use_generator_decisions(self) -> None:
         """Mask with the generator's deterministic decisions; count the gates that flipped."""
@@ -870,6 +889,33 @@ class PruneRecipe:
             return self.fixed
         return self.generator.decisions() if self.generator is not None else self.space.full_gates()
 
+    def reduce_lora_grads(self) -> None:
+        """FSDP: LoRA is outside the sharded parameters, so its gradients are averaged here, as DDP would."""
+        if not self.fsdp:
+            return
+        for p in self.lora_params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+
+    def gathered_model(self):
+        """FSDP: the whole trained model, unsharded, on the main process (None elsewhere): every process sends
+        its shards, the main process loads them into a fresh copy with the same LoRA and gate hooks."""
+        from peft import get_peft_model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.peft_model, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=True))
+        if not self.accelerator.is_main_process:
+            return None
+        model, _ = load_model(self.cfg.model, attn_implementation=self.cfg.attn_implementation)
+        model.config.use_cache = False
+        fresh = get_peft_model(model, self.lora_config)
+        fresh.load_state_dict(state)
+        if self.controller is not None:
+            self.controller.remove()
+            self.controller = GateController(fresh, self.space, mode="both")
+        return fresh
+
     def check_same_decisions(self, final: dict) -> None:
         mine = torch.cat([v.flatten() for v in final.values()]).to(self.accelerator.device)
         everyone = self.accelerator.gather(mine.unsqueeze(0))
@@ -880,10 +926,13 @@ class PruneRecipe:
         """Reference logits from the masked LoRA model (fp32), then merge, slice, save, reload and compare.
         Returns (model folder, logits check, exported model, LoRA norm left in pruned groups)."""
         cfg = self.cfg
-        peft_model = self.accelerator.unwrap_model(self.peft_model, keep_fp32_wrapper=False).eval()  # fp32 reference
+        peft_model = self.export_model  # FSDP: gathered
+        if peft_model is None:
+            peft_model = self.accelerator.unwrap_model(self.peft_model, keep_fp32_wrapper=False)
+        peft_model.eval()  # fp32 reference
         examples = self.train_examples
         probe = sample_texts(self.tokenizer, examples[::max(1, len(examples) // 4)][:4])
-        pruned_lora_norm = self.pruned_lora_norm(final) if cfg.prune else 0.0  # what group lasso left in pruned groups
+        pruned_lora_norm = regularization_norm(peft_model, self.space, final) if cfg.prune else 0.0  # what group lasso left in pruned groups
         controller = self.controller
         if controller is not None:
             controller.use("both")  # the export removes both paths
@@ -952,6 +1001,39 @@ class PruneRecipe:
         return {"decisions": diagnostics.encode(final), "decision_weights": diagnostics.compact_weights(weights),
                 "decision_search": search}
 
+def fsdp_on_cpu(accelerator) -> None:
+    """accelerate chooses FSDP only on top of an accelerator (MULTI_GPU and kin; accelerate.state, where it picks
+    the distributed type); launched with an FSDP config on CPU it runs MULTI_CPU, a DDP over gloo. torch's FSDP2
+    itself runs on CPU with gloo, so there atp switches accelerate's state to FSDP with the launcher's FSDP plugin:
+    the same accelerate path (fsdp2_prepare_model) then runs in tests and CPU runs as on GPUs."""
+    import os
+
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if (state.distributed_type == DistributedType.MULTI_CPU
+            and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
+        plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* settings
+        if plugin.fsdp_version != 2:
+            raise ATPError("FSDP on CPU runs with FSDP2 only (fsdp_version: 2 in the accelerate config, e.g. "
+                           "configs/accelerate/fsdp2.yaml)")
+        state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+        PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState() copies it again later
+
+
+def lora_modules(peft_model) -> list:
+    """The LoRA matrices' modules (peft's lora_A / lora_B of every adapter)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [module for layer in peft_model.modules() if isinstance(layer, LoraLayer)
+            for pieces in (layer.lora_A, layer.lora_B) for module in pieces.values()]
+
+
+def regularization_norm(peft_model, space, decisions) -> float:
+    """Sum of the LoRA norms of the groups these decisions prune."""
+    return sum(v["sum"] for v in regularization.pruned_norms(peft_model, space, decisions).values())
+
 
 def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tokenizer, probe, device, out_dir,
                    compacted: bool = False):
@@ -964,7 +1046,12 @@ def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tok
         reference = peft_model(**{k: v.to(device) for k, v in probe.items()}).logits.float().cpu()
         if controller is not None:
             controller.remove()
-    merged = dense = peft_model.merge_and_unload()
+    if cfg.quantize_base != "none":  # dequantized to fp32, LoRA merged
+        from .quantize import dequantize_and_merge
+
+        merged = dense = dequantize_and_merge(peft_model)
+    else:
+        merged = dense = peft_model.merge_and_unload()
     merged.config.use_cache = True
     if cfg.prune and not compacted:
         merged = build_pruned(merged, space.kept_structure(decisions))
@@ -999,11 +1086,17 @@ def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, che
     diff = float((logits - reference)[real].abs().max())
     # fp32 rounding grows with the logits' magnitude, so the tolerance is relative to it (at least 1)
     scale = max(1.0, float(reference[real].abs().max()))
-    allowed = cfg.check_tolerance * scale
-    check.update(max_abs_logit_diff=diff, max_abs_logit=scale, tolerance=cfg.check_tolerance, allowed=allowed,
+    from .quantize import CHECK_TOLERANCE
+
+    tolerance = max(cfg.check_tolerance, CHECK_TOLERANCE.get(cfg.quantize_base, 0.0))
+    allowed = tolerance * scale
+    check.update(max_abs_logit_diff=diff, max_abs_logit=scale, tolerance=tolerance, allowed=allowed,
                  passed=diff <= allowed)
+    if cfg.quantize_base != "none":  # the masked model computed on the quantized base, the export dequantized
+        check["quantize_base"] = cfg.quantize_base
+    # (a quantized run is not rechecked: float64 compares the dequantized model with its slices, not the reference)
     if (diff > allowed and cfg.prune and space.exact and dense is not None
-            and space.total_params() <= FLOAT64_RECHECK_MAX_PARAMS):
+            and space.total_params() <= FLOAT64_RECHECK_MAX_PARAMS and cfg.quantize_base == "none"):
         # Damaged models can carry huge hidden states (1e4 seen), where fp32 rounding alone exceeds the
         # tolerance. Slicing is exact, so in float64 the masked dense model and the export must agree
         # (for exact gate kinds only: a non-exact kind's masked model is not the export).
@@ -1014,7 +1107,7 @@ def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, che
         if not space.exact:
             exact = "; no float64 recheck: the pruning space is not exact (its masks are not physical removal)"
         raise ATPError(f"exported model does not match the masked model: max |logit diff| {diff:.3g} > "
-                       f"{allowed:.3g} ({cfg.check_tolerance:g} x the largest |logit|, {scale:.3g}){exact}")
+                       f"{allowed:.3g} ({tolerance:g} x the largest |logit|, {scale:.3g}){exact}")
 
 
 def exported_sparsity(space, path, of: str) -> float:
