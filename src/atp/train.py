@@ -932,7 +932,8 @@ class PruneRecipe:
         peft_model.eval()  # fp32 reference
         examples = self.train_examples
         probe = sample_texts(self.tokenizer, examples[::max(1, len(examples) // 4)][:4])
-        pruned_lora_norm = regularization_norm(peft_model, self.space, final) if cfg.prune else 0.0  # what group lasso left in pruned groups
+        # what group lasso left in pruned groups (nothing is left of them once compacted)
+        pruned_lora_norm = regularization_norm(peft_model, self.space, final) if cfg.prune and not self.compacted else 0.0
         controller = self.controller
         if controller is not None:
             controller.use("both")  # the export removes both paths
