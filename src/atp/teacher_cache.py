@@ -149,7 +149,7 @@ class TeacherCache:
         store them all; returns how many were computed."""
         from tqdm.auto import tqdm
 
-        from .data import collate
+        from .data import pad
         from .models import rng_untouched
 
         todo, seen = [], set(self.index)
@@ -167,8 +167,8 @@ class TeacherCache:
         with rng_untouched(), torch.no_grad():
             for start in bar:
                 chunk = todo[start : start + FILL_BATCH]
-                batch = {k: v.to(device) for k, v in collate([row for _, row in chunk], pad_id).items()
-                         if k != "labels"}
+                input_ids, attention_mask = pad([row["input_ids"] for _, row in chunk], pad_id)
+                batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
                 targets = top_k_targets(teacher_logits(batch), self.k, self.ident["temperature"])
                 for r, (key, row) in enumerate(chunk):
                     n = len(row["input_ids"])

@@ -490,6 +490,7 @@ class PruneRecipe:
             if cache is not None:
                 model = accelerator.unwrap_model(self.peft_model).to(accelerator.device)  # as prepare() would
                 was_training = model.training
+                model.eval()  # no dropout in the targets (as atp compare's pre-pass computes them)
                 cache.fill(self.train_rows, self.teacher.logits, self.tokenizer.pad_token_id, accelerator.device,
                            self.progress)
                 model.train(was_training)
