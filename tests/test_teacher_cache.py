@@ -189,3 +189,14 @@ def test_atp_run_with_the_cache_frees_the_teacher_and_resumes_bit_exact(tiny_mod
     assert resumed["teacher_cache"]["computed_examples"] == 0
     a, b = (load_file(str(d / "model" / "model.safetensors")) for d in (tmp_path / "run", run))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_top_k_option_is_checked_and_changes_the_fingerprint():
+    from atp.config import ATPConfig, fingerprint
+    from atp.errors import ATPError
+
+    with pytest.raises(ATPError, match="--distill-top-k must be at least 0"):
+        ATPConfig(distill_top_k=-1).validate()
+    default = fingerprint(ATPConfig())
+    assert fingerprint(ATPConfig(distill_top_k=16)) != default == fingerprint(ATPConfig(distill_top_k=0))
+    assert fingerprint(ATPConfig(distill=0, distill_top_k=16)) == fingerprint(ATPConfig(distill=0))  # inert then
