@@ -1,6 +1,8 @@
 """--distill-top-k: the top-k + rest-bucket KL, and the teacher cache under $ATP_HOME (atp.teacher_cache)."""
+import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,3 +202,50 @@ def test_top_k_option_is_checked_and_changes_the_fingerprint():
     default = fingerprint(ATPConfig())
     assert fingerprint(ATPConfig(distill_top_k=16)) != default == fingerprint(ATPConfig(distill_top_k=0))
     assert fingerprint(ATPConfig(distill=0, distill_top_k=16)) == fingerprint(ATPConfig(distill=0))  # inert then
+
+
+def test_packed_full_recovery_run_reads_every_batch_from_the_cache(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    from atp.train import train
+
+    monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
+    calls = count_teacher_forwards(monkeypatch)
+    report = train(cfg_for(tiny_model_dir, train_file, tmp_path / "run", max_steps=4, generator_frac=0.5, distill=0.5,
+                           distill_top_k=16, packing=True, compact=False, recovery="full"), progress=False)
+    fill = -(-report["teacher_cache"]["computed_examples"] // 8)
+    assert calls["n"] == fill + 2  # packed training batches never ran the live teacher: only generator steps 1-2
+    assert report["teacher_cache"]["live_teacher_freed_at"] == 2  # no dense copy for the full recovery
+    assert report["logits_check"]["passed"]
+
+
+def test_compare_fills_each_cache_once_before_the_cells(tiny_model_dir, train_file, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from atp import teacher_cache
+    from atp.compare import CompareSpec, cells, fill_teacher_caches
+    from atp.train import train
+
+    monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
+    config = yaml.safe_load((Path(__file__).parent / "compare_tiny.yaml").read_text())
+    config.update(model=str(tiny_model_dir), out=str(tmp_path / "cmp"))
+    config["train"]["distill_top_k"] = 16
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(config))
+    spec = CompareSpec.load(path)
+    filled = []
+    monkeypatch.setattr(teacher_cache, "fill_for_config", lambda cfg, progress: filled.append(cfg) or None)
+    fill_teacher_caches(spec, cells(spec), progress=False)
+    assert len(filled) == 1  # atp and taylor cells (three seeds) share teacher, data and length
+    config["train"]["distill_top_k"] = 0
+    path.write_text(yaml.safe_dump(config))
+    filled.clear()
+    fill_teacher_caches(CompareSpec.load(path), cells(CompareSpec.load(path)), progress=False)
+    assert not filled
+    monkeypatch.undo()
+    # the pre-pass fills what the run then reads, without computing anything again
+    monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
+    cfg = cfg_for(tiny_model_dir, train_file, tmp_path / "run", max_steps=2, distill_top_k=16)
+    stats = teacher_cache.fill_for_config(dataclasses.replace(cfg), progress=False)
+    report = train(cfg, progress=False)
+    assert stats["computed_examples"] > 0 and report["teacher_cache"]["key"] == stats["key"]
+    assert report["teacher_cache"]["computed_examples"] == 0
+    assert report["teacher_cache"]["loaded_examples"] == stats["computed_examples"]
