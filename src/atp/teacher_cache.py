@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 import typing
-import warnings
 from pathlib import Path
 
 import torch
@@ -116,7 +116,8 @@ class TeacherCache:
             if keys.shape[0] + 1 != len(offsets) or tensors["ids"].shape[1] != self.k:
                 raise ValueError("its tables do not agree")
         except (OSError, ValueError, KeyError, json.JSONDecodeError, RuntimeError) as err:
-            warnings.warn(f"teacher cache {self.folder} is unreadable ({err}); computing it again", stacklevel=2)
+            print(f"atp: warning: teacher cache {self.folder} is unreadable ({err}); computing it again",
+                  file=sys.stderr)
             self.stats["corrupt_recomputed"] = True
             return
         self.ids, self.logprobs, self.rest = tensors["ids"], tensors["logprobs"], tensors["rest"]
