@@ -220,7 +220,7 @@ def test_packed_full_recovery_run_reads_every_batch_from_the_cache(tiny_model_di
     assert report["logits_check"]["passed"]
 
 
-def test_compare_fills_each_cache_once_before_the_cells(tiny_model_dir, train_file, tmp_path, monkeypatch, capsys):
+def test_compare_fills_each_cache_once_before_the_cells(tiny_model_dir, train_file, tmp_path, monkeypatch):
     import yaml
 
     from atp import teacher_cache
