@@ -433,8 +433,36 @@ def check_compare_folder(spec: CompareSpec) -> None:
                        "choose a new or empty folder")
 
 
+def fill_teacher_caches(spec: CompareSpec, todo: list, progress: bool) -> None:
+    """Before the cells: fill the teacher cache (--distill-top-k) of each distinct teacher, data and length once,
+    so that no cell's time includes it. A failure is left for the cell to report."""
+    from .teacher_cache import fill_for_config
+
+    done = set()
+    for cell in todo:
+        cfg = cell_config(spec, cell) if cell.method != "dense" else None
+        if cfg is None or not (cfg.distill and cfg.distill_top_k) or run_state(cfg)[0] == "trained":
+            continue
+        group = (cfg.model, cfg.teacher, cfg.domain, cfg.data_dir, tuple(cfg.train_files), cfg.max_length, cfg.prune,
+                 cfg.calib_fraction, cfg.distill_top_k, cfg.distill_temperature)
+        if group in done:
+            continue
+        done.add(group)
+        print(f"teacher cache for {cell.domain} (top {cfg.distill_top_k}, max length {cfg.max_length})", flush=True)
+        try:
+            stats = fill_for_config(cfg, progress)
+        except ATPError as err:
+            print(f"  not filled: {err}", flush=True)
+            continue
+        if stats is not None:
+            print(f"  {stats['computed_examples']} examples computed, {stats['loaded_examples']} cached already",
+                  flush=True)
+
+
 def _run_cells(spec: CompareSpec, todo: list, report_only: bool, progress: bool) -> int:
     earlier = [finished(spec, cell) for cell in todo]  # refuses changed settings before anything runs
+    if not report_only:
+        fill_teacher_caches(spec, [cell for cell, result in zip(todo, earlier) if result is None], progress)
     results, failed = [], []
     for i, (cell, result) in enumerate(zip(todo, earlier), 1):
         if result is None and not report_only:

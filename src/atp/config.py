@@ -138,6 +138,11 @@ class ATPConfig:
                 f"T^2 * KL(teacher || model) over every real token (0: task loss only; default {DEFAULT_DISTILL} "
                 "when pruning, 0 with --no-prune). It makes a step about 1.5-1.7x as long on a CPU"})
     distill_temperature: float = field(default=1.0, metadata={"help": "distillation temperature T"})
+    distill_top_k: int = field(default=0, metadata={
+        "help": "distil the teacher's K most likely tokens and one bucket for the rest of its probability mass, "
+                "from targets computed once per teacher, data and --max-length and cached under "
+                "$ATP_HOME/teacher-cache (reused by every epoch, seed, resume and compare cell; the dense self "
+                "teacher is then freed once the decisions are fixed); 0: the full logits of a live teacher"})
     teacher: str = field(default="self", metadata={
         "help": "distillation teacher: self (the dense pretrained model: adapters disabled, gates open, no extra "
                 "memory) or a run directory made by `atp prune --no-prune` on the same domain (a dense + LoRA "
@@ -215,6 +220,8 @@ class ATPConfig:
             raise ATPError(f"--generator-ema must be in [0, 1) (the moving average's decay), got {self.generator_ema}")
         if not 0 <= self.distill <= 1:
             raise ATPError(f"--distill must be in [0, 1] (the weight of the distillation loss), got {self.distill}")
+        if not self.distill_top_k >= 0:
+            raise ATPError(f"--distill-top-k must be at least 0 (0: full logits), got {self.distill_top_k}")
         if not self.distill_temperature > 0:
             raise ATPError(f"--distill-temperature must be greater than 0, got {self.distill_temperature}")
         if not 0 <= self.lora_dropout < 1:
@@ -448,7 +455,7 @@ LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-sc
                  "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
                  "sparsity_of": "prunable", "hidden_block": 32, "packing": False, "recovery": "lora",
                  "recovery_lr": 5e-5, "qk_block": 4, "protect_outliers": 0.0, "quantize_base": "none",
-                 "compact": False}
+                 "compact": False, "distill_top_k": 0}
 
 
 def inert_options(cfg: ATPConfig) -> set[str]:
@@ -466,7 +473,7 @@ def inert_options(cfg: ATPConfig) -> set[str]:
     if not cfg.prune:
         inert.add("compact")
     if cfg.distill == 0:
-        inert |= {"distill_temperature", "teacher"}
+        inert |= {"distill_temperature", "teacher", "distill_top_k"}
     if "hidden" not in cfg.space:
         inert |= {"hidden_block", "protect_outliers"}
     if "qk-dims" not in cfg.space:

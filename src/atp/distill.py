@@ -11,6 +11,9 @@ Teachers:
              pretrained model: no extra memory, one extra forward pass without gradients;
   RUN_DIR    a dense + LoRA run on the same domain (`atp prune --no-prune`), loaded from RUN_DIR/model:
              Minitron's "teacher correction", a teacher that already knows the domain.
+
+With --distill-top-k K the KL is over the teacher's top K tokens and one bucket for the rest of its mass
+(topk_kd_loss), from targets computed once and cached on disk (atp.teacher_cache).
 """
 from __future__ import annotations
 
@@ -31,6 +34,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
     student = F.log_softmax(student_logits.float() / t, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
     per_position = (teacher.exp() * (teacher - student)).sum(dim=-1)
+    mask = mask.to(per_position.dtype)
+    count = tokens if tokens is not None else mask.sum().clamp_min(1.0)
+    return (per_position * mask).sum() / count * (t * t)
+
+
+def topk_kd_loss(student_logits: torch.Tensor, targets, mask: torch.Tensor, temperature: float = 1.0,
+                 tokens: int | None = None) -> torch.Tensor:
+    """kd_loss over k + 1 buckets (atp.teacher_cache.TopK targets): the teacher's top-k tokens and the rest of its
+    mass, against the student's probabilities of those tokens and of all others. Equal to kd_loss when k is the
+    vocabulary size; the same temperature, T^2 scaling, mask and token normalisation."""
+    t = temperature
+    student = F.log_softmax(student_logits.float() / t, dim=-1)
+    student_top = student.gather(-1, targets.ids)
+    # log(1 - sum of the student's top-k probabilities), clamped where that mass rounds to nothing
+    student_rest = torch.log((-torch.expm1(student_top.logsumexp(dim=-1))).clamp_min(1e-30))
+    teacher_top, teacher_rest = targets.logprobs.float(), targets.rest.float()
+    rest_mass = teacher_rest.exp()
+    rest_log = torch.where(rest_mass > 0, teacher_rest, torch.zeros_like(teacher_rest))  # no 0 * -inf
+    per_position = ((teacher_top.exp() * (teacher_top - student_top)).sum(dim=-1)
+                    + rest_mass * (rest_log - student_rest))
     mask = mask.to(per_position.dtype)
     count = tokens if tokens is not None else mask.sum().clamp_min(1.0)
     return (per_position * mask).sum() / count * (t * t)

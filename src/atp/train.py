@@ -77,6 +77,12 @@ def load_training_examples(cfg: ATPConfig):
     return examples
 
 
+def split_calibration(cfg: ATPConfig, examples: list) -> tuple[list, list]:
+    """Training and calibration examples: when pruning, the first calib_fraction of them are held out."""
+    calib_count = max(1, int(len(examples) * cfg.calib_fraction)) if cfg.prune else 0
+    return examples[calib_count:], examples[:calib_count]
+
+
 def tokenize_all(tokenizer, examples, max_length):
     from .data import tokenize_example
 
@@ -211,6 +217,8 @@ class PruneRecipe:
         if self.fsdp:  # parameters this process held as shards (the frozen base) and whole (LoRA)
             report["fsdp_sharded_params"] = sum(1 for p in self.peft_model.parameters() if hasattr(p, "to_local"))
             report["fsdp_replicated_lora_params"] = sum(1 for p in self.lora_params if not hasattr(p, "to_local"))
+        if self.cfg.distill and self.cfg.distill_top_k:  # whether the teacher was cached, and when it was freed
+            report["teacher_cache"] = self.teacher_cache.stats if self.teacher_cache is not None else None
         final = self.final_decisions()
         if self.cfg.prune and self.world > 1:
             self.check_same_decisions(final)
@@ -400,9 +408,9 @@ class PruneRecipe:
         scores); endless shuffled batch streams over both."""
         cfg, pad_id = self.cfg, self.tokenizer.pad_token_id
         examples = load_training_examples(cfg)
-        calib_count = max(1, int(len(examples) * cfg.calib_fraction)) if cfg.prune else 0
-        self.train_examples, calib_examples = examples[calib_count:], examples[:calib_count]
+        self.train_examples, calib_examples = split_calibration(cfg, examples)
         rows, self.truncated = tokenize_all(self.tokenizer, self.train_examples, cfg.max_length)
+        self.train_rows = rows
         calib_length = cfg.calib_max_length or max(16, cfg.max_length // 2)
         self.calib_rows, _ = tokenize_all(self.tokenizer, calib_examples, calib_length)
         needed = cfg.batch_size * self.world
@@ -475,7 +483,7 @@ class PruneRecipe:
         """With --distill: the teacher whose next-token distributions the model matches (atp.distill)."""
         from .distill import ModelTeacher, SelfTeacher
 
-        self.teacher = None
+        self.teacher = self.teacher_cache = None
         if self.cfg.distill == 0:
             return
         if self.cfg.teacher == "self":
@@ -483,6 +491,43 @@ class PruneRecipe:
             self.teacher = SelfTeacher(self.peft_model, gates_off)
         else:
             self.teacher = ModelTeacher.from_run(self.cfg.teacher, self.accelerator.device, self.model.config.vocab_size)
+        if self.cfg.distill_top_k:
+            self.setup_teacher_cache()
+
+    def setup_teacher_cache(self) -> None:
+        """--distill-top-k: every training row's targets in the cache (the main process computes those missing
+        while the others wait); where no generator step follows, the live teacher goes at once."""
+        from . import teacher_cache
+
+        cfg, accelerator = self.cfg, self.accelerator
+        vocab = self.model.config.vocab_size
+        opened = lambda: teacher_cache.open_for_run(cfg, self.model_sha256, data_sha256(cfg), vocab,  # noqa: E731
+                                                    note=accelerator.print)
+        if accelerator.is_main_process:
+            cache = opened()
+            if cache is not None:
+                model = accelerator.unwrap_model(self.peft_model).to(accelerator.device)  # as prepare() would
+                was_training = model.training
+                model.eval()  # no dropout in the targets (as atp compare's pre-pass computes them)
+                cache.fill(self.train_rows, self.teacher.logits, self.tokenizer.pad_token_id, accelerator.device,
+                           self.progress)
+                model.train(was_training)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            cache = opened()
+        if cache is None:
+            return
+        cache.restrict(self.train_rows)
+        self.teacher_cache = cache
+        if not self.schedule.learns_decisions:  # no generator steps, the only ones that need the live teacher
+            self.release_live_teacher(0)
+
+    def release_live_teacher(self, step: int) -> None:
+        """With every training row cached and no generator step left, the live teacher (for the self teacher after
+        compaction or --recovery full: a dense copy of the model) is not needed: free it."""
+        if self.teacher_cache is not None and self.teacher is not None:
+            self.teacher = None
+            self.teacher_cache.stats["live_teacher_freed_at"] = step
 
     def setup_fixed_decisions(self) -> None:
         """Two-stage baselines: decisions fixed on the pretrained model before tuning (atp.baselines); a resumed
@@ -555,8 +600,10 @@ class PruneRecipe:
             new_model, dense, mapping = compact(model, self.space.kept_structure(decisions), self.prepare_for_lora)
         self.controller.remove()
         self.controller = None
+        self.release_live_teacher(step)
         if isinstance(self.teacher, SelfTeacher):
             self.teacher = SelfTeacher(dense.requires_grad_(False).eval(), contextlib.nullcontext)
+        del dense
         old_optimizer, lr = self.optimizers["lora"], self.optimizers["lora"].param_groups[0]["lr"]
         optimizer = compact_optimizer(old_optimizer, mapping, self.make_lora_optimizer)
         factor = self.schedule.lora_lr_factor
@@ -683,14 +730,24 @@ class PruneRecipe:
         out = self.peft_model(**batch, num_items_in_batch=data.tokens)
         task = out.loss * self.world
         self.loss_parts = {"task": task.detach()}
-        if self.teacher is None:
+        if self.cfg.distill == 0:
             return task
-        from .distill import kd_loss
+        from .distill import kd_loss, topk_kd_loss
+        from .teacher_cache import top_k_targets
 
-        with self.accelerator.autocast():
-            teacher_logits = self.teacher.logits(batch)
-        kd = kd_loss(out.logits, teacher_logits, data.mask.to(out.logits.device), self.cfg.distill_temperature,
-                     tokens=data.real) * self.world  # normalised by the global batch's real tokens, as task is
+        mask, t, k = data.mask.to(out.logits.device), self.cfg.distill_temperature, self.cfg.distill_top_k
+        targets = self.teacher_cache.lookup(batch, mask) if self.teacher_cache is not None else None
+        if targets is None and self.teacher is None:
+            raise ATPError("internal error: a training batch is missing from the teacher cache and the live teacher "
+                           "was freed; run with --distill-top-k 0 and report it")
+        if targets is None:
+            with self.accelerator.autocast():
+                teacher_logits = self.teacher.logits(batch)
+            if k:  # a calibration batch, or no cache: the live teacher's top k
+                targets = top_k_targets(teacher_logits, k, t)
+        # normalised by the global batch's real tokens, as task is
+        kd = (topk_kd_loss(out.logits, targets, mask, t, tokens=data.real) if targets is not None
+              else kd_loss(out.logits, teacher_logits, mask, t, tokens=data.real)) * self.world
         self.loss_parts["kd"] = kd.detach()
         return (1 - self.cfg.distill) * task + self.cfg.distill * kd
 
@@ -806,6 +863,7 @@ class PruneRecipe:
 
         cfg, accelerator = self.cfg, self.accelerator
         model = accelerator.unwrap_model(self.peft_model)
+        self.release_live_teacher(self.schedule.full_from - 1)
         if isinstance(self.teacher, SelfTeacher) and not self.compacted:  # (compaction gave it its own copy)
             self.teacher = SelfTeacher(copy.deepcopy(model).requires_grad_(False), self.teacher.gates_off)
         with torch.no_grad():
