@@ -1,7 +1,6 @@
 """Issue 34: the authors' search as one preset (--recipe paper) and fixed decisions from another run
 (--decisions-from)."""
 import dataclasses
-import json
 import math
 
 import pytest
@@ -9,7 +8,6 @@ import torch
 
 from atp.config import ATPConfig, fingerprint
 from atp.errors import ATPError
-from atp.regularization import group_sq_norms
 from atp.schedule import Schedule
 from atp.train import PruneRecipe, train
 from helpers import cfg_for
