@@ -101,7 +101,7 @@ def test_no_mask_lora_masks_only_the_frozen_output_path():
     space = PruningSpace.from_config(model.config, mlp_block=4)
     gates, x = random_gates(space), ids()
     ctl = GateController(model, space, mask_lora=False)
-    assert ctl.mode == "frozen-output" and set(MASK_MODES) == {"both", "frozen", "frozen-output"}
+    assert ctl.mode == "frozen-output" and set(MASK_MODES) == {"both", "frozen", "frozen-output", "frozen-qkv"}
     ctl.remove()
     ablation = logits_under(model, space, gates, x, "frozen-output")
     with torch.no_grad():

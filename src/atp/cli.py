@@ -22,7 +22,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls) -> None:
         kind = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
-        if kind is bool:
+        if kind is bool or kind == (bool | None):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is list:
             name = "--train-file" if f.name == "train_files" else flag

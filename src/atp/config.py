@@ -21,6 +21,21 @@ from .schedule import Schedule
 DEFAULT_DISTILL = 0.5
 MIN_LENGTH = 2  # tokens of a sequence with a next-token loss: one to read, one to predict
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# --recipe: the defaults of the options each recipe sets (an option given explicitly wins). "paper": the search of
+# the authors' released code (LoRA-aware forward on the q/k/v and gate/up outputs only, a back-loaded proximal
+# lasso, the full target from the first step, AdamW 1e-3 clipped at 1.0, soft Gumbel-sigmoid gates at T 0.4,
+# sampled masks in LoRA steps, no distillation in generator steps, calibration at the training length)
+RECIPES = {
+    "default": {"lora_mask": "frozen", "lasso": "ramp", "target_warmup": 0.5, "generator_lr": 1e-2,
+                "generator_clip": 0.0, "temperature": 1.0, "generator_gates": "hard",
+                "lora_decisions": "deterministic", "distill_generator": True},
+    "paper": {"lora_mask": "frozen-qkv", "lasso": "exp-ramp", "target_warmup": 0.0, "generator_lr": 1e-3,
+              "generator_clip": 1.0, "temperature": 0.4, "generator_gates": "soft",
+              "lora_decisions": "sampled", "distill_generator": False},
+}
+# --lam's default per --lasso: exp-ramp's threshold is lam * growth * LoRA lr * a layer's share of the pruned
+# groups, with the authors' 50000 (alignment_function_llm.py groupproximal, train_llm_disp.py grad_mul)
+DEFAULT_LAM = {"ramp": 1.0, "lr-scaled": 1.0, "exp-ramp": 50000.0}
 
 
 _space_help = "what to prune (repeat the flag for several): " + "; ".join(
@@ -67,6 +82,15 @@ class ATPConfig:
     round_to: int = field(default=0, metadata={
         "help": "keep MLP widths at multiples of this many channels (a multiple of --mlp-block), for "
                 "hardware-friendly shapes"})
+    recipe: str = field(default="default", metadata={
+        "help": "a set of defaults: default, or paper (the authors' search: --lora-mask frozen-qkv, --lasso exp-ramp, "
+                "--target-warmup 0, --generator-lr 1e-3, --generator-clip 1.0, --temperature 0.4, --generator-gates "
+                "soft, --lora-decisions sampled, --no-distill-generator, --calib-max-length at --max-length); an "
+                "option given explicitly wins"})
+    decisions_from: str | None = field(default=None, metadata={
+        "help": "a finished run directory whose final decisions (report.json) this run uses as fixed two-stage "
+                "decisions: no generator, compaction at step 0 (the run must have the same model shape and pruning "
+                "space)"})
     max_steps: int = field(default=200, metadata={"help": "training steps (optimizer updates)"})
     batch_size: int = 4
     grad_accum: int = 1
@@ -81,13 +105,21 @@ class ATPConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    generator_lr: float = 1e-2
+    generator_lr: float | None = field(default=None, metadata={
+        "help": "the generator's AdamW learning rate (by --recipe: 1e-2, paper 1e-3)"})
     generator_hidden: int = 64
-    temperature: float = 1.0  # shapes only the straight-through gradient (0.4 before 041ec9a; docs/benchmarks.md)
+    temperature: float | None = field(default=None, metadata={
+        "help": "Gumbel-sigmoid temperature of the generator's gates: with --generator-gates hard it shapes only the "
+                "straight-through gradient (by --recipe: 1.0, paper 0.4)"})
+    generator_gates: str | None = field(default=None, metadata={
+        "help": "gate values in generator steps: hard (0/1 decisions forward, sigmoid gradients backward) or soft "
+                "(the Gumbel-sigmoid values themselves, as the authors' code; the ratio loss still counts hard "
+                "decisions) (by --recipe: hard, paper soft)"})
     offset: float = 3.0
     generator_every: int = field(default=2, metadata={"help": "one generator step per this many LoRA steps"})
     calib_max_length: int | None = field(default=None, metadata={
-        "help": "token length of calibration sequences for generator steps (default: max_length // 2)"})
+        "help": "token length of calibration sequences for generator steps (default: max_length // 2; with "
+                "--recipe paper max_length)"})
     generator_frac: float = field(default=0.6, metadata={
         "help": "freeze the generator after this fraction of steps; LoRA then finishes on fixed decisions "
                 "(1.0: the generator trains to the end and is calibrated to the target just before export)"})
@@ -99,32 +131,39 @@ class ATPConfig:
     calib_batches: int = field(default=8, metadata={
         "help": "calibration batches for the importance scores of the taylor and activation baselines"})
     alpha: float = field(default=50.0, metadata={"help": "weight of the parameter-ratio loss"})
-    target_warmup: float = field(default=0.5, metadata={
-        "help": "fraction of the generator phase over which the ratio target moves from 1 to 1 - sparsity"})
-    lam: float = field(default=1.0, metadata={
+    target_warmup: float | None = field(default=None, metadata={
+        "help": "fraction of the generator phase over which the ratio target moves from 1 to 1 - sparsity (0: the "
+                "full target from the first step) (by --recipe: 0.5, paper 0)"})
+    lam: float | None = field(default=None, metadata={
         "help": "group-lasso strength. With --lasso ramp: the proximal threshold is min(1, lam * step / freeze step) "
                 "times the largest pruned group's LoRA norm, so lam >= 1 zeroes every pruned group by the freeze; "
                 "with --lasso lr-scaled: the lasso loss weight. 0 turns group lasso off (an ablation); not used by "
-                "the two-stage baselines"})
-    lasso: str = field(default="ramp", metadata={
+                "the two-stage baselines; with --lasso exp-ramp: see there (default 1, with exp-ramp 50000)"})
+    lasso: str | None = field(default=None, metadata={
         "help": "group lasso on the LoRA of pruned groups: ramp (a proximal step whose threshold grows to the "
-                "largest pruned group's norm at the freeze, independent of Adam's step size) or lr-scaled (lam * group "
-                "lasso in the loss and a proximal threshold of lr * lam)"})
+                "largest pruned group's norm at the freeze, independent of Adam's step size), lr-scaled (lam * group "
+                "lasso in the loss and a proximal threshold of lr * lam) or exp-ramp (the authors': after each LoRA "
+                "step of the generator phase a proximal threshold of lam * (e^(t/T) - 1) / (e - 1) * LoRA lr * the "
+                "layer's share of the pruned groups of that kind, T the freeze step; every pruned group cut to zero "
+                "at the freeze) (by --recipe: ramp, paper exp-ramp)"})
     proximal: bool = field(default=True, metadata={
         "help": "with --lasso lr-scaled, also take the proximal step (--no-proximal: the loss term only)"})
-    lora_mask: str = field(default="frozen", metadata={
+    lora_mask: str | None = field(default=None, metadata={
         "help": "where a pruning decision acts in LoRA steps while the generator searches: frozen (the frozen "
-                "weights of the structure only; its LoRA keeps learning until group lasso zeroes it: the paper's "
-                "LoRA-aware forward), both (frozen and LoRA paths: a moving two-stage mask, an ablation), or "
+                "weights of the structure only; its LoRA keeps learning until group lasso zeroes it), frozen-qkv "
+                "(the frozen outputs of q/k/v and gate/up only: a pruned structure's LoRA activation still leaves "
+                "through the frozen o_proj / down_proj, as in the authors' code), both (frozen and LoRA paths: a moving two-stage mask, an ablation), or "
                 "frozen-output (the frozen path of o_proj/down_proj only, an ablation). "
-                "Generator steps, and every step after the generator freezes, mask both paths"})
-    lora_decisions: str = field(default="deterministic", metadata={
+                "Generator steps, and every step after the generator freezes, mask both paths (by --recipe: frozen, paper "
+                "frozen-qkv)"})
+    lora_decisions: str | None = field(default=None, metadata={
         "help": "decisions that mask LoRA steps in the generator phase: deterministic (the generator's hard "
-                "decisions) or sampled (a fresh Gumbel sample each step: structured dropout)"})
+                "decisions) or sampled (a fresh hard Gumbel sample every LoRA step: structured dropout) (by --recipe: "
+                "deterministic, paper sampled)"})
     generator_batches: int = field(default=1, metadata={
         "help": "calibration batches per generator step (their task losses are averaged; more batches, less noise)"})
-    generator_clip: float = field(default=0.0, metadata={
-        "help": "clip the generator's gradient norm to this (0: no clipping)"})
+    generator_clip: float | None = field(default=None, metadata={
+        "help": "clip the generator's gradient norm to this (0: no clipping) (by --recipe: 0, paper 1.0)"})
     generator_ema: float = field(default=0.0, metadata={
         "help": "decay of an exponential moving average of the gate logits, updated after each generator step; "
                 "the decisions that mask LoRA steps, and those calibrated at the freeze, follow the average "
@@ -137,6 +176,9 @@ class ATPConfig:
         "help": "knowledge distillation weight w: LoRA and generator steps minimise (1 - w) * task loss + w * "
                 f"T^2 * KL(teacher || model) over every real token (0: task loss only; default {DEFAULT_DISTILL} "
                 "when pruning, 0 with --no-prune). It makes a step about 1.5-1.7x as long on a CPU"})
+    distill_generator: bool | None = field(default=None, metadata={
+        "help": "with --distill, distil in generator steps too (--no-distill-generator: generator steps minimise the "
+                "task loss alone; LoRA steps keep distillation) (by --recipe: on, paper off)"})
     distill_temperature: float = field(default=1.0, metadata={"help": "distillation temperature T"})
     distill_top_k: int = field(default=0, metadata={
         "help": "distil the teacher's K most likely tokens and one bucket for the rest of its probability mass, "
@@ -184,6 +226,14 @@ class ATPConfig:
     def __post_init__(self) -> None:
         if self.distill is None:
             self.distill = DEFAULT_DISTILL if self.prune is True else 0.0
+        # options left unset take the recipe's default (an unknown recipe is reported by validate)
+        for name, value in RECIPES.get(self.recipe, RECIPES["default"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.lam is None:
+            self.lam = DEFAULT_LAM.get(self.lasso, 1.0)
+        if self.recipe == "paper" and self.calib_max_length is None:
+            self.calib_max_length = self.max_length
 
     def validate(self) -> None:
         """Every value checked before any work starts: types, ranges, choices, and the training data named."""
@@ -254,6 +304,12 @@ class ATPConfig:
             raise ATPError(f"--uniform and --round-to apply to the generator's decisions (atp, frozen-generator), "
                            f"not to --method {self.method}")
         self.check_recovery()
+        if self.decisions_from is not None:
+            if not self.prune:
+                raise ATPError("--decisions-from gives pruning decisions; --no-prune has none (drop one of them)")
+            if self.method != "atp":
+                raise ATPError(f"--decisions-from fixes the decisions itself; it cannot be combined with --method "
+                               f"{self.method} (leave --method at atp)")
         if not self.domain and not self.train_files:
             raise ATPError("give training data: --domain NAME or --train-file TASK=PATH")
         self.check_data_names()
@@ -333,8 +389,9 @@ def check_types(values: dict, where: str | None = None) -> None:
         raise ATPError(f"{label} must be {what}, got {value!r}{hint}")
 
 
-CHOICES = {"gguf_type": ("f32", "f16", "q8_0", "q4_0"), "lasso": ("ramp", "lr-scaled"), "lora_mask": ("frozen", "both", "frozen-output"),
-           "lora_decisions": ("deterministic", "sampled"), "ratio_penalty": ("log", "lagrangian"),
+CHOICES = {"gguf_type": ("f32", "f16", "q8_0", "q4_0"), "lasso": ("ramp", "lr-scaled", "exp-ramp"),
+           "lora_mask": ("frozen", "frozen-qkv", "both", "frozen-output"), "recipe": tuple(RECIPES),
+           "generator_gates": ("hard", "soft"), "lora_decisions": ("deterministic", "sampled"), "ratio_penalty": ("log", "lagrangian"),
            "sparsity_of": ("prunable", "model"), "recovery": ("lora", "full")}
 
 
@@ -455,7 +512,8 @@ LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-sc
                  "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
                  "sparsity_of": "prunable", "hidden_block": 32, "packing": False, "recovery": "lora",
                  "recovery_lr": 5e-5, "qk_block": 4, "protect_outliers": 0.0, "quantize_base": "none",
-                 "compact": False, "distill_top_k": 0}
+                 "compact": False, "distill_top_k": 0, "recipe": "default", "decisions_from": None,
+                 "generator_gates": "hard", "distill_generator": True}
 
 
 def inert_options(cfg: ATPConfig) -> set[str]:
@@ -468,12 +526,13 @@ def inert_options(cfg: ATPConfig) -> set[str]:
         inert.add("recovery_lr")
     if not Schedule.from_config(cfg).learns_decisions:  # no LoRA steps under the generator's decisions
         inert |= {"lasso", "lora_mask", "lora_decisions"}
-    if not cfg.prune or cfg.method in SCORED:  # no generator at all
-        inert |= {"generator_batches", "generator_clip", "generator_ema", "ratio_penalty"}
+    if not cfg.prune or cfg.method in SCORED or cfg.decisions_from:  # no generator at all
+        inert |= {"generator_batches", "generator_clip", "generator_ema", "ratio_penalty", "generator_gates",
+                  "distill_generator"}
     if not cfg.prune:
         inert.add("compact")
     if cfg.distill == 0:
-        inert |= {"distill_temperature", "teacher", "distill_top_k"}
+        inert |= {"distill_temperature", "teacher", "distill_top_k", "distill_generator"}
     if "hidden" not in cfg.space:
         inert |= {"hidden_block", "protect_outliers"}
     if "qk-dims" not in cfg.space:

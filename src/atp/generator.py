@@ -1,7 +1,8 @@
 """Pruning-decision generator: learned per-layer inputs -> bi-GRU -> per-layer heads -> one logit per gate (a
 model-wide kind, hidden channels, has one head reading the mean of the layers' states).
 
-Training mode samples Gumbel-sigmoid gates with a straight-through hard threshold; eval mode returns
+Training mode samples Gumbel-sigmoid gates with a straight-through hard threshold (with `soft`: the
+Gumbel-sigmoid values themselves, as the authors' generator steps use them); eval mode returns
 deterministic hard decisions (logit + offset > 0). The offset starts every gate well inside "keep".
 With `ema` > 0 the decisions (what LoRA steps, the freeze and the export use) follow an exponential moving
 average of the logits, updated after every generator step; the search itself (sampled gates, ratio loss)
@@ -26,6 +27,7 @@ class DecisionGenerator(nn.Module):
         rule: ShapeRule | None = None,
         ema: float = 0.0,
         lagrangian: bool = False,
+        soft: bool = False,
     ):
         super().__init__()
         self.space = space
@@ -34,6 +36,7 @@ class DecisionGenerator(nn.Module):
         self.offset = offset
         self.seed = seed
         self.ema = ema
+        self.soft = soft
         num_layers = space.num_layers
         init = torch.Generator().manual_seed(seed)
         self.inputs = nn.Parameter(torch.randn(num_layers, hidden, generator=init) * 0.5)
@@ -102,12 +105,18 @@ class DecisionGenerator(nn.Module):
         """Gates for one step. `step` seeds the Gumbel noise so that every process draws the same sample."""
         if not self.training:
             return self.hard(self.decision_logits())
+        return self.sample(step, self.soft)
+
+    def sample(self, step: int | None = None, soft: bool = False) -> Gates:
+        """Gumbel-sigmoid gates: straight-through hard ones, or (soft) sigmoid((logit + noise) / temperature)."""
         logits = self.logits()
         noise_gen = None if step is None else torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         noisy = {}
         for kind, value in logits.items():
             u = torch.rand(value.shape, generator=noise_gen).clamp(1e-6, 1 - 1e-6).to(value.device)
             noisy[kind] = value + torch.log(u) - torch.log1p(-u)
+        if soft:
+            return {kind: torch.sigmoid(value / self.temperature) for kind, value in noisy.items()}
         return self._straight_through(noisy)
 
     def deterministic_gates(self) -> Gates:

@@ -26,6 +26,9 @@ MASK_MODES = {
     "frozen": "only the frozen weights of every projection touching the structure (outputs of q/k/v and "
               "gate/up, input of o_proj/down_proj); the LoRA path is left alone",
     "frozen-output": "only the frozen path of o_proj / down_proj (the --no-mask-lora ablation)",
+    "frozen-qkv": "only the frozen outputs of q/k/v and gate/up; the frozen o_proj / down_proj and every LoRA path "
+                  "are left alone, so a pruned structure's LoRA activation leaves through the frozen o_proj / "
+                  "down_proj (the authors' LoRA-aware forward)",
 }
 
 
@@ -163,6 +166,7 @@ class HeadKind(GateKind):
         "both": (("o", "input", "heads"),),
         "frozen-output": (("o", "input", "heads"),),
         "frozen": (("q", "output", "heads"), ("k", "output", "kv"), ("v", "output", "kv"), ("o", "input", "heads")),
+        "frozen-qkv": (("q", "output", "heads"), ("k", "output", "kv"), ("v", "output", "kv")),
     }
     lora_pieces = (("heads", "q", "B", 0), ("heads", "o", "A", 1), ("kv", "k", "B", 0), ("kv", "v", "B", 0))
     score_roles = ("q", "o")
@@ -265,6 +269,7 @@ class MLPChannelKind(GateKind):
         "both": (("down", "input", "mlp"),),
         "frozen-output": (("down", "input", "mlp"),),
         "frozen": (("gate", "output", "mlp"), ("up", "output", "mlp"), ("down", "input", "mlp")),
+        "frozen-qkv": (("gate", "output", "mlp"), ("up", "output", "mlp")),
     }
     lora_pieces = (("mlp", "gate", "B", 0), ("mlp", "up", "B", 0), ("mlp", "down", "A", 1))
     score_roles = ("gate", "up", "down")
@@ -345,6 +350,8 @@ class BlockKind(GateKind):
         "frozen-output": (("o", "output", "attention_block"), ("down", "output", "mlp_block")),
         "frozen": tuple((role, "output", "attention_block") for role in ("q", "k", "v", "o"))
                   + tuple((role, "output", "mlp_block") for role in ("gate", "up", "down")),
+        "frozen-qkv": tuple((role, "output", "attention_block") for role in ("q", "k", "v"))
+                      + tuple((role, "output", "mlp_block") for role in ("gate", "up")),
     }
     lora_pieces = (("attention_block", "q", "B", 0), ("attention_block", "k", "B", 0), ("attention_block", "v", "B", 0),
                    ("attention_block", "o", "A", 1), ("mlp_block", "gate", "B", 0), ("mlp_block", "up", "B", 0),

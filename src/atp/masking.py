@@ -7,7 +7,9 @@ Zeroing a head's output removes it exactly (softmax is per head), so this is equ
 with any attention implementation. The cost is one elementwise multiply per layer and kind.
 "frozen": the gates multiply only the frozen weights (outputs of q/k/v and gate/up, input of o_proj and
 down_proj, on peft's `base_layer`); LoRA is left alone, so a pruned structure is removed exactly once group
-lasso has driven its LoRA pieces to zero. "frozen-output": only the frozen path of o_proj / down_proj.
+lasso has driven its LoRA pieces to zero. "frozen-qkv": the frozen outputs of q/k/v and gate/up only, so a pruned
+structure's LoRA activation still reaches the residual stream through the frozen o_proj / down_proj (the authors'
+forward). "frozen-output": only the frozen path of o_proj / down_proj.
 Block gates (`--space blocks`) multiply the output of o_proj / down_proj, biases included, in "both" and
 "frozen-output", and the frozen outputs of all the block's projections in "frozen". Hidden-channel gates
 (`--space hidden`) act on the residual stream and its norms in every mode (`atp.hidden`). Query/key dimension gates

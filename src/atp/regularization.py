@@ -105,14 +105,31 @@ def ramp_proximal_step(model, space: PruningSpace, gates: Gates, fraction: float
 
 
 @torch.no_grad()
-def proximal_step(model, space: PruningSpace, gates: Gates, threshold: float | dict[str, float]) -> None:
+def exp_ramp_proximal_step(model, space: PruningSpace, gates: Gates, scale: float) -> None:
+    """The exp-ramp lasso's proximal step, as the authors' code weighs it: the pruned groups of group name g in
+    layer l are soft-thresholded at scale * (pruned groups of g in l) / (pruned groups of every name and layer), so
+    layers that prune more are pushed harder. scale: lam * growth * the LoRA learning rate."""
+    if scale <= 0:
+        return
+    pruned = _pruned(space, gates)
+    total = sum(float(p.sum()) for p in pruned.values())
+    if total == 0:
+        return
+    proximal_step(model, space, gates, {name: scale * p.sum(dim=1).float() / total for name, p in pruned.items()})
+
+
+@torch.no_grad()
+def proximal_step(model, space: PruningSpace, gates: Gates,
+                  threshold: float | dict[str, float] | dict[str, torch.Tensor]) -> None:
     """Group soft-thresholding of pruned groups: w <- w * max(0, 1 - threshold / ||w_g||), giving exact zeros.
-    threshold: one for every group, or one per group name."""
+    threshold: one for every group, one per group name, or per group name one per layer (a tensor)."""
     pruned = _pruned(space, gates)
     norms = {name: sq.sqrt() for name, sq in group_sq_norms(model, space).items()}
     for index, name, weight, axis, group in _lora_pieces(model, space):
         norm = norms[name][index].to(weight.device)
         tau = threshold[name] if isinstance(threshold, dict) else threshold
+        if isinstance(tau, torch.Tensor):
+            tau = tau[index].to(weight.device)
         shrink = torch.clamp(1 - tau / norm.clamp_min(1e-12), min=0)
         scale = torch.where(pruned[name][index].to(weight.device) > 0.5, shrink, torch.ones_like(shrink))
         scale = scale[group].to(weight.dtype)

@@ -38,7 +38,8 @@ class Schedule:
         freeze_at = int(cfg.generator_frac * cfg.max_steps)
         full = cfg.prune and cfg.recovery == "full" and freeze_at < cfg.max_steps
         return cls(max_steps=cfg.max_steps, freeze_at=freeze_at,
-                   generator_every=cfg.generator_every, learns_decisions=cfg.prune and cfg.method == "atp",
+                   generator_every=cfg.generator_every,
+                   learns_decisions=cfg.prune and cfg.method == "atp" and not cfg.decisions_from,
                    restart_lr=cfg.restart_lr, sparsity=cfg.sparsity, target_warmup=cfg.target_warmup, lam=cfg.lam,
                    lasso=cfg.lasso, lora_mask=cfg.lora_mask, full_from=freeze_at + 1 if full else 0)
 
@@ -96,10 +97,20 @@ class Schedule:
     def lasso_fraction(self, step: int) -> float:
         """lasso ramp: the proximal threshold as a fraction of the largest pruned group's norm, min(1, lam * t /
         freeze_at): 1 from the freeze on (lam >= 1), so every pruned group is exactly zero by then and stays
-        there. 0 with fixed decisions, lam 0, or the lr-scaled lasso."""
-        if not self.learns_decisions or self.lasso != "ramp" or self.lam == 0:
+        there. lasso exp-ramp: 0 in the generator phase (`exp_growth` sets its threshold), 1 from the freeze on.
+        0 with fixed decisions, lam 0, or the lr-scaled lasso."""
+        if not self.learns_decisions or self.lasso not in ("ramp", "exp-ramp") or self.lam == 0:
             return 0.0
-        return min(1.0, self.lam * step / max(1, self.freeze_at)) if step <= self.freeze_at else 1.0
+        if step > self.freeze_at:
+            return 1.0
+        return min(1.0, self.lam * step / max(1, self.freeze_at)) if self.lasso == "ramp" else 0.0
+
+    def exp_growth(self, step: int) -> float:
+        """lasso exp-ramp: (e^(t/T) - 1) / (e - 1) at step t of the generator phase (T: the freeze step), the
+        growth of the authors' proximal threshold: near 0 for most of the phase, 1 at the freeze. 0 otherwise."""
+        if not self.learns_decisions or self.lasso != "exp-ramp" or self.lam == 0 or step > self.freeze_at:
+            return 0.0
+        return math.expm1(step / max(1, self.freeze_at)) / math.expm1(1.0)
 
     @property
     def lr_restart_step(self) -> int:

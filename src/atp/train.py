@@ -189,6 +189,7 @@ class PruneRecipe:
         self.outputs = None  # a new run's outputs (atp.rundir.RunOutputs), on the main process
         self.locked = False  # whether this process holds the run folder's lock (the main process does)
         self.compacted, self.compaction = False, {}  # pruned structures physically gone from the trained model
+        self.distilling = True  # off in generator steps with --no-distill-generator
         self.fsdp, self.export_model = False, None  # FSDP: the model gathered for the export, on the main process
         self.given = dataclasses.asdict(cfg)  # the config as given, for config.yaml
 
@@ -270,6 +271,8 @@ class PruneRecipe:
             gguf_export.check_target(cfg.gguf, cfg.overwrite, inputs=self.input_paths())
         self.started = time.time()
         self.setup_model()
+        if cfg.decisions_from:
+            self.source_decisions = self.read_decisions_from()
         if cfg.gguf:  # or that the model cannot become
             gguf_export.check_source_model(self.model.config.to_dict(), self.tokenizer, cfg)
         self.setup_data()
@@ -346,6 +349,8 @@ class PruneRecipe:
         inputs = {"--model": cfg.model}
         if cfg.teacher != "self":
             inputs["--teacher"] = cfg.teacher
+        if cfg.decisions_from:
+            inputs["--decisions-from"] = cfg.decisions_from
         for i, entry in enumerate(cfg.train_files):
             inputs[f"--train-file #{i + 1}"] = entry.partition("=")[2]
         if cfg.domain:
@@ -470,7 +475,8 @@ class PruneRecipe:
             return
         self.generator = DecisionGenerator(self.space, cfg.generator_hidden, cfg.temperature, cfg.offset, cfg.seed,
                                            self.rule, ema=cfg.generator_ema,
-                                           lagrangian=cfg.ratio_penalty == "lagrangian")
+                                           lagrangian=cfg.ratio_penalty == "lagrangian",
+                                           soft=cfg.generator_gates == "soft")
         groups = [{"params": self.generator.search_parameters()}]
         if cfg.ratio_penalty == "lagrangian":  # short searches need the multipliers to rise fast
             groups.append({"params": [self.generator.lagrange], "lr": cfg.alpha * cfg.generator_lr})
@@ -544,7 +550,11 @@ class PruneRecipe:
 
         cfg, accelerator, space = self.cfg, self.accelerator, self.space
         started = time.time()
-        if cfg.method == "frozen-generator":
+        if cfg.decisions_from:
+            gates = self.source_decisions
+            info = {"allocation": f"from {cfg.decisions_from}", "decisions_from": str(cfg.decisions_from),
+                    "selection_seconds": 0.0}
+        elif cfg.method == "frozen-generator":
             self.peft_model.train()
             window = LogWindow()
             steps = self.schedule.generator_phase_steps
@@ -566,6 +576,44 @@ class PruneRecipe:
         accelerator.print(f"{cfg.method}: decisions fixed before tuning at {cfg.sparsity_of} sparsity {sparsity:.4f} "
                           f"({info['allocation']} allocation, {info['selection_seconds']:.0f}s)")
         return gates, info
+
+    def read_decisions_from(self) -> dict:
+        """--decisions-from RUN: the final decisions in RUN/report.json, checked against this run's model shape,
+        pruning space and target sparsity (atp.diagnostics encodes them)."""
+        cfg, space = self.cfg, self.space
+        where = f"--decisions-from {cfg.decisions_from}"
+        path = Path(cfg.decisions_from).expanduser() / "report.json"
+        if not path.is_file():
+            raise ATPError(f"{where}: no report.json there; give the directory of a finished pruning run")
+        try:
+            report = json.loads(path.read_text())
+            encoded, shape, source = report["decisions"], report["dense_shape"], report["config"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ATPError(f"{where}: report.json holds no final decisions ({error}); give a pruning run made by "
+                           "this version of atp") from None
+        mine = {"num_layers": space.num_layers, "num_heads": space.num_heads, "num_kv_heads": space.num_kv_heads,
+                "intermediate_size": space.intermediate_size, "hidden_size": space.hidden_size}
+        if {k: shape.get(k) for k in mine} != mine:
+            raise ATPError(f"{where}: that run's model has another shape ({shape}) than --model {cfg.model} "
+                           f"({mine}); use a run on the same model")
+        options = ("space", "mlp_block", "hidden_block", "qk_block")
+        differ = [f"--{k.replace('_', '-')} {source.get(k)!r} there, {getattr(cfg, k)!r} here" for k in options
+                  if source.get(k, LATER_OPTIONS.get(k)) != getattr(cfg, k)]
+        if differ or set(encoded) != set(space.gate_shapes):
+            raise ATPError(f"{where}: that run pruned another space ({'; '.join(differ) or sorted(encoded)}); use "
+                           "the same pruning-space options")
+        gates = diagnostics.decode(encoded)
+        for kind, (rows, width) in space.gate_shapes.items():
+            if tuple(gates[kind].shape) != (rows, width):
+                raise ATPError(f"{where}: its {kind} decisions have shape {tuple(gates[kind].shape)}, this model's "
+                               f"{(rows, width)}; use a run on the same model and space")
+        reached = space.sparsity(gates)[f"{cfg.sparsity_of}_sparsity"]
+        allowed = sparsity_tolerance(cfg, space)
+        if abs(reached - cfg.sparsity) > allowed:
+            raise ATPError(f"{where}: its decisions remove {reached:.4f} of the {cfg.sparsity_of} parameters, not "
+                           f"--sparsity {cfg.sparsity} (more than {allowed:.3g} apart); give the --sparsity (and "
+                           "--sparsity-of) that run used")
+        return gates
 
     @functools.cached_property
     def compaction_step(self) -> int | None:
@@ -730,7 +778,7 @@ class PruneRecipe:
         out = self.peft_model(**batch, num_items_in_batch=data.tokens)
         task = out.loss * self.world
         self.loss_parts = {"task": task.detach()}
-        if self.cfg.distill == 0:
+        if self.cfg.distill == 0 or not self.distilling:
             return task
         from .distill import kd_loss, topk_kd_loss
         from .teacher_cache import top_k_targets
@@ -764,7 +812,8 @@ class PruneRecipe:
             parts, total = {}, 0.0
             for _ in range(batches_per_step):  # the same sampled gates on each calibration batch
                 self.controller.set(generator(step=step))
-                loss = self.batch_loss(next(self.calib_iter)) / batches_per_step
+                with self.teacher_for_generator():
+                    loss = self.batch_loss(next(self.calib_iter)) / batches_per_step
                 check_finite(step, generator_loss=loss)
                 loss.backward(inputs=generator.search_parameters())
                 total += loss.item()
@@ -789,6 +838,15 @@ class PruneRecipe:
             parts.update(lagrange_1=generator.lagrange[0].item(), lagrange_2=generator.lagrange[1].item())
         window.add(**parts, ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
         self.step_times["generator"].append(time.perf_counter() - t0)
+
+    @contextlib.contextmanager
+    def teacher_for_generator(self):
+        """--no-distill-generator: generator steps see no teacher (task loss alone); LoRA steps keep it."""
+        self.distilling = self.cfg.distill_generator
+        try:
+            yield
+        finally:
+            self.distilling = True
 
     def record_decisions(self, step: int, decisions: dict, event: str = "generator") -> None:
         """A line of decisions.jsonl: the decisions the generator step (or the freeze's calibration) left, which
@@ -821,9 +879,10 @@ class PruneRecipe:
         if new_decisions:
             self.use_generator_decisions()
         if cfg.lora_decisions == "sampled" and schedule.in_generator_phase(step):
-            with torch.no_grad():  # a fresh Gumbel sample (structured dropout); the log and lasso keep the hard ones
-                self.controller.set(self.generator(step=cfg.max_steps + step))
+            with torch.no_grad():  # a fresh hard Gumbel sample (structured dropout); the log and lasso keep the decisions
+                self.controller.set(self.generator.sample(step=cfg.max_steps + step))
         lam = 0.0 if full or self.compacted else schedule.lasso_weight(step)
+        step_lr = optimizer.param_groups[0]["lr"]  # the learning rate of this step's update
         for _ in range(cfg.grad_accum):
             with accelerator.accumulate(self.peft_model):
                 data = next(self.train_iter)
@@ -845,6 +904,10 @@ class PruneRecipe:
             regularization.proximal_step(self.peft_model, self.space, self.decisions, threshold=threshold)
         if not (full or self.compacted) and schedule.lasso_fraction(step) > 0:
             regularization.ramp_proximal_step(self.peft_model, self.space, self.decisions, schedule.lasso_fraction(step))
+            lasso = torch.tensor(self.pruned_lora_norm(self.decisions))
+        if not (full or self.compacted) and schedule.exp_growth(step) > 0:
+            regularization.exp_ramp_proximal_step(self.peft_model, self.space, self.decisions,
+                                                  cfg.lam * schedule.exp_growth(step) * step_lr)
             lasso = torch.tensor(self.pruned_lora_norm(self.decisions))
         self.step_times["full" if full else "lora"].append(time.perf_counter() - t0)
         self.window.add(**{f"{name}_loss": value.item() for name, value in self.loss_parts.items()},
