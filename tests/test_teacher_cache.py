@@ -252,3 +252,21 @@ def test_compare_fills_each_cache_once_before_the_cells(tiny_model_dir, train_fi
     assert stats["computed_examples"] > 0 and report["teacher_cache"]["key"] == stats["key"]
     assert report["teacher_cache"]["computed_examples"] == 0
     assert report["teacher_cache"]["loaded_examples"] == stats["computed_examples"]
+
+
+def test_the_paper_recipe_runs_with_the_teacher_cache(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    """Generator steps without distillation (the preset) and LoRA steps reading the cache, in one run."""
+    import json as _json
+
+    from atp.cli import main
+    from helpers import prune_argv
+
+    monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
+    run = tmp_path / "run"
+    argv = prune_argv(tiny_model_dir, train_file, run, "--recipe", "paper", "--distill", "0.5", "--distill-top-k", "16",
+                      "--max-steps", "6", "--generator-every", "1", "--lam", "5")
+    assert main(argv) == 0
+    report = _json.loads((run / "report.json").read_text())
+    assert report["logits_check"]["passed"] and report["teacher_cache"]["computed_examples"] > 0
+    log = [_json.loads(line) for line in open(run / "log.jsonl")]
+    assert all("generator_kd_loss" not in r for r in log) and any("kd_loss" in r for r in log)
