@@ -305,7 +305,7 @@ def test_cell_order_first_seeds_then_rounds_of_extra_seeds():
     ({"eval": {"ppl_windows": 32}}, "eval: ppl_windows in {path} must be a list of window lengths"),
     ({"seeds": [-1]}, "{path}: cell healthcare dense-lora-seed-1: --seed must be a whole number from 0 to"),
     ({"train": {"max_steps": "3"}}, "max_steps in `train` of {path} must be a whole number, got '3'"),
-    ({"train": {"lam": float("inf")}}, "lam in `train` of {path} must be a finite number, got inf"),
+    ({"train": {"lam": float("inf")}}, "lam in `train` of {path} must be a finite number or null, got inf"),
     ({"train": {"generator_frac": 2.0}}, "{path}: cell healthcare dense-lora-seed0: --generator-frac must be in "
                                          "[0, 1]"),
     ({"train": {"lora_targets": ["qkv", ""]}}, "{path}: cell healthcare dense-lora-seed0: --lora-targets must be a "
