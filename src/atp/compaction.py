@@ -53,7 +53,7 @@ def compact(peft_model, kept_structure: list[dict], prepare_for_lora):
     pruned = build_pruned(dense, kept_structure).train()
     pruned.requires_grad_(False)
     pruned.config.use_cache = False
-    pruned.config._name_or_path = dense.config._name_or_path  # the same base model, for peft's bookkeeping
+    pruned.config._name_or_path = pruned.name_or_path = dense.name_or_path  # the same base, for peft's bookkeeping
     prepare_for_lora(pruned)
     with warnings.catch_warnings():  # peft reads transformers 5's deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)

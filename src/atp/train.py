@@ -636,7 +636,8 @@ class PruneRecipe:
         from .models import rng_untouched
 
         accelerator, cfg = self.accelerator, self.cfg
-        model = accelerator.unwrap_model(self.peft_model)
+        # the larger model goes after this; its mixed-precision wrapper too, so that the check runs in fp32
+        model = accelerator.unwrap_model(self.peft_model, keep_fp32_wrapper=False)
         probe = {k: v.to(accelerator.device) for k, v in sample_texts(self.tokenizer, self.train_examples).items()}
         if verify:
             self.controller.use("both")
@@ -661,12 +662,10 @@ class PruneRecipe:
         for attribute, old in (("_models", self.peft_model), ("_optimizers", self.opt_lora)):
             if hasattr(accelerator, attribute):  # let the larger model go
                 setattr(accelerator, attribute, [x for x in getattr(accelerator, attribute) if x is not old])
-        self.peft_model, self.opt_lora = accelerator.prepare(new_model, optimizer)
-        self.optimizers["lora"], self.lr_scheduler = optimizer, scheduler
-        self.lora_params = list(mapping)
         self.compacted = True
-        self.compaction = {"step": step, "base_params_before": before, "base_params_after": kept_params(new_model)}
-        if verify:
+        self.compaction = {"step": step, "base_params_before": before, "base_params_after": kept_params(new_model),
+                           "lora_steps_before": len(self.step_times["lora"])}
+        if verify:  # in fp32, before accelerate wraps the new model's forward for mixed precision
             with torch.no_grad():
                 logits = new_model.eval()(**probe).logits.float()
             real = probe["attention_mask"].bool()
@@ -678,6 +677,9 @@ class PruneRecipe:
                                f"(max |logit diff| {diff:.3g} > {allowed:.3g}); run with --no-compact and report it")
             accelerator.print(f"compacted after step {step}: {before:,} -> {self.compaction['base_params_after']:,} "
                               f"base parameters (max |logit diff| {diff:.2e})")
+        self.peft_model, self.opt_lora = accelerator.prepare(new_model, optimizer)
+        self.optimizers["lora"], self.lr_scheduler = optimizer, scheduler
+        self.lora_params = list(mapping)
         new_model.train()
 
     def load_checkpoint(self) -> int:
@@ -1063,6 +1065,11 @@ class PruneRecipe:
                                                   compacted=self.compacted)
         return model_dir, check, merged, pruned_lora_norm
 
+    def lora_step_seconds_around_compaction(self) -> dict:
+        """Mean seconds of the LoRA steps run here before and after the compaction (a resumed run: its own)."""
+        times, n = self.step_times["lora"], self.compaction.get("lora_steps_before", 0)
+        return {"mean_lora_step_seconds_masked": _mean(times[:n]), "mean_lora_step_seconds_compact": _mean(times[n:])}
+
     def report(self, final: dict, model_dir, check: dict, merged, pruned_lora_norm: float) -> dict:
         """What report.json records besides the config and the training time."""
         cfg, space, times = self.cfg, self.space, self.step_times
@@ -1074,7 +1081,8 @@ class PruneRecipe:
             "logits_check": check,
             "pruned_lora_group_norm_sum": pruned_lora_norm,  # at export
             **self.freeze_norms,
-            **({"compaction": self.compaction} if self.compacted else {}),
+            **({"compaction": {**self.compaction, **self.lora_step_seconds_around_compaction()}} if self.compacted
+               else {}),
             "model_dir": str(model_dir),
             "exported_params": exported,
             "dense_params": dense_total,
