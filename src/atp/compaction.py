@@ -55,6 +55,10 @@ def compact(peft_model, kept_structure: list[dict], prepare_for_lora):
     pruned.config.use_cache = False
     pruned.config._name_or_path = pruned.name_or_path = dense.name_or_path  # the same base, for peft's bookkeeping
     prepare_for_lora(pruned)
+    empty = [name for name, module in pruned.named_modules()  # e.g. an MLP with no channels left: nothing to adapt
+             if isinstance(module, torch.nn.Linear) and 0 in module.weight.shape]
+    if empty:
+        config.exclude_modules = sorted(set(config.exclude_modules or []) | set(empty))
     with warnings.catch_warnings():  # peft reads transformers 5's deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         new_model = get_peft_model(pruned, config)
