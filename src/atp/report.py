@@ -157,6 +157,18 @@ def _relative_statistic(reference: dict, chosen: dict[str, str]):
     return statistic
 
 
+def paired_cells(results: list[dict], base_method: str):
+    """(sparsity, method, base cells by seed, that method's cells by seed, the seeds both have) for every pruned
+    method other than base_method, at each sparsity."""
+    pruned = [r for r in results if r["method"] not in LABELS]
+    for sparsity in dict.fromkeys(r["sparsity"] for r in pruned):
+        at = [r for r in pruned if r["sparsity"] == sparsity]
+        base = {r["seed"]: r for r in at if r["method"] == base_method}
+        for method in dict.fromkeys(r["method"] for r in at if r["method"] != base_method):
+            other = {r["seed"]: r for r in at if r["method"] == method}
+            yield sparsity, method, base, other, sorted(set(base) & set(other))
+
+
 def differences(results: list[dict], reference: dict | None, primary: dict[str, str], informative: dict[str, str],
                 base_method: str = DEFAULT_BASE, resamples: int = 1000) -> list[dict]:
     """base_method minus each other pruned method at each sparsity, on the seeds both ran, with 95% paired
@@ -166,38 +178,32 @@ def differences(results: list[dict], reference: dict | None, primary: dict[str, 
     from .stats import paired_interval
 
     out = []
-    pruned = [r for r in results if r["method"] not in LABELS]
-    for sparsity in dict.fromkeys(r["sparsity"] for r in pruned):
-        at = [r for r in pruned if r["sparsity"] == sparsity]
-        base = {r["seed"]: r for r in at if r["method"] == base_method}
-        for method in dict.fromkeys(r["method"] for r in at if r["method"] != base_method):
-            other = {r["seed"]: r for r in at if r["method"] == method}
-            seeds = sorted(set(base) & set(other))
-            tasks = {t: m for t, m in primary.items() if (reference is None or t in reference)
-                     and all(_task_rows(c["metrics"], t, m) for s in seeds for c in (base[s], other[s]))}
-            if not seeds or not tasks:
+    for sparsity, method, base, other, seeds in paired_cells(results, base_method):
+        tasks = {t: m for t, m in primary.items() if (reference is None or t in reference)
+                 and all(_task_rows(c["metrics"], t, m) for s in seeds for c in (base[s], other[s]))}
+        if not seeds or not tasks:
+            continue
+        per_seed = {"a": {}, "b": {}}
+        for t, m in tasks.items():
+            named = {f"{name} seed {s} at sparsity {sparsity:g}": cells[s]["metrics"]
+                     for s in seeds for name, cells in ((base_method, base), (method, other))}
+            rows = paired_task_rows(named, t, m)
+            per_seed["a"][t], per_seed["b"][t] = rows[0::2], rows[1::2]
+        measures = {}
+        if reference is not None:
+            measures["relative (informative tasks)"] = ({t: m for t, m in informative.items() if t in tasks}, True)
+        measures.update({f"{t} {m}": ({t: m}, False) for t, m in tasks.items()})
+        for label, (chosen, relative) in measures.items():
+            if not chosen:
                 continue
-            per_seed = {"a": {}, "b": {}}
-            for t, m in tasks.items():
-                named = {f"{name} seed {s} at sparsity {sparsity:g}": cells[s]["metrics"]
-                         for s in seeds for name, cells in ((base_method, base), (method, other))}
-                rows = paired_task_rows(named, t, m)
-                per_seed["a"][t], per_seed["b"][t] = rows[0::2], rows[1::2]
-            measures = {}
-            if reference is not None:
-                measures["relative (informative tasks)"] = ({t: m for t, m in informative.items() if t in tasks}, True)
-            measures.update({f"{t} {m}": ({t: m}, False) for t, m in tasks.items()})
-            for label, (chosen, relative) in measures.items():
-                if not chosen:
-                    continue
-                task, metric = next(iter(chosen.items()))
-                stat = _relative_statistic(reference, chosen) if relative else _task_statistic(task, metric)
-                a = {t: per_seed["a"][t] for t in chosen}
-                b = {t: per_seed["b"][t] for t in chosen}
-                result = paired_interval(a, b, stat, resamples=resamples)
-                out.append({"sparsity": sparsity, "a": base_method, "b": method, "measure": label, "seeds": seeds,
-                            **{k: result[k] for k in ("diff", "low", "high", "verdict", "interval", "per_seed")},
-                            "higher_is_better": relative or metric != "ppl"})
+            task, metric = next(iter(chosen.items()))
+            stat = _relative_statistic(reference, chosen) if relative else _task_statistic(task, metric)
+            a = {t: per_seed["a"][t] for t in chosen}
+            b = {t: per_seed["b"][t] for t in chosen}
+            result = paired_interval(a, b, stat, resamples=resamples)
+            out.append({"sparsity": sparsity, "a": base_method, "b": method, "measure": label, "seeds": seeds,
+                        **{k: result[k] for k in ("diff", "low", "high", "verdict", "interval", "per_seed")},
+                        "higher_is_better": relative or metric != "ppl"})
     return out
 
 
@@ -225,32 +231,26 @@ def decision_overlaps(results: list[dict], base_method: str = DEFAULT_BASE) -> l
         return sum(values) / len(values) if values else None
 
     out = []
-    pruned = [r for r in results if r["method"] not in LABELS]
-    for sparsity in dict.fromkeys(r["sparsity"] for r in pruned):
-        at = [r for r in pruned if r["sparsity"] == sparsity]
-        base = {r["seed"]: r for r in at if r["method"] == base_method}
-        for method in dict.fromkeys(r["method"] for r in at if r["method"] != base_method):
-            other = {r["seed"]: r for r in at if r["method"] == method}
-            seeds = sorted(set(base) & set(other))
-            if not seeds:
+    for sparsity, method, base, other, seeds in paired_cells(results, base_method):
+        if not seeds:
+            continue
+        per_seed, missing = {}, []
+        for seed in seeds:
+            a, b = _final_decisions(base[seed]), _final_decisions(other[seed])
+            if a is None or b is None:
+                missing.append(seed)
                 continue
-            per_seed, missing = {}, []
-            for seed in seeds:
-                a, b = _final_decisions(base[seed]), _final_decisions(other[seed])
-                if a is None or b is None:
-                    missing.append(seed)
-                    continue
-                per_seed[seed] = overlap(a[0], b[0], a[1])
-            entry = {"sparsity": sparsity, "a": base_method, "b": method, "seeds": sorted(per_seed),
-                     "not_recorded": missing, "per_seed": {str(k): v for k, v in per_seed.items()}}
-            if per_seed:
-                found = list(per_seed.values())
-                entry["share"] = mean([v["share"] for v in found])
-                entry["kinds"] = {kind: {"share": mean([v["kinds"][kind]["share"] for v in found]),
-                                         "per_layer": [mean([v["kinds"][kind]["per_layer"][i] for v in found])
-                                                       for i in range(len(layers["per_layer"]))]}
-                                  for kind, layers in found[0]["kinds"].items()}
-            out.append(entry)
+            per_seed[seed] = overlap(a[0], b[0], a[1])
+        entry = {"sparsity": sparsity, "a": base_method, "b": method, "seeds": sorted(per_seed),
+                 "not_recorded": missing, "per_seed": {str(k): v for k, v in per_seed.items()}}
+        if per_seed:
+            found = list(per_seed.values())
+            entry["share"] = mean([v["share"] for v in found])
+            entry["kinds"] = {kind: {"share": mean([v["kinds"][kind]["share"] for v in found]),
+                                     "per_layer": [mean([v["kinds"][kind]["per_layer"][i] for v in found])
+                                                   for i in range(len(layers["per_layer"]))]}
+                              for kind, layers in found[0]["kinds"].items()}
+        out.append(entry)
     return out
 
 
