@@ -10,8 +10,9 @@ from atp.arch import ARCHS
 from atp.errors import ATPError
 from atp.export import MODELING_FILE, build_pruned, layer_widths, load_pruned, save_pruned
 from atp.generator import DecisionGenerator
+from atp.options import ATPConfig
 from atp.space import HeadMLPSpace, ShapeRule
-from atp.train import ATPConfig, train
+from atp.train import train
 from helpers import FAMILIES, assert_loads_without_atp, ids, masked_logits, random_gates, tiny_model, with_lora
 
 FAMILY_CLASS = {family: f"{arch.prefix}ForCausalLM" for family, arch in ARCHS.items()}

@@ -14,9 +14,10 @@ from atp.errors import ATPError
 from atp.export import build_pruned, count_safetensors_params, load_pruned, save_pruned
 from atp.generator import DecisionGenerator
 from atp.masking import GateController
+from atp.options import ATPConfig
 from atp.regularization import group_sq_norms, proximal_step
 from atp.space import PruningSpace, ShapeRule
-from atp.train import ATPConfig, check_reachable, train
+from atp.train import check_reachable, train
 from helpers import (
     F32_BOUND,
     GEMMA_SHAPE,
@@ -379,7 +380,7 @@ def test_bad_input_is_a_clear_error(monkeypatch, train_file, tmp_path):
 
 def test_options_and_fingerprints(tiny_model_dir):
     from atp.cli import build_parser, config_from_args
-    from atp.train import fingerprint
+    from atp.options import fingerprint
 
     args = build_parser().parse_args(["prune", "--model", str(tiny_model_dir), "--space", "heads", "--space", "mlp",
                                       "--space", "hidden", "--sparsity-of", "model", "--hidden-block", "8"])
@@ -536,7 +537,7 @@ def test_train_never_prunes_a_massive_channel(protect, tiny_model_dir, tokenizer
 
 
 def test_protect_outliers_is_checked_and_fingerprinted_only_with_hidden():
-    from atp.train import fingerprint
+    from atp.options import fingerprint
 
     with pytest.raises(ATPError, match="--protect-outliers must be at least 0"):
         ATPConfig(protect_outliers=-1.0).validate()

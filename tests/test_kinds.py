@@ -9,9 +9,10 @@ from atp.errors import ATPError
 from atp.export import build_pruned, count_safetensors_params, load_pruned, save_pruned
 from atp.kinds import KINDS, MASK_MODES, HeadKind, check_kinds
 from atp.masking import GateController
+from atp.options import ATPConfig, fingerprint
 from atp.regularization import group_sq_norms, proximal_step
 from atp.space import PruningSpace, ShapeRule
-from atp.train import ATPConfig, fingerprint, train
+from atp.train import train
 from helpers import (
     FAMILIES,
     frozen_removed,
