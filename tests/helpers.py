@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from atp.arch import ARCHS
+from atp.kinds import KINDS
 
 # ----------------------------------------------------------------------------- tiny models
 
@@ -195,8 +196,8 @@ def frozen_removed(model, space, gates, output_only=False):
         for index, layer in enumerate(decoder_layers(model)):
             attn, mlp = layer.self_attn, layer.mlp
             heads = gates["heads"][index]
-            kv = space.kv_gates(heads)
-            channels = space.channel_mask(gates["mlp"][index])
+            kv = KINDS["heads"].kv_gates(space, heads)
+            channels = KINDS["mlp"].channel_mask(space, gates["mlp"][index])
             for h in torch.nonzero(heads == 0).flatten().tolist():
                 _base(attn.o_proj).weight[:, h * hd:(h + 1) * hd] = 0
                 if not output_only:

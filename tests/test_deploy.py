@@ -10,6 +10,7 @@ from atp.arch import ARCHS
 from atp.errors import ATPError
 from atp.export import MODELING_FILE, build_pruned, layer_widths, load_pruned, save_pruned
 from atp.generator import DecisionGenerator
+from atp.kinds import KINDS
 from atp.options import ATPConfig
 from atp.space import HeadMLPSpace, ShapeRule
 from atp.train import train
@@ -64,7 +65,7 @@ def test_round_to_gives_multiples_or_full_width():
     hard, scores = random_gates(space, keep=0.5), scores_for(space)
     projected = ShapeRule(round_to=8).project(space, hard, scores)
     for layer in range(space.num_layers):
-        width = int(space.channel_mask(projected["mlp"][layer]).sum())
+        width = int(KINDS["mlp"].channel_mask(space, projected["mlp"][layer]).sum())
         assert width % 8 == 0 or width == 70
     assert torch.equal(projected["heads"], hard["heads"])  # head counts are not rounded
 
@@ -89,7 +90,7 @@ def test_generator_decisions_obey_the_rule_and_hit_the_target(rule):
     if rule.uniform:
         check_uniform(space, decisions)
     if rule.round_to:
-        assert all(int(space.channel_mask(row).sum()) % 8 == 0 for row in decisions["mlp"])
+        assert all(int(KINDS["mlp"].channel_mask(space, row).sum()) % 8 == 0 for row in decisions["mlp"])
     assert abs(reached - 0.6) < 0.03 and reached == pytest.approx(float(space.remaining_ratio(decisions)))
     gen.train()
     sampled = gen(step=5)

@@ -88,7 +88,7 @@ def independent_count(model, space, gates) -> int:
         layer = int(index)
         heads = gates["heads"][layer] if "heads" in gates else torch.ones(config.num_attention_heads)
         kv = heads.view(config.num_key_value_heads, per_kv).amax(1)
-        mlp = gates["mlp"][layer] if "mlp" in gates else torch.ones(space.num_mlp_blocks)
+        mlp = gates["mlp"][layer] if "mlp" in gates else torch.ones(KINDS["mlp"].width(space))
         channels = int(mlp.repeat_interleave(space.mlp_block)[: config.intermediate_size].sum())
         block = block_of(arch, rest)
         if "blocks" in gates and (gates["blocks"][layer, block] == 0 or (heads.sum(), channels)[block] == 0):
