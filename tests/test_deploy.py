@@ -51,7 +51,7 @@ def test_uniform_head_counts_divide_the_hidden_size_for_llama():
     # hidden 54 with 6 heads of dim 8 in 2 KV groups of 3: 4 heads (2 groups x 2) would not divide 54
     config = tiny_model("llama", True, hidden_size=54).config
     space = HeadMLPSpace.from_config(config, mlp_block=4)
-    options = ShapeRule(uniform=True).head_options(space)
+    options = KINDS["heads"].head_options(space)
     assert (2, 2) not in options and (1, 3) in options and (2, 3) in options
     hard = space.full_gates()
     hard["heads"][:, [2, 5]] = 0  # 4 of 6 heads kept: the nearest allowed count is 3 (one whole KV group)
