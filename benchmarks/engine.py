@@ -19,7 +19,8 @@ import torch
 
 from atp.evaluation import evaluate_domain
 from atp.models import load_model
-from atp.train import ATPConfig, train
+from atp.options import ATPConfig
+from atp.train import train
 
 
 def evaluate(name, domain, limit):

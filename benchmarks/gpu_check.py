@@ -60,8 +60,9 @@ def run_variant(args) -> dict:
     import torch
     from safetensors.torch import load_file
 
+    from atp.options import ATPConfig
     from atp.plan import PlanOptions, load_config, plan_memory
-    from atp.train import ATPConfig, train
+    from atp.train import train
 
     cuda = torch.cuda.is_available() and not args.tiny
     if cuda:

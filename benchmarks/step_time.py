@@ -10,7 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from atp.train import ATPConfig, train
+from atp.options import ATPConfig
+from atp.train import train
 
 
 def main():

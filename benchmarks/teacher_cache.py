@@ -21,8 +21,9 @@ import torch
 
 from atp.evaluation import evaluate_domain
 from atp.models import load_model
+from atp.options import ATPConfig
 from atp.teacher_cache import fill_for_config
-from atp.train import ATPConfig, train
+from atp.train import train
 
 
 def flat_metrics(metrics: dict) -> dict:

@@ -12,8 +12,9 @@ import json
 import statistics
 from pathlib import Path
 
+from atp.options import ATPConfig
 from atp.precision import cpu_flags, cpu_name
-from atp.train import ATPConfig, train
+from atp.train import train
 
 VARIANTS = {
     "masked fp32 (before)": dict(compact=False, mixed_precision="no"),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from atp.arch import ARCHS
+from atp.kinds import KINDS
 
 # ----------------------------------------------------------------------------- tiny models
 
@@ -195,8 +196,8 @@ def frozen_removed(model, space, gates, output_only=False):
         for index, layer in enumerate(decoder_layers(model)):
             attn, mlp = layer.self_attn, layer.mlp
             heads = gates["heads"][index]
-            kv = space.kv_gates(heads)
-            channels = space.channel_mask(gates["mlp"][index])
+            kv = KINDS["heads"].kv_gates(space, heads)
+            channels = KINDS["mlp"].channel_mask(space, gates["mlp"][index])
             for h in torch.nonzero(heads == 0).flatten().tolist():
                 _base(attn.o_proj).weight[:, h * hd:(h + 1) * hd] = 0
                 if not output_only:
@@ -351,7 +352,7 @@ def compare(model, gguf_path, ids):
 
 def cfg_for(model_dir, train_file, out, **kw):
     """A 4-step ATP config at sparsity 0.4 on a PubMedQA file, the generator every step."""
-    from atp.train import ATPConfig
+    from atp.options import ATPConfig
 
     values = dict(model=str(model_dir), domain=None, train_files=[f"pubmedqa={train_file}"], out=str(out),
                   sparsity=0.4, mlp_block=1, max_steps=4, batch_size=2, max_length=64, generator_every=1,
@@ -363,7 +364,7 @@ def cfg_for(model_dir, train_file, out, **kw):
 
 def short_cfg(model_dir, train_file, out, **kw):
     """An 8-step ATP config on a PubMedQA file in MLP blocks of 4, the generator every step."""
-    from atp.train import ATPConfig
+    from atp.options import ATPConfig
 
     return ATPConfig(model=str(model_dir), domain=None, train_files=[f"pubmedqa={train_file}"], out=str(out),
                      max_steps=8, batch_size=2, max_length=48, mlp_block=4, generator_every=1, generator_lr=3e-2,

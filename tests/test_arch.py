@@ -132,7 +132,8 @@ def test_qwen3_uniform_export_is_a_plain_qwen3_checkpoint(tmp_path, tokenizer):
 
 
 def test_qwen3_train_end_to_end(tmp_path, tokenizer, train_file):
-    from atp.train import ATPConfig, train
+    from atp.options import ATPConfig
+    from atp.train import train
 
     path = tmp_path / "tiny-qwen3"
     _qwen3().save_pretrained(path)

@@ -7,13 +7,13 @@ import torch
 
 from atp import data, demo
 from atp.cli import main
-from atp.config import ATPConfig
 from atp.data import get_task, split
 from atp.demo import Settings, answer, chat_prompt, demo_sources, held_out_examples, markdown_table, run_demo
 from atp.errors import ATPError
 from atp.evaluation import perplexity
 from atp.export import count_safetensors_params
 from atp.models import load_model
+from atp.options import ATPConfig
 from helpers import tiny_model
 
 # ----------------------------------------------------------------------------- sources

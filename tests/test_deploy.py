@@ -10,8 +10,10 @@ from atp.arch import ARCHS
 from atp.errors import ATPError
 from atp.export import MODELING_FILE, build_pruned, layer_widths, load_pruned, save_pruned
 from atp.generator import DecisionGenerator
+from atp.kinds import KINDS
+from atp.options import ATPConfig
 from atp.space import HeadMLPSpace, ShapeRule
-from atp.train import ATPConfig, train
+from atp.train import train
 from helpers import FAMILIES, assert_loads_without_atp, ids, masked_logits, random_gates, tiny_model, with_lora
 
 FAMILY_CLASS = {family: f"{arch.prefix}ForCausalLM" for family, arch in ARCHS.items()}
@@ -49,7 +51,7 @@ def test_uniform_head_counts_divide_the_hidden_size_for_llama():
     # hidden 54 with 6 heads of dim 8 in 2 KV groups of 3: 4 heads (2 groups x 2) would not divide 54
     config = tiny_model("llama", True, hidden_size=54).config
     space = HeadMLPSpace.from_config(config, mlp_block=4)
-    options = ShapeRule(uniform=True).head_options(space)
+    options = KINDS["heads"].head_options(space)
     assert (2, 2) not in options and (1, 3) in options and (2, 3) in options
     hard = space.full_gates()
     hard["heads"][:, [2, 5]] = 0  # 4 of 6 heads kept: the nearest allowed count is 3 (one whole KV group)
@@ -63,7 +65,7 @@ def test_round_to_gives_multiples_or_full_width():
     hard, scores = random_gates(space, keep=0.5), scores_for(space)
     projected = ShapeRule(round_to=8).project(space, hard, scores)
     for layer in range(space.num_layers):
-        width = int(space.channel_mask(projected["mlp"][layer]).sum())
+        width = int(KINDS["mlp"].channel_mask(space, projected["mlp"][layer]).sum())
         assert width % 8 == 0 or width == 70
     assert torch.equal(projected["heads"], hard["heads"])  # head counts are not rounded
 
@@ -88,7 +90,7 @@ def test_generator_decisions_obey_the_rule_and_hit_the_target(rule):
     if rule.uniform:
         check_uniform(space, decisions)
     if rule.round_to:
-        assert all(int(space.channel_mask(row).sum()) % 8 == 0 for row in decisions["mlp"])
+        assert all(int(KINDS["mlp"].channel_mask(space, row).sum()) % 8 == 0 for row in decisions["mlp"])
     assert abs(reached - 0.6) < 0.03 and reached == pytest.approx(float(space.remaining_ratio(decisions)))
     gen.train()
     sampled = gen(step=5)

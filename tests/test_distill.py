@@ -97,7 +97,8 @@ def test_training_with_distillation_logs_kd_and_exports(tiny_model_dir, train_fi
 
 def test_distillation_is_on_by_default_when_pruning_only():
     from atp.cli import build_parser, config_from_args
-    from atp.config import DEFAULT_DISTILL, ATPConfig, fingerprint
+    from atp.config import DEFAULT_DISTILL
+    from atp.options import ATPConfig, fingerprint
 
     def parsed(*flags):
         args = build_parser().parse_args(["prune", "--model", "m", *flags])

@@ -91,7 +91,8 @@ def test_uniform_export_is_a_plain_gemma3_checkpoint(tmp_path, tokenizer):
 
 
 def test_train_end_to_end(tmp_path, tokenizer, train_file):
-    from atp.train import ATPConfig, train
+    from atp.options import ATPConfig
+    from atp.train import train
 
     path = tmp_path / "tiny-gemma3"
     gemma(layers=3).save_pretrained(path)

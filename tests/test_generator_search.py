@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from atp.config import ATPConfig, fingerprint
 from atp.errors import ATPError
 from atp.generator import DecisionGenerator
+from atp.options import ATPConfig, fingerprint
 from atp.regularization import lagrangian_penalty
 from atp.space import PruningSpace
 from atp.train import train

@@ -154,7 +154,7 @@ def test_unquantizable_width_is_a_clear_error_and_leaves_the_old_file(tmp_path, 
 
 
 def test_prune_gguf_options_leave_the_fingerprint_alone(tmp_path):
-    from atp.train import ATPConfig, fingerprint
+    from atp.options import ATPConfig, fingerprint
 
     cfg = ATPConfig(out=str(tmp_path))
     assert fingerprint(dataclasses.replace(cfg, gguf="x.gguf", gguf_type="q8_0")) == fingerprint(cfg)
@@ -295,7 +295,8 @@ def test_cli_export_and_bench(tmp_path, tokenizer, capsys):
 
 
 def test_prune_writes_a_gguf(tiny_model_dir, train_file, tmp_path):
-    from atp.train import ATPConfig, train
+    from atp.options import ATPConfig
+    from atp.train import train
 
     cfg = ATPConfig(model=str(tiny_model_dir), domain=None, train_files=[f"pubmedqa={train_file}"],
                     out=str(tmp_path / "run"), sparsity=0.4, mlp_block=4, max_steps=6, batch_size=2, max_length=48,

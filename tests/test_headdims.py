@@ -15,9 +15,10 @@ from atp.generator import DecisionGenerator
 from atp.gguf_export import export_gguf
 from atp.kinds import KINDS
 from atp.masking import GateController
+from atp.options import ATPConfig
 from atp.regularization import group_sq_norms, proximal_step
 from atp.space import PruningSpace, ShapeRule
-from atp.train import ATPConfig, train
+from atp.train import train
 from helpers import (
     GEMMA_SHAPE,
     assert_loads_without_atp,
@@ -87,7 +88,7 @@ def independent_count(model, space, gates) -> int:
         layer = int(index)
         heads = gates["heads"][layer] if "heads" in gates else torch.ones(config.num_attention_heads)
         kv = heads.view(config.num_key_value_heads, per_kv).amax(1)
-        mlp = gates["mlp"][layer] if "mlp" in gates else torch.ones(space.num_mlp_blocks)
+        mlp = gates["mlp"][layer] if "mlp" in gates else torch.ones(KINDS["mlp"].width(space))
         channels = int(mlp.repeat_interleave(space.mlp_block)[: config.intermediate_size].sum())
         block = block_of(arch, rest)
         if "blocks" in gates and (gates["blocks"][layer, block] == 0 or (heads.sum(), channels)[block] == 0):
@@ -295,7 +296,7 @@ def test_bad_input_is_a_clear_error(train_file):
 
 def test_options_and_fingerprints(tiny_model_dir):
     from atp.cli import build_parser, config_from_args
-    from atp.train import fingerprint
+    from atp.options import fingerprint
 
     args = build_parser().parse_args(["prune", "--model", str(tiny_model_dir), "--space", "heads", "--space", "mlp",
                                       "--space", QK, "--qk-block", "1"])

@@ -13,10 +13,12 @@ from atp.baselines import SCORED, fixed_decisions, magnitude_scores
 from atp.errors import ATPError
 from atp.export import build_pruned, count_safetensors_params, load_pruned, save_pruned
 from atp.generator import DecisionGenerator
+from atp.kinds import KINDS
 from atp.masking import GateController
+from atp.options import ATPConfig
 from atp.regularization import group_sq_norms, proximal_step
 from atp.space import PruningSpace, ShapeRule
-from atp.train import ATPConfig, check_reachable, train
+from atp.train import check_reachable, train
 from helpers import (
     F32_BOUND,
     GEMMA_SHAPE,
@@ -60,7 +62,7 @@ def gates_for(space, seed=0, keep_hidden=7):
     gates = {k: (torch.rand(shape, generator=g) < 0.6).float() for k, shape in space.gate_shapes.items()}
     if "hidden" in gates:
         gates["hidden"] = torch.zeros_like(gates["hidden"])
-        gates["hidden"][0, torch.randperm(space.num_hidden_blocks, generator=g)[:keep_hidden]] = 1
+        gates["hidden"][0, torch.randperm(KINDS["hidden"].width(space), generator=g)[:keep_hidden]] = 1
     if "heads" in gates:
         gates["heads"][0] = 1
         gates["heads"][1, : space.heads_per_kv] = 0  # a whole KV group
@@ -77,7 +79,7 @@ def independent_count(model, space, gates) -> tuple[int, int]:
     heads / channels; a removed block (or one with nothing left, in a space with blocks) keeps nothing."""
     arch, config = space.arch, model.config
     size = config.hidden_size
-    hidden = gates.get("hidden", torch.ones(1, space.num_hidden_blocks))[0]
+    hidden = gates.get("hidden", torch.ones(1, KINDS["hidden"].width(space)))[0]
     kept_hidden = int(hidden.repeat_interleave(space.hidden_block)[:size].sum())
     per_kv = config.num_attention_heads // config.num_key_value_heads
     blocks = outside = 0
@@ -89,7 +91,7 @@ def independent_count(model, space, gates) -> tuple[int, int]:
         layer = int(index)
         heads = gates["heads"][layer] if "heads" in gates else torch.ones(config.num_attention_heads)
         kv = heads.view(config.num_key_value_heads, per_kv).amax(1)
-        mlp = gates["mlp"][layer] if "mlp" in gates else torch.ones(space.num_mlp_blocks)
+        mlp = gates["mlp"][layer] if "mlp" in gates else torch.ones(KINDS["mlp"].width(space))
         channels = mlp.repeat_interleave(space.mlp_block)[:config.intermediate_size]
         block = block_of(arch, rest)
         if "blocks" in gates and (gates["blocks"][layer, block] == 0 or (heads, channels)[block].sum() == 0):
@@ -188,7 +190,7 @@ def test_residual_stream_is_zero_on_pruned_channels():
     logits_under(model, space, gates, ids(), "frozen")
     for hook in hooks:
         hook.remove()
-    pruned_channels = space.hidden_mask(gates["hidden"])[0] == 0
+    pruned_channels = KINDS["hidden"].channel_mask(space, gates["hidden"])[0] == 0
     assert len(seen) == space.num_layers
     assert all(float(out[..., pruned_channels].abs().max()) == 0 for out in seen)
     assert all(float(out[..., ~pruned_channels].abs().max()) > 0 for out in seen)
@@ -379,7 +381,7 @@ def test_bad_input_is_a_clear_error(monkeypatch, train_file, tmp_path):
 
 def test_options_and_fingerprints(tiny_model_dir):
     from atp.cli import build_parser, config_from_args
-    from atp.train import fingerprint
+    from atp.options import fingerprint
 
     args = build_parser().parse_args(["prune", "--model", str(tiny_model_dir), "--space", "heads", "--space", "mlp",
                                       "--space", "hidden", "--sparsity-of", "model", "--hidden-block", "8"])
@@ -485,7 +487,7 @@ def with_massive_channel(model, channel, scale=1e4):
 
 
 def test_outlier_blocks_finds_the_block_of_a_massive_channel():
-    from atp.hidden import outlier_blocks
+    from atp.kinds.hidden import outlier_blocks
 
     model = make("llama")
     space = space_for(model, ["hidden"])  # 12 blocks of 4 channels
@@ -493,7 +495,7 @@ def test_outlier_blocks_finds_the_block_of_a_massive_channel():
     assert outlier_blocks(space, model, rows, 100.0).sum() == 0  # a random model has none
     with_massive_channel(model, 13)
     found = outlier_blocks(space, model, rows, 100.0)
-    assert found.shape == (1, space.num_hidden_blocks) and torch.nonzero(found[0]).flatten().tolist() == [3]
+    assert found.shape == (1, KINDS["hidden"].width(space)) and torch.nonzero(found[0]).flatten().tolist() == [3]
     model.train()  # the scan runs in eval mode and leaves the mode as it was
     outlier_blocks(space, model, rows, 100.0)
     assert model.training
@@ -501,7 +503,7 @@ def test_outlier_blocks_finds_the_block_of_a_massive_channel():
 
 def test_shape_rule_keeps_the_protected_gates():
     space = space_for(make("llama"), ["heads", "hidden"])
-    keep = torch.zeros(1, space.num_hidden_blocks)
+    keep = torch.zeros(1, KINDS["hidden"].width(space))
     keep[0, 5] = 1
     rule = ShapeRule(keep={"hidden": keep})
     hard = {k: torch.zeros(shape) for k, shape in space.gate_shapes.items()}
@@ -536,7 +538,7 @@ def test_train_never_prunes_a_massive_channel(protect, tiny_model_dir, tokenizer
 
 
 def test_protect_outliers_is_checked_and_fingerprinted_only_with_hidden():
-    from atp.train import fingerprint
+    from atp.options import fingerprint
 
     with pytest.raises(ATPError, match="--protect-outliers must be at least 0"):
         ATPConfig(protect_outliers=-1.0).validate()

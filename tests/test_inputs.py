@@ -164,7 +164,7 @@ def test_overwrite_false_as_a_string_keeps_the_earlier_run(earlier_run, tiny_mod
 
 
 def test_python_api_values_are_type_checked():
-    from atp.config import ATPConfig
+    from atp.options import ATPConfig
 
     for values, message in [({"prune": "false"}, "--prune must be true or false, got 'false'"),
                             ({"sparsity": "0.4"}, "--sparsity must be a finite number, got '0.4'"),
@@ -214,7 +214,7 @@ def test_export_refuses_a_sparsity_far_from_the_target(tiny_model_dir, train_fil
 def test_sparsity_tolerance_is_005_unless_the_decisions_are_coarser():
     from transformers import LlamaConfig
 
-    from atp.config import ATPConfig
+    from atp.options import ATPConfig
     from atp.space import PruningSpace
     from atp.train import sparsity_tolerance
 
@@ -230,8 +230,8 @@ def test_sparsity_tolerance_is_005_unless_the_decisions_are_coarser():
 
 
 def test_logits_check_fails_on_non_finite_logits(tiny_model_dir, tokenizer):
-    from atp.config import ATPConfig
     from atp.models import load_model
+    from atp.options import ATPConfig
     from atp.space import HeadMLPSpace
     from atp.train import verify_export
 
@@ -293,7 +293,7 @@ def test_resume_refuses_changed_training_data(tiny_model_dir, train_file, tmp_pa
 def test_domain_data_hashes_follow_the_files_not_the_folder(tmp_path, shared_data):
     import shutil
 
-    from atp.config import ATPConfig, check_same_data, data_sha256, fingerprint
+    from atp.options import ATPConfig, check_same_data, data_sha256, fingerprint
 
     copy = tmp_path / "data"
     shutil.copytree(shared_data / "healthcare", copy / "healthcare")

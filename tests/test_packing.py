@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from atp.data import Example, collate, collate_packed, pack, tokenize_example
 from atp.distill import SelfTeacher
 from atp.errors import ATPError
-from atp.train import ATPConfig, batches, check_packing, train
+from atp.options import ATPConfig
+from atp.train import batches, check_packing, train
 from helpers import FAMILIES, tiny_model
 
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from atp.config import ATPConfig, fingerprint
 from atp.errors import ATPError
+from atp.options import ATPConfig, fingerprint
 from atp.schedule import Schedule
 from atp.train import PruneRecipe, train
 from helpers import cfg_for

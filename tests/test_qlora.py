@@ -8,9 +8,10 @@ from safetensors.torch import load_file
 
 from atp.errors import ATPError
 from atp.masking import GateController
+from atp.options import ATPConfig
 from atp.quantize import dequantize_and_merge, dequantized_weight, is_quantized, quantize_base
 from atp.space import PruningSpace
-from atp.train import ATPConfig, train
+from atp.train import train
 from conftest import tiny_model
 
 

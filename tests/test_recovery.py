@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 from atp.cli import main
 from atp.errors import ATPError
 from atp.export import count_safetensors_params, load_pruned
+from atp.options import ATPConfig, config_from_record, fingerprint
 from atp.schedule import Schedule
-from atp.train import ATPConfig, PruneRecipe, config_from_record, fingerprint, train
+from atp.train import PruneRecipe, train
 
 STEPS, FREEZE = 16, 8
 

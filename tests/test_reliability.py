@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from atp import checkpoint
 from atp.cli import main
 from atp.errors import ATPError
-from atp.train import ATPConfig, train
+from atp.options import ATPConfig
+from atp.train import train
 from helpers import save_checkpoint, small_checkpoint_parts, tiny_model
 
 STEPS = 120
@@ -108,7 +109,7 @@ def test_resume_refuses_a_changed_base_model(tiny_model_dir, train_file, tmp_pat
 def test_resume_refuses_a_changed_teacher(tiny_model_dir, tmp_path):
     import shutil
 
-    from atp.config import check_same_model, model_sha256
+    from atp.options import check_same_model, model_sha256
 
     teacher = tmp_path / "teacher-run"
     shutil.copytree(tiny_model_dir, teacher / "model")

@@ -198,8 +198,8 @@ def test_atp_run_with_the_cache_frees_the_teacher_and_resumes_bit_exact(tiny_mod
 
 
 def test_top_k_option_is_checked_and_changes_the_fingerprint():
-    from atp.config import ATPConfig, fingerprint
     from atp.errors import ATPError
+    from atp.options import ATPConfig, fingerprint
 
     with pytest.raises(ATPError, match="--distill-top-k must be at least 0"):
         ATPConfig(distill_top_k=-1).validate()

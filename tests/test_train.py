@@ -10,10 +10,11 @@ from atp.cli import main
 from atp.errors import ATPError
 from atp.export import count_safetensors_params, load_pruned
 from atp.generator import DecisionGenerator
+from atp.options import ATPConfig, fingerprint
 from atp.regularization import group_lasso, group_sq_norms, proximal_step, ratio_loss
 from atp.schedule import Schedule
 from atp.space import PruningSpace
-from atp.train import ATPConfig, fingerprint, train
+from atp.train import train
 from helpers import LORA_TARGETS, tiny_model
 
 
@@ -306,7 +307,8 @@ def test_prune_help_comes_from_the_config_fields():
 def test_fingerprint_ignores_later_options_at_their_default(tmp_path):
     import hashlib
 
-    from atp.train import LATER_OPTIONS, NON_SEMANTIC
+    from atp.config import NON_SEMANTIC
+    from atp.options import LATER_OPTIONS
 
     cfg = ATPConfig(out=str(tmp_path), **LATER_OPTIONS)
     # options added after the first runs are absent from their fingerprints at their earlier values;
@@ -320,7 +322,7 @@ def test_fingerprint_ignores_later_options_at_their_default(tmp_path):
         base = dataclasses.replace(cfg, **inert)
         assert fingerprint(dataclasses.replace(base, restart_lr=True)) == fingerprint(base), inert
     # a record made before the option existed reads back with the value that reproduces it
-    from atp.train import config_from_record
+    from atp.options import config_from_record
 
     record = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "restart_lr"}
     assert config_from_record(record).restart_lr is False

@@ -37,7 +37,7 @@ def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, sche
          full: tuple[dict, torch.optim.Optimizer, object] | None = None, model_sha256: dict | None = None) -> Path:
     """decisions: (gates, info) of a run whose decisions were fixed before tuning (two-stage baselines).
     data_sha256: the SHA-256 of each data file the run reads, recorded next to the fingerprint for --resume;
-    model_sha256: the same of the base model's (and a teacher's) files (atp.config.model_sha256).
+    model_sha256: the same of the base model's (and a teacher's) files (atp.options.model_sha256).
     full: (weights by name, optimizer, learning-rate scheduler) of the --recovery full phase."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file

@@ -68,7 +68,7 @@ def print_prune_report(report: dict) -> None:
 
 
 def cmd_prune(args) -> int:
-    from .config import ATPConfig, resume_config
+    from .options import ATPConfig, resume_config
     from .rundir import restore_interrupted
     from .train import train
 
@@ -100,13 +100,13 @@ def cmd_demo(args) -> int:
 
 def config_help(name: str) -> str:
     """The --help text of an ATPConfig field, for commands that take the same option."""
-    from .config import ATPConfig
+    from .options import ATPConfig
 
     return next(f.metadata["help"] for f in dataclasses.fields(ATPConfig) if f.name == name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ATPConfig
+    from .options import ATPConfig
 
     parser = argparse.ArgumentParser(
         prog="atp",

@@ -23,9 +23,10 @@ import os
 import time
 from pathlib import Path
 
-from .config import MIN_LENGTH, check_types
+from .config import MIN_LENGTH
 from .errors import ATPError
 from .fsutil import read_yaml_mapping, write_text_atomic
+from .options import check_types
 from .report import write_outputs
 from .rundir import LOCK_NAME, check_not_inside_inputs, check_out_path, locked
 
@@ -104,7 +105,7 @@ class CompareSpec:
 
     def check(self, path) -> None:
         from .data import get_domain
-        from .train import ATPConfig
+        from .options import ATPConfig
 
         for name, (kind, example) in LISTS.items():
             value = getattr(self, name)
@@ -294,7 +295,7 @@ def cell_dir(spec: CompareSpec, cell: Cell) -> Path:
 
 
 def cell_config(spec: CompareSpec, cell: Cell):
-    from .train import ATPConfig
+    from .options import ATPConfig
 
     method = REFERENCES["dense-lora"] if cell.method == "dense-lora" else {**METHODS, **spec.variants}[cell.method]
     values = {**spec.train, **method,
@@ -306,7 +307,7 @@ def cell_config(spec: CompareSpec, cell: Cell):
 
 
 def cell_fingerprint(spec: CompareSpec, cell: Cell) -> str:
-    from .train import fingerprint
+    from .options import fingerprint
 
     trained = spec.model if cell.method == "dense" else fingerprint(cell_config(spec, cell))
     key = json.dumps({"train": trained, "eval": spec.eval_settings(cell.domain), "domain": cell.domain,
@@ -330,7 +331,7 @@ def run_state(cfg) -> tuple[str, object]:
     """What cfg.out holds for this config: ("trained", report), ("resumable", checkpoint name),
     ("other", None) when a run with other settings is there, or ("empty", None)."""
     from . import checkpoint
-    from .train import config_from_record, fingerprint
+    from .options import config_from_record, fingerprint
 
     run_dir, wanted = Path(cfg.out), fingerprint(cfg)
     report_path = run_dir / "report.json"

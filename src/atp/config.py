@@ -1,20 +1,16 @@
-"""The options of `atp prune` (one dataclass field each, with its --help text), the run directory, and the
-config fingerprint that decides whether a run can be resumed or a compare cell reused."""
+"""The recipe's own options of `atp prune` (one dataclass field each, with its --help text) and their pure checks.
+
+This module is a leaf: it imports nothing from atp but `errors`. The pruning space's options (--space and each
+kind's options) live with the kinds (`atp.kinds`), and `atp.options` composes both into `ATPConfig`, with the checks
+and record helpers that need other modules (fingerprint, resume, data and model stamps)."""
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import ATPError
-from .fsutil import read_yaml_mapping
-from .kinds import KINDS
-from .schedule import Schedule
 
 # distillation from the dense model when pruning: at equal time it ties on ROUGE-L and wins perplexity, at equal
 # steps it wins both (docs/benchmarks.md, eighth session)
@@ -38,12 +34,10 @@ RECIPES = {
 DEFAULT_LAM = {"ramp": 1.0, "lr-scaled": 1.0, "exp-ramp": 50000.0}
 
 
-_space_help = "what to prune (repeat the flag for several): " + "; ".join(
-    f"{name}: {kind.description}" for name, kind in KINDS.items())
-
-
 @dataclass
-class ATPConfig:
+class RecipeOptions:
+    """The options of `atp prune` that are not the pruning space's (`atp.options.ATPConfig` adds those)."""
+
     model: str = field(default="smollm2-135m", metadata={"help": "embedded name (smollm2-135m), local HF folder, or hub id"})
     domain: str | None = field(default="healthcare", metadata={"help": "training domain: healthcare or legal"})
     train_files: list[str] = field(default_factory=list, metadata={
@@ -64,18 +58,6 @@ class ATPConfig:
     sparsity_of: str = field(default="prunable", metadata={
         "help": "what --sparsity is a fraction of: prunable (the decoder blocks' parameters) or model (every "
                 "parameter, embeddings and LM head included, which --space hidden also shrinks)"})
-    mlp_block: int = field(default=32, metadata={"help": "MLP channels per gate (kept MLP widths are multiples of it)"})
-    hidden_block: int = field(default=32, metadata={
-        "help": "hidden channels per gate with --space hidden (the kept hidden size is a multiple of it, or the "
-                "full size; q8_0 / q4_0 GGUF files need multiples of 32)"})
-    protect_outliers: float = field(default=100.0, metadata={
-        "help": "with --space hidden, for the generator (atp, frozen-generator): a hidden block holding a massive "
-                "activation (a channel whose peak |residual| on the calibration examples is at least this many times "
-                "the median channel's) is never pruned; 0 turns the guard off"})
-    qk_block: int = field(default=4, metadata={
-        "help": "RoPE pairs of query/key dimensions per gate with --space qk-dims (a gate removes 2 * QK_BLOCK "
-                "dimensions from every query and key head of a layer)"})
-    space: list[str] = field(default_factory=lambda: ["heads", "mlp"], metadata={"help": _space_help})
     uniform: bool = field(default=False, metadata={
         "help": "keep the same widths in every layer, so the export is a plain LlamaForCausalLM / Qwen2ForCausalLM "
                 "/ MistralForCausalLM checkpoint"})
@@ -235,22 +217,12 @@ class ATPConfig:
         if self.recipe == "paper" and self.calib_max_length is None:
             self.calib_max_length = self.max_length
 
-    def validate(self) -> None:
-        """Every value checked before any work starts: types, ranges, choices, and the training data named."""
-        from . import validation
-
-        check_types(dataclasses.asdict(self))
-        validation.seed(self.seed)
-        validation.mixed_precision(self.mixed_precision)
-        validation.lora_targets(self.lora_targets)
+    def check_values(self) -> None:
+        """The checks that need no other module: ranges, choices, and options that exclude each other."""
         if self.prune and not 0 < self.sparsity < 1:
             raise ATPError(f"--sparsity must be strictly between 0 and 1 (a fraction of prunable parameters), got {self.sparsity}")
-        def flag(name):
-            return f"--{name.replace('_', '-')}"
-
-        for name in ("max_steps", "batch_size", "grad_accum", "lora_r", "generator_every", "mlp_block",
-                     "generator_hidden", "log_every", "keep_checkpoints", "calib_batches", "generator_batches",
-                     "hidden_block", "qk_block"):
+        for name in ("max_steps", "batch_size", "grad_accum", "lora_r", "generator_every", "generator_hidden",
+                     "log_every", "keep_checkpoints", "calib_batches", "generator_batches"):
             if getattr(self, name) < 1:
                 raise ATPError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         # the causal LM loss predicts each token from those before it, so the first token of a sequence (packed
@@ -263,7 +235,7 @@ class ATPConfig:
         for name in ("lr", "generator_lr", "temperature", "lora_alpha", "recovery_lr"):
             if not getattr(self, name) > 0:
                 raise ATPError(f"{flag(name)} must be greater than 0, got {getattr(self, name)}")
-        for name in ("alpha", "lam", "save_every", "check_tolerance", "generator_clip", "protect_outliers"):
+        for name in ("alpha", "lam", "save_every", "check_tolerance", "generator_clip"):
             if not getattr(self, name) >= 0:
                 raise ATPError(f"{flag(name)} must be at least 0, got {getattr(self, name)}")
         if not 0 <= self.generator_ema < 1:
@@ -282,25 +254,15 @@ class ATPConfig:
             raise ATPError(f"--target-warmup must be in [0, 1], got {self.target_warmup}")
         if not 0 <= self.generator_frac <= 1:
             raise ATPError(f"--generator-frac must be in [0, 1], got {self.generator_frac}")
-        from .quantize import check_options
-
-        check_options(self)
         if self.gguf is not None and not str(self.gguf).endswith(".gguf"):
             raise ATPError(f"--gguf takes a path ending in .gguf, got '{self.gguf}'")
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ATPError(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        from .baselines import SCORED, check_kinds_scored, check_method
-        from .kinds import check_kinds
 
-        check_method(self.method)
-        check_kinds(self.space)
-        from .gguf_export import check_prune_options
-
-        check_prune_options(self)
-        if self.prune:
-            check_kinds_scored(self.method, self.space)
-        if self.prune and self.method in SCORED and (self.uniform or self.round_to):
+    def check_combinations(self, scored: bool) -> None:
+        """Options that exclude each other; `scored`: --method is a scored two-stage baseline."""
+        if self.prune and scored and (self.uniform or self.round_to):
             raise ATPError(f"--uniform and --round-to apply to the generator's decisions (atp, frozen-generator), "
                            f"not to --method {self.method}")
         self.check_recovery()
@@ -312,7 +274,6 @@ class ATPConfig:
                                f"{self.method} (leave --method at atp)")
         if not self.domain and not self.train_files:
             raise ATPError("give training data: --domain NAME or --train-file TASK=PATH")
-        self.check_data_names()
 
     def check_recovery(self) -> None:
         """--recovery full needs a phase with fixed decisions after some steps of the run."""
@@ -325,28 +286,9 @@ class ATPConfig:
             raise ATPError(f"--recovery full needs steps after the decisions are fixed, but --generator-frac "
                            f"{self.generator_frac} leaves none of the {self.max_steps} steps; lower --generator-frac")
 
-    def check_data_names(self) -> None:
-        """The domain exists; each --train-file is TASK=PATH with a known task and a file (or hub id) there."""
-        from . import data
 
-        if self.domain:
-            data.get_domain(self.domain)
-        for entry in self.train_files:
-            task, sep, path = entry.partition("=")
-            if not sep or not task or not path:
-                raise ATPError(f"--train-file takes TASK=PATH (e.g. pubmedqa=data.jsonl), got {entry!r}")
-            data.get_task(task)
-            if not Path(path).expanduser().exists() and not data._is_hub_id(path):
-                raise ATPError(f"--train-file {entry}: data file {path} not found")
-
-    @classmethod
-    def yaml_values(cls, path) -> dict:
-        """The option values in a YAML file (a mapping of field names; unknown keys are an error). A record
-        written before issue 15 has mask_lora, which became lora_mask."""
-        values = upgrade_record(read_yaml_mapping(path, "config file", {f.name for f in dataclasses.fields(cls)}
-                                                  | {"mask_lora"}))
-        check_types(values, f"config file {path}")
-        return values
+def flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
 def _expected(kind) -> tuple[str, typing.Callable]:
@@ -368,10 +310,10 @@ def _expected(kind) -> tuple[str, typing.Callable]:
     return "a string", lambda v: isinstance(v, str)
 
 
-def check_types(values: dict, where: str | None = None) -> None:
-    """Each value has its ATPConfig field's type; the error names the key (in `where`) or the flag. Unknown keys
-    are left to the caller."""
-    hints = typing.get_type_hints(ATPConfig)
+def check_types(values: dict, config_cls, where: str | None = None) -> None:
+    """Each value has its `config_cls` field's type; the error names the key (in `where`) or the flag. Unknown
+    keys are left to the caller."""
+    hints = typing.get_type_hints(config_cls)
     for name, value in values.items():
         if name not in hints:
             continue
@@ -403,102 +345,6 @@ def upgrade_record(values: dict) -> dict:
     return values
 
 
-def data_sha256(cfg: ATPConfig) -> dict[str, str]:
-    """SHA-256 of each data file the run reads (domain files by their path under the data folder, --train-file
-    paths as given); hub datasets and missing files are left out."""
-    from . import data
-    from .checkpoint import _sha256
-
-    files = {}
-    if cfg.domain:
-        root = data.resolve_data_dir(cfg.data_dir)
-        for _, path in data.domain_files(cfg.domain, cfg.data_dir):
-            files[str(path.relative_to(root)) if root is not None and path.is_relative_to(root) else str(path)] = path
-    for entry in cfg.train_files:
-        path = entry.partition("=")[2]
-        files[path] = Path(path).expanduser()
-    return {key: _sha256(path) for key, path in files.items() if path.is_file()}
-
-
-def check_same_data(recorded: dict | None, cfg: ATPConfig, where: str) -> None:
-    """Refuse to resume when a data file the run read has changed (checkpoints before issue 19 recorded none)."""
-    if not isinstance(recorded, dict):
-        return
-    now = data_sha256(cfg)
-    for key in sorted(set(recorded) | set(now)):
-        if recorded.get(key) != now.get(key):
-            state = ("is no longer there" if key not in now else "was not read then" if key not in recorded else
-                     f"changed (SHA-256 {recorded[key][:12]}... then, {now[key][:12]}... now)")
-            raise ATPError(f"{where}: the training data {key} {state}; resume with the data the run used, or "
-                           "start a new run")
-
-
-# the files of a model folder that decide what a run computes: config, tokenizer, atp's modeling file, weights
-MODEL_FILES = ("config.json", "modeling_atp.py", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-               "vocab.json", "merges.txt", "special_tokens_map.json", "*.safetensors", "*.safetensors.index.json")
-
-
-def _file_stamps(folder: Path, recorded) -> dict[str, dict]:
-    """name -> {sha256, size, mtime_ns} of a model folder's MODEL_FILES.
-
-    A full SHA-256 rather than a hash of the safetensors headers: new weights of the same shapes (another
-    fine-tune saved over the folder) have the same headers and size. Its cost is one read of the weights when a
-    run starts (they are read to load them anyway; seconds for a 1B model). A resume re-reads only a file whose
-    size or mtime differs from the record, so an untouched model costs nothing, and a copied or touched one is
-    still compared by content."""
-    from .checkpoint import _sha256
-
-    recorded = recorded if isinstance(recorded, dict) else {}
-    stamps = {}
-    for pattern in MODEL_FILES:
-        for path in sorted(folder.glob(pattern)):
-            if not path.is_file():
-                continue
-            stat = path.stat()
-            before = recorded.get(path.name)
-            same = (isinstance(before, dict) and before.get("size") == stat.st_size
-                    and before.get("mtime_ns") == stat.st_mtime_ns and isinstance(before.get("sha256"), str))
-            digest = before["sha256"] if same else _sha256(path)
-            stamps[path.name] = {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return stamps
-
-
-def model_sha256(cfg: ATPConfig, recorded=None) -> dict[str, dict]:
-    """The base model's files (role "model") and, with --distill from a run, the teacher's ("teacher"), as
-    `_file_stamps`; a hub model is left out. `recorded`: an earlier result, whose digests of files unchanged in
-    size and mtime are reused."""
-    from .models import resolve_model
-
-    recorded = recorded if isinstance(recorded, dict) else {}
-    folders = {"model": Path(resolve_model(cfg.model))}  # an embedded model: its prepared folder
-    if cfg.distill and cfg.teacher != "self":
-        teacher = Path(cfg.teacher).expanduser()
-        folders["teacher"] = teacher / "model" if (teacher / "model").is_dir() else teacher
-    return {role: _file_stamps(folder, recorded.get(role)) for role, folder in folders.items() if folder.is_dir()}
-
-
-def check_same_model(recorded, cfg: ATPConfig, where: str) -> dict[str, dict]:
-    """Refuse to resume when a file of the base model or the teacher changed (checkpoints before issue 31 record
-    none and resume as before); the files' stamps now."""
-    now = model_sha256(cfg, recorded)
-    if not isinstance(recorded, dict):
-        return now
-    for role in sorted(set(recorded) | set(now)):
-        then, current = recorded.get(role), now.get(role, {})
-        then = then if isinstance(then, dict) else {}
-        for name in sorted(set(then) | set(current)):
-            old = then[name].get("sha256") if isinstance(then.get(name), dict) else None
-            new = current[name]["sha256"] if name in current else None
-            if old == new:
-                continue
-            state = ("is no longer there" if new is None else "was not there then" if old is None else
-                     f"changed (SHA-256 {str(old)[:12]}... then, {new[:12]}... now)")
-            who = "base model" if role == "model" else role
-            raise ATPError(f"{where}: the {who}'s {name} {state}; resume with the {who} the run used, or start a "
-                           "new run")
-    return now
-
-
 # options that do not change what a run computes; everything else must match to resume
 NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints", "gradient_checkpointing",
                 "gguf", "gguf_type")
@@ -507,64 +353,11 @@ NON_SEMANTIC = ("out", "overwrite", "log_every", "save_every", "keep_checkpoints
 # options added after runs were first recorded, with the value that reproduces those runs: a recorded
 # config without them gets that value, and the fingerprint leaves them out at that value, so older runs
 # stay resumable and their compare cells stay valid
-LATER_OPTIONS = {"restart_lr": False, "space": ["heads", "mlp"], "lasso": "lr-scaled", "lora_mask": "both",
+# (the pruning space's options declare theirs with the kinds: `atp.kinds.recorded_defaults`)
+LATER_OPTIONS = {"restart_lr": False, "lasso": "lr-scaled", "lora_mask": "both",
                  "lora_decisions": "deterministic", "generator_batches": 1, "generator_clip": 0.0, "distill": 0.0,
                  "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
-                 "sparsity_of": "prunable", "hidden_block": 32, "packing": False, "recovery": "lora",
-                 "recovery_lr": 5e-5, "qk_block": 4, "protect_outliers": 0.0, "quantize_base": "none",
+                 "sparsity_of": "prunable", "packing": False, "recovery": "lora",
+                 "recovery_lr": 5e-5, "quantize_base": "none",
                  "compact": False, "distill_top_k": 0, "recipe": "default", "decisions_from": None,
                  "generator_gates": "hard", "distill_generator": True}
-
-
-def inert_options(cfg: ATPConfig) -> set[str]:
-    """Options that cannot change what this run computes (left out of its fingerprint)."""
-    from .baselines import SCORED
-
-    restarted = Schedule.from_config(dataclasses.replace(cfg, restart_lr=True))
-    inert = set() if restarted.lr_restart_step else {"restart_lr"}
-    if cfg.recovery != "full":
-        inert.add("recovery_lr")
-    if not Schedule.from_config(cfg).learns_decisions:  # no LoRA steps under the generator's decisions
-        inert |= {"lasso", "lora_mask", "lora_decisions"}
-    if not cfg.prune or cfg.method in SCORED or cfg.decisions_from:  # no generator at all
-        inert |= {"generator_batches", "generator_clip", "generator_ema", "ratio_penalty", "generator_gates",
-                  "distill_generator"}
-    if not cfg.prune:
-        inert.add("compact")
-    if cfg.distill == 0:
-        inert |= {"distill_temperature", "teacher", "distill_top_k", "distill_generator"}
-    if "hidden" not in cfg.space:
-        inert |= {"hidden_block", "protect_outliers"}
-    if "qk-dims" not in cfg.space:
-        inert.add("qk_block")
-    return inert
-
-
-def config_from_record(values: dict) -> ATPConfig:
-    """An ATPConfig from a recorded config.yaml / report (older records lack the later options)."""
-    return ATPConfig(**{**LATER_OPTIONS, **upgrade_record(values)})
-
-
-def fingerprint(cfg: ATPConfig) -> str:
-    skip = set(NON_SEMANTIC) | inert_options(cfg)
-    values = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in skip and not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
-    if "lora_mask" not in values:  # recorded before issue 15 as mask_lora (True: both paths)
-        values["mask_lora"] = True
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def resume_config(run_dir, overrides: dict) -> ATPConfig:
-    """The config recorded in RUN_DIR, with only non-semantic overrides allowed."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise ATPError(f"--resume {run_dir}: no config.yaml there; is it an atp run directory?")
-    recorded = {**LATER_OPTIONS, **ATPConfig.yaml_values(path)}
-    changed = sorted(k for k, v in overrides.items() if k not in NON_SEMANTIC and k in recorded and recorded[k] != v)
-    if changed:
-        detail = ", ".join(f"{k}: {recorded[k]!r} -> {overrides[k]!r}" for k in changed)
-        raise ATPError(f"--resume {run_dir}: that run was made with a different config ({detail}); "
-                       "resume with the same options, or start a new run")
-    recorded.update({k: v for k, v in overrides.items() if k in NON_SEMANTIC})
-    recorded["out"] = str(run_dir)
-    return ATPConfig(**recorded)

@@ -67,7 +67,7 @@ def add_demo_arguments(parser) -> None:
 
 def run_demo_command(args) -> int:
     from . import validation
-    from .config import ATPConfig
+    from .options import ATPConfig
 
     validation.at_least(args.limit, 1, "limit")
     validation.at_least(args.rouge_limit, 0, "rouge_limit")

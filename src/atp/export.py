@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from . import hf_modeling, hidden
+from . import hf_modeling
 from .arch import ARCHS, ATTENTION_ROLES, MLP_ROLES, arch_for, check_supported, register
 from .errors import ATPError
 from .fsutil import atomic_dir
-from .kinds import KINDS
+from .kinds import KINDS, legacy_kept
 from .masking import base_model
 
 CONFIG_KEY = "atp_pruning"
@@ -68,8 +68,8 @@ def sliced_state(model, kept_structure: list[dict], head_dim: int) -> dict[str, 
             if dim == 0 and f"{prefix}.bias" in state:
                 state[f"{prefix}.bias"] = state[f"{prefix}.bias"].index_select(0, index.to(weight.device)).clone()
         state[f"{prefix}.weight"] = weight.clone()
-    if kept_structure and kept_structure[0].get("hidden") is not None:
-        hidden.slice_outside(state, kept_structure[0]["hidden"], arch, dense.config)
+    for kind in KINDS.values():  # what a kind changes outside the layers (e.g. a smaller hidden size)
+        kind.slice_outside(state, kept_structure, arch, dense.config)
     return state
 
 
@@ -97,9 +97,8 @@ def pruned_config(config, kept_structure: list[dict]):
         raise ATPError(f"cannot export model type '{config.model_type}'; supported families: {', '.join(ARCHS)}")
     values = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
     values["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kept_hidden = kept_structure[0].get("hidden")
-    if kept_hidden is not None:
-        values["hidden_size"] = len(kept_hidden)
+    for kind in KINDS.values():
+        values.update(kind.export_config(kept_structure))
     widths = layer_widths(kept_structure)
     if uniform_allowed(config, widths, values["hidden_size"]):
         values.update({k: v for k, v in widths[0].items() if k not in ("kv_map", "skip")})
@@ -107,15 +106,11 @@ def pruned_config(config, kept_structure: list[dict]):
     else:
         config_cls, model_cls = ARCHS[config.model_type].pruned_classes
         # kv_map's global value is written too, so that generic config readers (e.g. AutoTokenizer) parse the file
-        qk = {"qk_pairs": None} if any("qk_pairs" in w for w in widths) else {}
-        new = config_cls(**values, kv_map=None, **qk, per_layer_config=dict(enumerate(widths)))
+        extra = {key: value for kind in KINDS.values() for key, value in kind.heterogeneous_config(widths).items()}
+        new = config_cls(**values, kv_map=None, **extra, per_layer_config=dict(enumerate(widths)))
         new.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.{config_cls.__name__}",
                         "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{model_cls.__name__}"}
-    record = {"kept_heads": [k["heads"] for k in kept_structure]}
-    if kept_hidden is not None:
-        record["kept_hidden"] = kept_hidden
-    if any(w.get("qk_pairs") for w in widths):  # RoPE pairs kept in every head's queries and keys, per layer
-        record["kept_qk_pairs"] = [w.get("qk_pairs") for w in widths]
+    record = {key: value for kind in KINDS.values() for key, value in kind.export_record(kept_structure).items()}
     setattr(new, CONFIG_KEY, record)
     return new
 
@@ -146,8 +141,8 @@ def build_pruned(model, kept_structure: list[dict]):
     with torch.device(device):
         pruned.model.rotary_emb = type(dense.model.rotary_emb)(config=config)
     _copy_meta_buffers(pruned, dense)
-    if config.hidden_size != dense.config.hidden_size:
-        hidden.reset_embed_scale(pruned, arch_for(dense.config))
+    for kind in KINDS.values():
+        kind.finish_export(pruned, dense.config, arch_for(dense.config))
     if config.tie_word_embeddings:
         pruned.tie_weights()
     pruned.config.use_cache = True
@@ -252,8 +247,7 @@ def _load_legacy(path: Path, dtype, attn_implementation):
     dense = AutoConfig.from_pretrained(path, trust_remote_code=False)
     arch = check_supported(dense)
     records = json.loads((path / "config.json").read_text())[CONFIG_KEY]["layers"]
-    kept = [{"heads": r["kept_heads"], "kv_heads": list(range(r["num_kv_heads"])), "kv_map": r["kv_map"],
-             "channels": list(range(r["intermediate_size"]))} for r in records]
+    kept = [legacy_kept(record) for record in records]
     config = pruned_config(dense, kept)
     if attn_implementation:
         config._attn_implementation = attn_implementation

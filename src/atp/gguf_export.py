@@ -33,6 +33,7 @@ import torch
 from .arch import ARCHS, PRUNED_PREFIX, Arch
 from .errors import ATPError
 from .fsutil import atomic_file, check_writable_file
+from .kinds import gguf_problems, whole_heads
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 QUANT_BLOCK = {"q8_0": 32, "q4_0": 32}  # values per block of a quantized row (gguf's GGML_QUANT_SIZES)
@@ -120,7 +121,7 @@ def layer_widths(config: dict) -> list[dict]:
                            "of a head (--space qk-dims), which GGUF cannot hold: llama.cpp's key length is one value "
                            "for every layer and its RoPE rotates a fixed run of frequencies; export this model as a "
                            "Hugging Face folder, or prune without qk-dims")
-        layers.append({"heads": w["num_attention_heads"], "kv_heads": w["num_key_value_heads"],
+        layers.append({"query_heads": w["num_attention_heads"], "kv_heads": w["num_key_value_heads"],
                        "ff": w["intermediate_size"], "kv_map": w["kv_map"]})
     return layers
 
@@ -157,13 +158,13 @@ def plan(config: dict) -> list[dict]:
     layers = []
     n = config["num_hidden_layers"]
     for i, w in enumerate(layer_widths(config)):
-        if (w["heads"] == 0) != (w["kv_heads"] == 0):
-            raise ATPError(f"layer {i} keeps {w['heads']} query heads and {w['kv_heads']} KV heads; "
+        if (w["query_heads"] == 0) != (w["kv_heads"] == 0):
+            raise ATPError(f"layer {i} keeps {w['query_heads']} query heads and {w['kv_heads']} KV heads; "
                            "llama.cpp needs both or neither")
-        groups = even_groups(w["heads"], w["kv_heads"], w["kv_map"])
+        groups = even_groups(w["query_heads"], w["kv_heads"], w["kv_map"])
         # llama.cpp's deci graph skips the rest of a layer without MLP (dropping its attention output), and
         # the last layer's output-row selection happens there: such layers get an all-zero MLP instead.
-        zero_mlp = w["ff"] == 0 and (w["heads"] > 0 or i == n - 1 or config.get("mlp_bias", False))
+        zero_mlp = w["ff"] == 0 and (w["query_heads"] > 0 or i == n - 1 or config.get("mlp_bias", False))
         layers.append({**w, **groups, "gguf_heads": len(groups["q_order"]), "gguf_kv_heads": len(groups["kv_order"]),
                        "gguf_ff": ZERO_MLP if zero_mlp else w["ff"], "zero_mlp": zero_mlp})
     return layers
@@ -251,7 +252,7 @@ def layer_tensors(state, family: Arch, i: int, layer: dict, head_dim: int, hidde
     prefix = f"{family.layers}.{i}."
     out = []
     o_bias = state.get(f"{prefix}{family.path('o')}.bias")
-    if not layer["heads"] and o_bias is not None and o_bias.abs().max() > 0:
+    if not layer["query_heads"] and o_bias is not None and o_bias.abs().max() > 0:
         raise ATPError(f"layer {i} keeps no attention heads but a nonzero o_proj bias, which llama.cpp cannot express")
     if layer["gguf_heads"]:
         out += [(f"{prefix}{n}.weight", _norm(state, f"{prefix}{n}.weight", family, hidden))
@@ -259,7 +260,7 @@ def layer_tensors(state, family: Arch, i: int, layer: dict, head_dim: int, hidde
         for role, order in (("q", layer["q_order"]), ("k", layer["kv_order"]), ("v", layer["kv_order"])):
             for kind in ("weight", "bias"):
                 name = f"{prefix}{family.path(role)}.{kind}"
-                if name not in state and not (kind == "weight" and not layer["heads"]):
+                if name not in state and not (kind == "weight" and not layer["query_heads"]):
                     continue
                 # a removed attention block (--space blocks) padded to uniform widths has only zero heads
                 t = _heads(state.get(name, torch.zeros(0, hidden)), order, head_dim)
@@ -484,21 +485,7 @@ def check_prune_options(cfg) -> None:
     """What `atp prune --gguf`'s options alone show the GGUF could not hold (called by ATPConfig.validate)."""
     if not cfg.gguf or not cfg.prune:
         return
-    if "qk-dims" in cfg.space:
-        raise ATPError("--gguf cannot hold a model pruned with --space qk-dims: llama.cpp's key length is one value "
-                       "for every layer and its RoPE rotates a fixed run of frequencies; prune without qk-dims, or "
-                       "drop --gguf (the run's Hugging Face folder loads in transformers)")
-    block = QUANT_BLOCK.get(cfg.gguf_type)
-    if block is None:
-        return
-    steps = []
-    if "mlp" in cfg.space and (cfg.round_to or cfg.mlp_block) % block:
-        steps.append(f"MLP widths in steps of {cfg.round_to or cfg.mlp_block} (--round-to or --mlp-block)")
-    if "hidden" in cfg.space and cfg.hidden_block % block:
-        steps.append(f"hidden sizes in steps of {cfg.hidden_block} (--hidden-block)")
-    if steps:
-        raise ATPError(f"--gguf-type {cfg.gguf_type} stores rows in blocks of {block} values, but this run keeps "
-                       f"{' and '.join(steps)}; use multiples of {block}, or --gguf-type f16 or f32")
+    gguf_problems(cfg, QUANT_BLOCK.get(cfg.gguf_type))
 
 
 def check_source_model(model_config: dict, tokenizer, cfg) -> None:
@@ -512,7 +499,7 @@ def check_source_model(model_config: dict, tokenizer, cfg) -> None:
     if block is None:
         return
     head_dim = head_dim_of(model_config)
-    attention = head_dim if cfg.prune and "heads" in cfg.space else head_dim * model_config["num_attention_heads"]
+    attention = head_dim if cfg.prune and whole_heads(cfg.space) else head_dim * model_config["num_attention_heads"]
     widths = {"hidden_size": model_config["hidden_size"], "intermediate_size": model_config["intermediate_size"],
               "attention width (heads x head_dim)" if attention != head_dim else "head_dim": attention}
     bad = [f"{name} {value}" for name, value in widths.items() if value % block]
@@ -582,13 +569,13 @@ def export_gguf(model_dir, out_path, gguf_type: str = "f16", *, overwrite: bool 
     return {
         "path": str(out_path), "architecture": arch, "gguf_type": gguf_type, "bytes": out_path.stat().st_size,
         "heterogeneous": heterogeneous,
-        "layers": [{"heads": l["gguf_heads"], "kv_heads": l["gguf_kv_heads"], "ff": l["gguf_ff"],
-                    "source_heads": l["heads"], "source_kv_heads": l["kv_heads"], "source_ff": l["ff"]} for l in layers],
+        "layers": [{"query_heads": l["gguf_heads"], "kv_heads": l["gguf_kv_heads"], "ff": l["gguf_ff"],
+                    "source_query_heads": l["query_heads"], "source_kv_heads": l["kv_heads"], "source_ff": l["ff"]} for l in layers],
         # KV cache per token: K and V, head_dim values each, per KV head (f16 cache, llama.cpp's default)
         "kv_cache_bytes_per_token": 2 * kv_gguf * head_dim * 2,
         "kv_cache_added_fraction": (kv_gguf - kv_source) / kv_source if kv_source else 0.0,
         "duplicated_kv_heads": kv_gguf - kv_source,
-        "padded_query_heads": sum(l["gguf_heads"] - l["heads"] for l in layers),
+        "padded_query_heads": sum(l["gguf_heads"] - l["query_heads"] for l in layers),
         "zero_mlp_layers": [i for i, l in enumerate(layers) if l["zero_mlp"]],
         "padded_mlp_channels": sum(l["gguf_ff"] - l["ff"] for l in layers if not l["zero_mlp"]),
         "vocab": vocab,

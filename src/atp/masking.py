@@ -12,9 +12,9 @@ structure's LoRA activation still reaches the residual stream through the frozen
 forward). "frozen-output": only the frozen path of o_proj / down_proj.
 Block gates (`--space blocks`) multiply the output of o_proj / down_proj, biases included, in "both" and
 "frozen-output", and the frozen outputs of all the block's projections in "frozen". Hidden-channel gates
-(`--space hidden`) act on the residual stream and its norms in every mode (`atp.hidden`). Query/key dimension gates
-(`--space qk-dims`) multiply the outputs of q_proj / k_proj (at the wrapper in "both", on the frozen path otherwise),
-and make per-head q/k norms normalise over the kept dimensions in every mode.
+(`--space hidden`) act on the residual stream and its norms in every mode (`atp.kinds.hidden`). Query/key dimension
+gates (`--space qk-dims`) multiply the outputs of q_proj / k_proj (at the wrapper in "both", on the frozen path
+otherwise), and make per-head q/k norms normalise over the kept dimensions in every mode.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class GateController:
                         else:
                             hook = module.register_forward_hook(self._on_output(hooked, mask, index))
                         self.handles.append(hook)
-        for kind in space.kind_objects:  # hooks outside the projections, the same in every mode (e.g. atp.hidden)
+        for kind in space.kind_objects:  # hooks outside the projections, the same in every mode (e.g. atp.kinds.hidden)
             self.handles += kind.extra_hooks(space, base_model(model), lambda: self.masks)
 
     def use(self, mode: str) -> None:

@@ -455,15 +455,11 @@ def _kept_heatmaps(plt, domain: str, results: list[dict], folder: Path) -> list[
         if not chosen:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.45 * len(chosen)), squeeze=False, sharey=True)
-        for ax, (kind, title) in zip(axes.flat, (("heads", "query heads kept"), ("mlp", "MLP channels kept"))):
-            table = []
-            for r in chosen.values():
-                dense = r["report"]["dense_shape"]
-                if kind == "heads":
-                    table.append([len(rec["kept_heads"]) / dense["num_heads"] for rec in r["report"]["layers"]])
-                else:
-                    table.append([rec["intermediate_size"] / dense["intermediate_size"]
-                                  for rec in r["report"]["layers"]])
+        panels = (("query heads kept", lambda rec, dense: len(rec["kept_heads"]) / dense["num_heads"]),
+                  ("MLP channels kept", lambda rec, dense: rec["intermediate_size"] / dense["intermediate_size"]))
+        for ax, (title, kept_fraction) in zip(axes.flat, panels):
+            table = [[kept_fraction(rec, r["report"]["dense_shape"]) for rec in r["report"]["layers"]]
+                     for r in chosen.values()]
             image = ax.imshow(table, aspect="auto", vmin=0, vmax=1, cmap="viridis")
             ax.set_yticks(range(len(chosen)), list(chosen))  # shared: labels on the left panel only
             ax.set_xticks(range(0, len(table[0]), max(1, len(table[0]) // 10)))

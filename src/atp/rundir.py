@@ -159,7 +159,8 @@ def is_atp_run(path) -> bool:
     """Whether `path` holds a run atp made: a config.yaml whose keys are all `atp prune` options."""
     import yaml
 
-    from .config import ATPConfig, upgrade_record
+    from .config import RecipeOptions, upgrade_record
+    from .kinds import OPTION_MIXINS
 
     try:
         values = yaml.safe_load((Path(path) / "config.yaml").read_text(encoding="utf-8"))
@@ -169,7 +170,7 @@ def is_atp_run(path) -> bool:
         return False
     import dataclasses
 
-    known = {f.name for f in dataclasses.fields(ATPConfig)}
+    known = {f.name for part in (RecipeOptions, *OPTION_MIXINS) for f in dataclasses.fields(part)}  # ATPConfig's
     return set(upgrade_record(values)) <= known
 
 

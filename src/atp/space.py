@@ -1,24 +1,19 @@
 """Pruning space: which structures can be pruned, and exact parameter counts under given gates.
 
-A space is made of the selected gate kinds (`atp.kinds`; `--space`, default heads and mlp). Gates are a
-dict of tensors, one entry per selected kind, each shaped [num_layers, gates_per_layer] (hidden: [1, gates]):
-  "heads": one gate per query head; a KV head goes when the last query head reading it goes.
-  "mlp":   one gate per block of `mlp_block` intermediate channels (the last block may be shorter);
-  "blocks": two gates per layer, its whole attention block and its whole MLP block;
-  "hidden": one row for the whole model [1, blocks], a gate per block of `hidden_block` hidden channels;
-  "qk-dims": one gate per block of `qk_block` RoPE pairs of query/key dimensions, shared by the layer's heads.
-A value of 1 keeps the structure, 0 prunes it; kinds that are not selected stay dense. Kinds compose: the
-effective gate of a head is its own gate times its attention block's gate, a block with no heads (channels)
-left is removed (`effective_gates`), and a block's norms and output bias go only with the whole block. Counts accept soft gates in [0, 1] too, which makes them
-a differentiable surrogate for the parameter-ratio loss.
-"Prunable" parameters are those of the decoder blocks, whatever the selected kinds. Hidden channels also shrink
-the embeddings, the LM head and the final norm, so sparsity is reported over the decoder blocks and over the whole
-model, and a target (`sparsity_of`) is either.
+A space is made of the selected gate kinds (`atp.kinds`; `--space`, default `kinds.DEFAULT_KINDS`). Gates are a dict
+of tensors, one entry per selected kind, each shaped [num_layers, gates_per_layer] (a model-wide kind: [1, gates]);
+`atp.kinds` says what each kind's gates are. A value of 1 keeps the structure, 0 prunes it; kinds that are not
+selected stay dense. Kinds compose (`effective_gates`): a container kind's gate (a whole block of a layer) multiplies
+the gates of the kinds inside that block, a block with none of their structures left is removed, and a block's
+norms and output bias go only with the whole block. Counts accept soft gates in [0, 1] too, which makes them a
+differentiable surrogate for the parameter-ratio loss; one path counts every space (`remaining_prunable`).
+"Prunable" parameters are those of the decoder blocks, whatever the selected kinds. A kind may shrink the hidden size
+too, and with it the embeddings, the LM head and the final norm, so sparsity is reported over the decoder blocks and
+over the whole model, and a target (`sparsity_of`) is either.
 """
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +21,7 @@ import torch
 from .arch import ARCHS, Arch, check_supported
 from .errors import ATPError
 from .kinds import DEFAULT_KINDS, KINDS, GateKind, check_kinds
+from .kinds.base import as_float
 
 __all__ = ["Gates", "HeadMLPSpace", "PruningSpace", "ShapeRule", "check_supported"]
 SPARSITY_OF = ("prunable", "model")  # what a target sparsity is a fraction of: decoder blocks, or the whole model
@@ -46,28 +42,38 @@ class PruningSpace:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    mlp_block: int = 1
     heads_must_divide_hidden: bool = False  # the family's config rejects head counts that do not divide hidden_size
     arch: Arch = ARCHS["llama"]
     kinds: tuple[str, ...] = DEFAULT_KINDS  # the selected gate kinds, in registry order
-    hidden_block: int = 1  # hidden channels per gate of the "hidden" kind
     sparsity_of: str = "prunable"  # one of SPARSITY_OF: the denominator of remaining_ratio
-    qk_block: int = 4  # RoPE pairs of query/key dimensions per gate of the "qk-dims" kind
+    options: dict = field(default_factory=dict)  # the kinds' space options (`GateKind.space_options`), as attributes
 
     def __post_init__(self):
         self.kinds = check_kinds(self.kinds)
+        self.options = {**{name: default for kind in KINDS.values() for name, default in kind.space_options.items()},
+                        **self.options}
         if self.sparsity_of not in SPARSITY_OF:
             raise ATPError(f"--sparsity-of must be one of {', '.join(SPARSITY_OF)}, got {self.sparsity_of!r}")
         for kind in self.kind_objects:
             kind.check_space(self)
 
+    def __getattr__(self, name):
+        """A kind's space option (e.g. its block size) reads as an attribute."""
+        options = self.__dict__.get("options")
+        if options is None or name not in options:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return options[name]
+
     @classmethod
-    def from_config(cls, config, mlp_block: int = 1, kinds=DEFAULT_KINDS, hidden_block: int = 1,
-                    sparsity_of: str = "prunable", qk_block: int = 4) -> "PruningSpace":
+    def from_config(cls, config, kinds=DEFAULT_KINDS, sparsity_of: str = "prunable", **options) -> "PruningSpace":
+        """options: the kinds' space options (`GateKind.space_options`, e.g. mlp_block); others are an error."""
         arch = check_supported(config)
-        for name, block in (("mlp_block", mlp_block), ("hidden_block", hidden_block), ("qk_block", qk_block)):
-            if block < 1:
-                raise ATPError(f"{name} must be a positive number of channels, got {block}")
+        known = {name for kind in KINDS.values() for name in kind.space_options}
+        for name, value in options.items():
+            if name not in known:
+                raise ATPError(f"internal error: no gate kind has the space option {name!r}")
+            if value < 1:
+                raise ATPError(f"{name} must be a positive number of channels, got {value}")
         qkv_bias, o_bias, mlp_bias = arch.biases(config)
         heads = config.num_attention_heads
         return cls(
@@ -82,13 +88,11 @@ class PruningSpace:
             qkv_bias=bool(qkv_bias),
             o_bias=bool(o_bias),
             mlp_bias=bool(mlp_bias),
-            mlp_block=mlp_block,
             heads_must_divide_hidden=arch.heads_divide_hidden,
             arch=arch,
             kinds=kinds,
-            hidden_block=hidden_block,
             sparsity_of=sparsity_of,
-            qk_block=qk_block,
+            options=options,
         )
 
     @property
@@ -106,32 +110,11 @@ class PruningSpace:
         return self.num_heads // self.num_kv_heads
 
     @property
-    def num_mlp_blocks(self) -> int:
-        return math.ceil(self.intermediate_size / self.mlp_block)
-
-    @property
-    def num_hidden_blocks(self) -> int:
-        return math.ceil(self.hidden_size / self.hidden_block)
-
-    @property
     def gate_shapes(self) -> dict[str, tuple[int, int]]:
         return {kind.name: (kind.rows(self), kind.width(self)) for kind in self.kind_objects}
 
-    def full_gates(self, device=None) -> Gates:
-        return {k: torch.ones(shape, device=device) for k, shape in self.gate_shapes.items()}
-
-    def block_sizes(self) -> torch.Tensor:
-        sizes = torch.full((self.num_mlp_blocks,), self.mlp_block, dtype=torch.float32)
-        sizes[-1] = self.intermediate_size - self.mlp_block * (self.num_mlp_blocks - 1)
-        return sizes
-
-    def channel_mask(self, mlp_gates: torch.Tensor) -> torch.Tensor:
-        """Expand [..., blocks] gates to [..., intermediate_size] channel gates."""
-        return mlp_gates.repeat_interleave(self.mlp_block, dim=-1)[..., : self.intermediate_size]
-
-    def hidden_mask(self, hidden_gates: torch.Tensor) -> torch.Tensor:
-        """Expand [..., blocks] hidden gates to [..., hidden_size] channel gates."""
-        return hidden_gates.repeat_interleave(self.hidden_block, dim=-1)[..., : self.hidden_size]
+    def full_gates(self, device=None, dtype=None) -> Gates:
+        return {k: torch.ones(shape, device=device, dtype=dtype) for k, shape in self.gate_shapes.items()}
 
     def with_hidden_size(self, hidden_size) -> "PruningSpace":
         """A copy whose hidden_size is `hidden_size` (an int, or a tensor for soft gates), for counting: every
@@ -140,61 +123,65 @@ class PruningSpace:
         view.hidden_size = hidden_size
         return view
 
+    def factors(self, gates: Gates) -> dict:
+        """What the selected kinds' gates change in every count (`GateKind.factors`)."""
+        return {key: value for kind in self.kind_objects for key, value in kind.factors(self, gates[kind.name]).items()}
+
     def counting_view(self, gates: Gates) -> "PruningSpace":
-        """This space, or (hidden channels pruned) the copy that counts with the kept hidden channels."""
-        if "hidden" not in self.kinds:
-            return self
-        return self.with_hidden_size(self.hidden_mask(gates["hidden"].float()).sum())
-
-    def kv_gates(self, head_gates: torch.Tensor) -> torch.Tensor:
-        """A KV head is kept if any of its query heads is: 1 - prod(1 - h), exact for 0/1 gates."""
-        grouped = head_gates.reshape(*head_gates.shape[:-1], self.num_kv_heads, self.heads_per_kv)
-        return 1 - torch.prod(1 - grouped, dim=-1)
-
-    @property
-    def norm_params(self) -> int:
-        """Per layer: norms over hidden_size and per-head norms over head_dim (shared by all heads)."""
-        return len(self.arch.norms) * self.hidden_size + len(self.arch.head_norms) * self.head_dim
+        """This space, or (a kind shrinks the hidden size) the copy that counts with the kept hidden size."""
+        kept = self.factors(gates).get("hidden_size")
+        return self if kept is None else self.with_hidden_size(kept)
 
     def block_fixed_params(self, block: str) -> int:
-        """Per layer: the parameters that go only with a whole block, its norms and its output bias."""
+        """Per layer: the parameters that go only with a whole block, its norms (per-head q/k norms in the
+        attention block) and the output bias of the kinds inside it."""
         head_norms = len(self.arch.head_norms) * self.head_dim if block == "attention" else 0
-        inner = KINDS[dict(zip(KINDS["blocks"].blocks, KINDS["blocks"].contains))[block]]
-        return len(self.arch.block_norms()[block]) * self.hidden_size + head_norms + inner.fixed_params(self)
+        biases = sum(kind.fixed_params(self) for kind in KINDS.values() if kind.block == block)
+        return len(self.arch.block_norms()[block]) * self.hidden_size + head_norms + biases
 
     @property
     def containers(self) -> list[GateKind]:
-        """The selected kinds whose gates multiply finer kinds' gates (blocks)."""
-        return [kind for kind in self.kind_objects if kind.contains]
+        """The selected kinds whose gates multiply finer kinds' gates (a gate per block)."""
+        return [kind for kind in self.kind_objects if kind.columns]
 
     def effective_gates(self, gates: Gates) -> Gates:
         """Gates of every kind in the registry: selected ones as given, others all ones. A block's gates
-        multiply those of the finer kind inside it (a removed attention block removes its heads), and a block
+        multiply those of the kinds inside it (a removed attention block removes its heads), and a block
         whose finer structures are all pruned is removed as well (no heads left: no attention block), so that
         the export keeps no empty blocks."""
-        device = next(iter(gates.values())).device
-        out = {name: gates[name] if name in self.kinds else torch.ones(kind.rows(self), kind.width(self), device=device)
+        first = next(iter(gates.values()))
+        out = {name: gates[name] if name in self.kinds
+               else torch.ones(kind.rows(self), kind.width(self), device=first.device, dtype=as_float(first).dtype)
                for name, kind in KINDS.items()}
         for kind in self.containers:
             blocks, columns = out[kind.name], []
-            for column, inner in enumerate(kind.contains):
+            for column, block in enumerate(kind.columns):
                 gate = blocks[:, column:column + 1]
-                if inner in self.kinds:
-                    columns.append(gate * (1 - torch.prod(1 - out[inner], dim=1, keepdim=True)))
-                else:
-                    columns.append(gate)
-                out[inner] = out[inner] * gate
+                inside = [name for name, inner in KINDS.items() if inner.block == block]
+                kept = gate
+                for name in inside:
+                    if name in self.kinds:
+                        kept = kept * (1 - torch.prod(1 - out[name], dim=1, keepdim=True))
+                    out[name] = out[name] * gate
+                columns.append(kept)
             out[kind.name] = torch.cat(columns, dim=1)
         return out
 
-    def _fixed_per_layer(self) -> int:
-        # norms, output biases that stay whatever is pruned, and the structures of kinds not selected
-        return (self.norm_params + sum(kind.fixed_params(self) for kind in KINDS.values())
-                + sum(kind.dense_params(self) for name, kind in KINDS.items() if name not in self.kinds))
+    def remaining_prunable(self, gates: Gates) -> torch.Tensor:
+        """Parameters of the decoder blocks kept by the gates: every kind's count under the effective gates (a kind
+        not selected counts as dense), with the selected kinds' factors (e.g. the kept hidden size)."""
+        effective = self.effective_gates(gates)
+        factors = self.factors(effective)
+        view = self.with_hidden_size(factors["hidden_size"]) if "hidden_size" in factors else self
+        first = next(iter(gates.values()))
+        total = torch.zeros((), device=first.device, dtype=as_float(first).dtype)
+        for name, kind in KINDS.items():
+            for term in kind.count(view, effective[name], factors):
+                total = total + term
+        return total
 
     def prunable_params(self) -> int:
-        per_layer = self._fixed_per_layer() + sum(kind.dense_params(self) for kind in self.kind_objects)
-        return self.num_layers * per_layer
+        return int(round(float(self.remaining_prunable(self.full_gates(dtype=torch.float64)))))
 
     def outside_params(self):
         """Embeddings, the LM head (if untied) and the final norm."""
@@ -207,36 +194,12 @@ class PruningSpace:
         """The parameters a target sparsity is a fraction of (`sparsity_of`)."""
         return self.total_params() if self.sparsity_of == "model" else self.prunable_params()
 
-    def remaining_prunable(self, gates: Gates) -> torch.Tensor:
-        view = self.counting_view(gates)
-        if view.containers or "qk-dims" in view.kinds:  # counts that read other kinds' gates
-            return view._remaining_with_blocks(gates)
-        total = view.num_layers * view._fixed_per_layer()
-        for kind in view.kind_objects:
-            for term in kind.remaining_terms(view, gates[kind.name]):
-                total = total + term
-        return total
-
     def remaining_params(self, gates: Gates) -> torch.Tensor:
         """Parameters of the whole model kept by the gates."""
         return self.remaining_prunable(gates) + self.counting_view(gates).outside_params()
 
     def remaining_target(self, gates: Gates) -> torch.Tensor:
         return self.remaining_params(gates) if self.sparsity_of == "model" else self.remaining_prunable(gates)
-
-    def _remaining_with_blocks(self, gates: Gates) -> torch.Tensor:
-        """Every kind's structures under the effective gates, plus each block's norms and output bias times
-        its block gate (every norm of a layer belongs to one of its blocks)."""
-        effective = self.effective_gates(gates)
-        total = torch.zeros((), device=next(iter(gates.values())).device)
-        for name, kind in KINDS.items():
-            if kind.contains:
-                for column, block in enumerate(kind.blocks):
-                    total = total + effective[name][:, column].sum() * self.block_fixed_params(block)
-            else:
-                for term in kind.remaining_with(self, effective):
-                    total = total + term
-        return total
 
     def remaining_ratio(self, gates: Gates) -> torch.Tensor:
         """Kept fraction of the target's parameters (`sparsity_of`): what the ratio loss and calibration drive."""
@@ -270,9 +233,8 @@ class PruningSpace:
         return largest / self.target_params()
 
     def kept_structure(self, gates: Gates) -> list[dict]:
-        """Per layer: kept query heads, kept KV heads, each kept query head's index into the kept KV heads,
-        kept intermediate channels and the model's kept hidden channels (None: all), all as original indices;
-        kinds not selected keep everything."""
+        """Per layer, every kind's kept structures (`GateKind.kept`, original indices); kinds not selected keep
+        everything."""
         effective = {name: gates.detach().cpu() for name, gates in self.effective_gates(gates).items()}
         layers = []
         for layer in range(self.num_layers):
@@ -290,10 +252,11 @@ HeadMLPSpace = PruningSpace  # the name before gate kinds
 class ShapeRule:
     """Constraints on the kept widths, applied to hard decisions by keeping each layer's best-scored structures.
 
-    uniform:  every layer keeps the same number of query heads, KV heads (query heads spread evenly over
-              them) and MLP channels, so the export is the family's own config (e.g. a plain LlamaConfig);
-    round_to: kept MLP widths are multiples of this many channels (a layer may also keep its full width).
-    Query/key/value widths are already multiples of head_dim, so head counts are not rounded.
+    uniform:  every layer keeps the same widths (e.g. the same number of query heads, KV heads, with query heads
+              spread evenly over them, and MLP channels), so the export is the family's own config (a plain
+              LlamaConfig); each kind projects its own decisions (`GateKind.project`);
+    round_to: the kept widths of the kinds that round (`GateKind.rounds`, MLP channels) are multiples of this many
+              channels (a layer may also keep its full width).
     """
 
     uniform: bool = False
@@ -307,32 +270,25 @@ class ShapeRule:
     def check(self, space: PruningSpace) -> None:
         if self.round_to < 0:
             raise ATPError(f"--round-to must be a positive number of channels, got {self.round_to}")
-        if self.round_to and "mlp" not in space.kinds:
+        if self.round_to and not any(kind.rounds for kind in space.kind_objects):
             raise ATPError("--round-to rounds MLP widths, but the pruning space (--space) does not prune MLP channels")
         for kind in space.kind_objects:
             kind.check_rule(space, self)
 
-    def head_options(self, space: PruningSpace) -> list[tuple[int, int]]:
-        """(kept KV heads, query heads per KV head) pairs a uniform export can hold."""
-        return [
-            (groups, per_group)
-            for groups in range(1, space.num_kv_heads + 1)
-            for per_group in range(1, space.heads_per_kv + 1)
-            if not space.heads_must_divide_hidden or space.hidden_size % (groups * per_group) == 0
-        ]
-
     def project(self, space: PruningSpace, hard: Gates, scores: Gates) -> Gates:
         """Hard 0/1 decisions that obey the rule and stay as close as possible to `hard` in kept counts. Every
         kind keeps its `min_kept` gates per row, and the gates in `keep`, whatever the rule. Kinds are projected in
-        registry order, each seeing the hidden size the hidden channels already projected keep (uniform Llama head
+        registry order, each seeing the hidden size that the kinds already projected keep (uniform Llama head
         counts divide it)."""
         hard = {name: KINDS[name].keep_least(hard[name], scores[name]) for name in hard}
         hard = {name: torch.maximum(gates, self.keep[name].to(gates)) if name in self.keep else gates
                 for name, gates in hard.items()}
         if not self.active:
             return hard
-        out = {}
+        out, view = {}, space
         for name in hard:
-            view = space.with_hidden_size(int(space.hidden_mask(out["hidden"]).sum())) if "hidden" in out else space
             out[name] = KINDS[name].project(view, self, hard[name], scores[name])
+            kept = KINDS[name].factors(space, out[name]).get("hidden_size")
+            if kept is not None:
+                view = space.with_hidden_size(int(kept))
         return out

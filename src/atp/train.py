@@ -22,20 +22,6 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, diagnostics, gguf_export, regularization, validation
-from .config import (  # noqa: F401  (compare.py, cli.py and tests import these from atp.train)
-    DEFAULT_TARGETS,
-    LATER_OPTIONS,
-    NON_SEMANTIC,
-    ATPConfig,
-    check_same_data,
-    check_same_model,
-    config_from_record,
-    data_sha256,
-    fingerprint,
-    inert_options,
-    model_sha256,
-    resume_config,
-)
 from .errors import ATPError
 from .export import (
     build_pruned,
@@ -46,8 +32,10 @@ from .export import (
 )
 from .fsutil import clean_stale_temps, write_text_atomic
 from .generator import DecisionGenerator
+from .kinds import decision_options, report_layer, space_options
 from .masking import GateController
 from .models import load_model
+from .options import LATER_OPTIONS, ATPConfig, check_same_data, check_same_model, data_sha256, fingerprint, model_sha256
 from .rundir import (
     RunOutputs,
     acquire,
@@ -383,29 +371,28 @@ class PruneRecipe:
             self.accelerator.print(f"note: --max-length {cfg.max_length} exceeds the model's context of {context} "
                                    f"tokens; sequences are truncated to {context}")
             cfg.max_length = context
-        self.space = PruningSpace.from_config(self.model.config, mlp_block=cfg.mlp_block, kinds=cfg.space,
-                                              hidden_block=cfg.hidden_block, sparsity_of=cfg.sparsity_of,
-                                              qk_block=cfg.qk_block)
+        self.space = PruningSpace.from_config(self.model.config, kinds=cfg.space, sparsity_of=cfg.sparsity_of,
+                                              **space_options(cfg))
         self.rule = ShapeRule(uniform=cfg.uniform, round_to=cfg.round_to)
         if cfg.prune:
             check_reachable(self.space, cfg.sparsity)
             self.rule.check(self.space)
 
     def protect_outliers(self) -> None:
-        """--space hidden: hidden blocks with a massive activation stay (`hidden.outlier_blocks`), on the dense model
-        and the first calibration examples, before LoRA and gates exist."""
-        from .hidden import outlier_blocks
-
+        """Structures a selected kind never prunes (`GateKind.protect`: hidden blocks with a massive activation), found
+        on the dense model and the first calibration examples, before LoRA and gates exist."""
         cfg = self.cfg
-        if not (cfg.prune and "hidden" in self.space.kinds and cfg.protect_outliers > 0):
+        if not cfg.prune:
             return
         rows = [row["input_ids"] for row in self.calib_rows[:cfg.calib_batches]]
-        self.rule.keep["hidden"] = outlier_blocks(self.space, self.model, rows, cfg.protect_outliers)
-        self.accelerator.print(f"hidden blocks kept for their massive activations (--protect-outliers "
-                               f"{cfg.protect_outliers:g}): {self.protected_hidden_blocks()}")
+        for kind in self.space.kind_objects:
+            protected = kind.protect(self.space, self.model, rows, cfg)
+            if protected is not None:
+                self.rule.keep[kind.name], note = protected
+                self.accelerator.print(note)
 
     def protected_hidden_blocks(self) -> list[int]:
-        keep = self.rule.keep.get("hidden")
+        keep = next(iter(self.rule.keep.values()), None)
         return [] if keep is None else torch.nonzero(keep[0]).flatten().tolist()
 
     def setup_data(self) -> None:
@@ -596,7 +583,7 @@ class PruneRecipe:
         if {k: shape.get(k) for k in mine} != mine:
             raise ATPError(f"{where}: that run's model has another shape ({shape}) than --model {cfg.model} "
                            f"({mine}); use a run on the same model")
-        options = ("space", "mlp_block", "hidden_block", "qk_block")
+        options = decision_options()
         differ = [f"--{k.replace('_', '-')} {source.get(k)!r} there, {getattr(cfg, k)!r} here" for k in options
                   if source.get(k, LATER_OPTIONS.get(k)) != getattr(cfg, k)]
         if differ or set(encoded) != set(space.gate_shapes):
@@ -1111,7 +1098,7 @@ class PruneRecipe:
             "train_tokens": self.token_counts["real"],  # real (non-padding) tokens, all processes
             "train_tokens_per_second": self.token_counts["real"] / max(1e-9, sum(times["lora"]) + sum(times["full"])),
             "pad_fraction": 1 - self.token_counts["real"] / max(1, self.token_counts["total"]),
-            "layers": [{**{k: v for k, v in widths.items() if k != "kv_map"}, "kept_heads": layer["heads"]}
+            "layers": [{**{k: v for k, v in widths.items() if k != "kv_map"}, **report_layer(layer)}
                        for widths, layer in zip(layer_widths(kept), kept)],
             "protected_hidden_blocks": self.protected_hidden_blocks(),
             "export_format": "heterogeneous" if is_heterogeneous(merged.config) else "uniform",
