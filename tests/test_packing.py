@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from atp.batching import batches, check_packing
 from atp.data import Example, collate, collate_packed, pack, tokenize_example
 from atp.distill import SelfTeacher
 from atp.errors import ATPError
-from atp.train import ATPConfig, batches, check_packing, train
+from atp.train import ATPConfig, train
 from helpers import FAMILIES, tiny_model
 
 

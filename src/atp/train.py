@@ -14,14 +14,21 @@ import copy
 import dataclasses
 import functools
 import json
-import random
 import time
-import typing
 from pathlib import Path
 
 import torch
 
 from . import checkpoint, diagnostics, gguf_export, regularization, validation
+from .batching import (
+    Batch,
+    batches,
+    check_packing,
+    load_training_examples,
+    sample_texts,
+    split_calibration,
+    tokenize_all,
+)
 from .config import (  # noqa: F401  (compare.py, cli.py and tests import these from atp.train)
     DEFAULT_TARGETS,
     LATER_OPTIONS,
@@ -37,13 +44,7 @@ from .config import (  # noqa: F401  (compare.py, cli.py and tests import these 
     resume_config,
 )
 from .errors import ATPError
-from .export import (
-    build_pruned,
-    count_safetensors_params,
-    is_heterogeneous,
-    layer_widths,
-    save_pruned,
-)
+from .export import count_safetensors_params, is_heterogeneous, layer_widths
 from .fsutil import clean_stale_temps, write_text_atomic
 from .generator import DecisionGenerator
 from .masking import GateController
@@ -59,103 +60,7 @@ from .rundir import (
 )
 from .schedule import Schedule
 from .space import PruningSpace, ShapeRule, check_supported
-
-
-def load_training_examples(cfg: ATPConfig):
-    from . import data
-
-    examples = []
-    if cfg.domain:
-        examples += data.domain_examples(data.load_domain(cfg.domain, cfg.data_dir), "train")
-    for entry in cfg.train_files:
-        if "=" not in entry:
-            raise ATPError(f"--train-file takes TASK=PATH, got '{entry}'")
-        task_name, path = entry.split("=", 1)
-        task = data.get_task(task_name)
-        records = data.split(task.load(path), "train")
-        examples += [task.train_example(r) for r in records]
-    return examples
-
-
-def split_calibration(cfg: ATPConfig, examples: list) -> tuple[list, list]:
-    """Training and calibration examples: when pruning, the first calib_fraction of them are held out."""
-    calib_count = max(1, int(len(examples) * cfg.calib_fraction)) if cfg.prune else 0
-    return examples[calib_count:], examples[:calib_count]
-
-
-def tokenize_all(tokenizer, examples, max_length):
-    from .data import tokenize_example
-
-    rows, truncated = [], 0
-    for example in examples:
-        row = tokenize_example(tokenizer, example, max_length)
-        truncated += bool(row.pop("truncated", False))
-        if any(label != -100 for label in row["labels"][1:]):  # a first token is never predicted
-            rows.append(row)
-    return rows, truncated
-
-
-class Batch(typing.NamedTuple):
-    """One global batch as this process sees it."""
-    inputs: dict  # this process's shard: the model's keyword arguments
-    tokens: int  # label tokens in the whole global batch (what the loss is normalised by)
-    mask: torch.Tensor  # this shard's real (non-padding) tokens
-    real: int  # real tokens in the whole global batch
-    total: int  # tokens the whole global batch occupies, padding included
-
-
-def batches(rows, batch_size, pad_id, seed, rank=0, world=1, pack_width: int | None = None):
-    """Endless shuffled global batches of batch_size * world rows (each epoch reshuffled with its own seed).
-    Yields this process's shard, collated, and the number of label tokens in the whole global batch, so
-    that the loss is normalised by the global count: N processes then compute what one process would.
-    pack_width: rows are packed examples (atp.data.pack over the same shuffled order, epochs running on into
-    each other) of exactly that many tokens, instead of single examples padded to the shard's longest."""
-    from .data import collate, collate_packed, pack
-
-    size = batch_size * world
-
-    def label_tokens(chosen):
-        return max(1, sum(sum(label != -100 for label in rows[i]["labels"][1:]) for i in chosen))
-
-    if pack_width is not None:
-        lengths = [len(row["input_ids"]) for row in rows]
-        packed, group = pack(shuffled(len(rows), seed), lengths, pack_width), []
-        for indices in packed:
-            group.append(indices)
-            if len(group) < size:
-                continue
-            real = sum(lengths[i] for indices in group for i in indices)
-            inputs, mask = collate_packed([[rows[i] for i in indices] for indices in group[rank::world]], pad_id,
-                                          pack_width)
-            yield Batch(inputs, label_tokens([i for indices in group for i in indices]), mask, real, size * pack_width)
-            group = []
-        return
-    epoch = 0
-    while True:
-        order = list(range(len(rows)))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        for start in range(0, len(order) - size + 1, size):
-            chosen = order[start : start + size]
-            lengths = [len(rows[i]["input_ids"]) for i in chosen]
-            total = sum(len(lengths[r::world]) * max(lengths[r::world]) for r in range(world))  # each shard padded
-            inputs = collate([rows[i] for i in chosen[rank::world]], pad_id)
-            yield Batch(inputs, label_tokens(chosen), inputs["attention_mask"].bool(), sum(lengths), total)
-        epoch += 1
-
-
-def shuffled(n: int, seed: int):
-    """Endless indices 0 .. n-1, each epoch in its own shuffled order (the order `batches` uses)."""
-    epoch = 0
-    while True:
-        order = list(range(n))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        yield from order
-        epoch += 1
-
-
-def sample_texts(tokenizer, examples, n=4, max_length=128):
-    texts = [(e.prompt + e.response)[:2000] for e in examples[:n]]
-    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+from .verify import COMPACTION_TOLERANCE, export_checked, exported_sparsity, sparsity_tolerance
 
 
 def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
@@ -1165,114 +1070,6 @@ def regularization_norm(peft_model, space, decisions) -> float:
     return sum(v["sum"] for v in regularization.pruned_norms(peft_model, space, decisions).values())
 
 
-def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tokenizer, probe, device, out_dir,
-                   compacted: bool = False):
-    """Merge LoRA, slice the pruned structures out and save; before the saved folder is moved into place,
-    reload it and compare its logits on `probe` with the masked model's (fp32). Returns (path, check, model).
-    compacted: the structures are gone already (checked against the masked model when they went)."""
-    with torch.no_grad():
-        if controller is not None:
-            controller.set(decisions)
-        reference = peft_model(**{k: v.to(device) for k, v in probe.items()}).logits.float().cpu()
-        if controller is not None:
-            controller.remove()
-    if cfg.quantize_base != "none":  # dequantized to fp32, LoRA merged
-        from .quantize import dequantize_and_merge
-
-        merged = dense = dequantize_and_merge(peft_model)
-    else:
-        merged = dense = peft_model.merge_and_unload()
-    merged.config.use_cache = True
-    if cfg.prune and not compacted:
-        merged = build_pruned(merged, space.kept_structure(decisions))
-    else:
-        dense = None  # no masked dense model left for the float64 recheck
-    merged = merged.float()
-    check = {}
-    verify = functools.partial(verify_export, cfg, space, decisions, dense, probe, reference, check)
-    return save_pruned(merged, tokenizer, out_dir, overwrite=True, verify=verify), check, merged
-
-
-def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, check: dict, path) -> None:
-    """Reload the saved folder at `path` and compare its logits with the masked model's `reference`; the
-    result goes into `check`, a mismatch raises ATPError (and the folder is not moved into place). A pruned
-    model must also have the target sparsity (within sparsity_tolerance) and finite logits."""
-    if cfg.prune:
-        measured = exported_sparsity(space, path, cfg.sparsity_of)
-        allowed = sparsity_tolerance(cfg, space)
-        if not abs(measured - cfg.sparsity) <= allowed:
-            raise ATPError(f"refusing to export: the pruned model has {cfg.sparsity_of} sparsity {measured:.4f}, but the target "
-                           f"is {cfg.sparsity} (more than {allowed:.3g} apart); the pruning decisions did not "
-                           "reach the target (did the generator diverge? see log.jsonl)")
-    loaded, _ = load_model(str(path), attn_implementation=cfg.attn_implementation)
-    with torch.no_grad():
-        logits = loaded(**probe).logits.float()
-    real = probe["attention_mask"].bool()
-    for what, values in (("masked model", reference), ("exported model", logits)):
-        if not torch.isfinite(values[real]).all():
-            check.update(passed=False, finite=False)
-            raise ATPError(f"refusing to export: the {what}'s logits hold NaN or Inf values on the check texts; "
-                           "the weights diverged")
-    diff = float((logits - reference)[real].abs().max())
-    # fp32 rounding grows with the logits' magnitude, so the tolerance is relative to it (at least 1)
-    scale = max(1.0, float(reference[real].abs().max()))
-    from .quantize import CHECK_TOLERANCE
-
-    tolerance = max(cfg.check_tolerance, CHECK_TOLERANCE.get(cfg.quantize_base, 0.0))
-    allowed = tolerance * scale
-    check.update(max_abs_logit_diff=diff, max_abs_logit=scale, tolerance=tolerance, allowed=allowed,
-                 passed=diff <= allowed)
-    if cfg.quantize_base != "none":  # the masked model computed on the quantized base, the export dequantized
-        check["quantize_base"] = cfg.quantize_base
-    # (a quantized run is not rechecked: float64 compares the dequantized model with its slices, not the reference)
-    if (diff > allowed and cfg.prune and space.exact and dense is not None
-            and space.total_params() <= FLOAT64_RECHECK_MAX_PARAMS and cfg.quantize_base == "none"):
-        # Damaged models can carry huge hidden states (1e4 seen), where fp32 rounding alone exceeds the
-        # tolerance. Slicing is exact, so in float64 the masked dense model and the export must agree
-        # (for exact gate kinds only: a non-exact kind's masked model is not the export).
-        exact = float64_diff(dense, space, decisions, loaded, probe)
-        check.update(float64_diff=exact, passed=exact <= 1e-6 * scale)
-    if not check["passed"]:
-        exact = f"; in float64 {check['float64_diff']:.3g}" if "float64_diff" in check else ""
-        if not space.exact:
-            exact = "; no float64 recheck: the pruning space is not exact (its masks are not physical removal)"
-        raise ATPError(f"exported model does not match the masked model: max |logit diff| {diff:.3g} > "
-                       f"{allowed:.3g} ({tolerance:g} x the largest |logit|, {scale:.3g}){exact}")
-
-
-def exported_sparsity(space, path, of: str) -> float:
-    """Sparsity of a saved model folder over the dense model's decoder blocks ("prunable") or all its parameters."""
-    if of == "model":
-        return 1 - count_safetensors_params(path) / space.total_params()
-    return 1 - count_safetensors_params(path, prefix=space.arch.layers + ".") / space.prunable_params()
-
-
-FLOAT64_RECHECK_MAX_PARAMS = 2_000_000_000
-COMPACTION_TOLERANCE = 1e-3  # the compact model against the masked one, relative to the largest |logit| (fp32 rounding)
-SPARSITY_TOLERANCE = 0.05  # most an export's measured sparsity may differ from the target ...
-
-
-def sparsity_tolerance(cfg: ATPConfig, space) -> float:
-    """... or two of the coarsest steps the decisions can take (one gate; one per layer with --uniform; a
-    --round-to's worth of MLP blocks), where those are larger (small models, coarse blocks)."""
-    step = space.largest_step() * (space.num_layers if cfg.uniform else 1) * max(1, cfg.round_to // cfg.mlp_block)
-    return max(SPARSITY_TOLERANCE, 2 * step)
-
-
-def float64_diff(dense, space, decisions, pruned, probe) -> float:
-    """Max |logit diff| between the masked dense (merged) model and the pruned one, both in float64 on CPU."""
-    import copy
-
-    dense64, pruned64 = copy.deepcopy(dense).to("cpu", torch.float64), copy.deepcopy(pruned).to("cpu", torch.float64)
-    dense64.config._attn_implementation = pruned64.config._attn_implementation  # eager softmax runs in fp32
-    controller = GateController(dense64, space)
-    controller.set({k: v.cpu() for k, v in decisions.items()})
-    with torch.no_grad():
-        reference, logits = dense64(**probe).logits, pruned64(**probe).logits
-    controller.remove()
-    return float((logits - reference)[probe["attention_mask"].bool()].abs().max())
-
-
 class LogWindow:
     """Means of each logged term since the last log line."""
 
@@ -1292,32 +1089,6 @@ class LogWindow:
 
 def _mean(values):
     return sum(values) / len(values) if values else 0.0
-
-
-def check_packing(model, attn_implementation=None) -> None:
-    """--packing relies on the model reading example boundaries from restarting position_ids (transformers'
-    packed-sequence masks). Check on two short made-up sequences that the packed logits equal the logits of each
-    alone; a model that attends across the boundary is refused rather than trained wrongly."""
-    from .data import collate_packed
-
-    lengths = (5, 9)
-    vocab = model.config.vocab_size
-    seqs = [[(3 + 7 * i + 13 * j) % vocab for i in range(n)] for j, n in enumerate(lengths)]
-    rows = [[{"input_ids": ids, "labels": ids} for ids in seqs]]
-    inputs, _ = collate_packed(rows, 0, sum(lengths) + 2)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        packed = model(input_ids=inputs["input_ids"].to(device), position_ids=inputs["position_ids"].to(device),
-                       use_cache=False).logits[0].float()
-        alone = [model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float() for ids in seqs]
-    reference = torch.cat(alone)
-    diff = float((packed[: len(reference)] - reference).abs().max())
-    allowed = 1e-3 * max(1.0, float(reference.abs().max()))
-    if not diff <= allowed:
-        what = attn_implementation or model.config._attn_implementation
-        raise ATPError(f"--packing is not exact for this model ({type(model).__name__}, attention {what}): two "
-                       f"packed examples give logits {diff:.3g} away from each example alone, so it attends across "
-                       "example boundaries; run without --packing")
 
 
 def check_reachable(space, sparsity: float) -> None:
