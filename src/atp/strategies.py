@@ -131,6 +131,11 @@ class PruningDecider(NoDecisions):
         # both paths masked, and the frozen-path-only mode of LoRA steps in the generator phase
         r.controller = GateController(r.peft_model, r.space, mode="both", modes=(cfg.lora_mask,))
 
+    def after_prepare(self) -> None:
+        # The generator stays unwrapped and fp32 on every process: same init, same per-step noise and
+        # all-reduced gradients keep its decisions identical across processes.
+        self.recipe.generator.to(self.recipe.accelerator.device)
+
     def generator_step(self, step: int, window: LogWindow) -> None:
         """Generator step on a calibration batch, LoRA frozen (gradients flow only into the generator): task loss
         under sampled gates + the ratio penalty of the deterministic gates against the ramped target."""
@@ -289,6 +294,7 @@ class FixedDecisions(PruningDecider):
         raise NotImplementedError
 
     def after_prepare(self) -> None:
+        super().after_prepare()
         r = self.recipe
         if not r.resume:
             self.fixed, self.info = self.fix()

@@ -186,10 +186,6 @@ class PruneRecipe:
         if self.fsdp:  # FSDP shards the frozen base; LoRA stays whole on every process (see reduce_lora_grads)
             self.accelerator.state.fsdp_plugin.ignored_modules = lora_modules(self.peft_model)
         self.peft_model, self.opt_lora = self.accelerator.prepare(self.peft_model, self.opt_lora)
-        # The generator stays unwrapped and fp32 on every process: same init, same per-step noise and
-        # all-reduced gradients keep its decisions identical across processes.
-        if self.generator is not None:
-            self.generator.to(self.accelerator.device)
         self.decider.after_prepare()
 
     def choose_precision(self) -> dict:
