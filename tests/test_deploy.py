@@ -217,7 +217,7 @@ def test_exports_of_atp_0_1_load(tmp_path, tokenizer):
 
 
 def test_float64_recheck_is_exact_and_catches_wrong_slices():
-    from atp.train import float64_diff
+    from atp.verify import float64_diff
 
     model = tiny_model("llama", True)
     space = HeadMLPSpace.from_config(model.config, mlp_block=4)

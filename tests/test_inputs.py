@@ -216,7 +216,7 @@ def test_sparsity_tolerance_is_005_unless_the_decisions_are_coarser():
 
     from atp.options import ATPConfig
     from atp.space import PruningSpace
-    from atp.train import sparsity_tolerance
+    from atp.verify import sparsity_tolerance
 
     smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                           num_key_value_heads=3, vocab_size=49152, head_dim=64)
@@ -233,7 +233,7 @@ def test_logits_check_fails_on_non_finite_logits(tiny_model_dir, tokenizer):
     from atp.models import load_model
     from atp.options import ATPConfig
     from atp.space import HeadMLPSpace
-    from atp.train import verify_export
+    from atp.verify import verify_export
 
     model, _ = load_model(str(tiny_model_dir))
     space = HeadMLPSpace.from_config(model.config, mlp_block=4)

@@ -149,11 +149,11 @@ class NotExactHeads(HeadKind):
 
 
 def test_export_check_makes_no_float64_claim_for_a_non_exact_kind(monkeypatch, tiny_model_dir, train_file, tmp_path):
-    import atp.train
+    import atp.verify
 
     monkeypatch.setitem(KINDS, "heads", NotExactHeads())
     assert not PruningSpace.from_config(tiny_model("llama", True).config).exact
-    monkeypatch.setattr(atp.train, "float64_diff", lambda *a: pytest.fail("float64 recheck of a non-exact space"))
+    monkeypatch.setattr(atp.verify, "float64_diff", lambda *a: pytest.fail("float64 recheck of a non-exact space"))
     try:
         report = train(short_cfg(tiny_model_dir, train_file, tmp_path / "run", sparsity=0.4, check_tolerance=0.0),
                        progress=False)

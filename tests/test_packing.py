@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from atp.batching import batches, check_packing
 from atp.data import Example, collate, collate_packed, pack, tokenize_example
 from atp.distill import SelfTeacher
 from atp.errors import ATPError
 from atp.options import ATPConfig
-from atp.train import batches, check_packing, train
+from atp.train import train
 from helpers import FAMILIES, tiny_model
 
 

@@ -13,6 +13,7 @@ from atp.errors import ATPError
 from atp.export import count_safetensors_params, load_pruned
 from atp.options import ATPConfig, config_from_record, fingerprint
 from atp.schedule import Schedule
+from atp.strategies import FullRecovery
 from atp.train import PruneRecipe, train
 
 STEPS, FREEZE = 16, 8
@@ -28,20 +29,27 @@ def full_cfg(model_dir, train_file, out, **kw):
     return ATPConfig(**values)
 
 
-class Watched(PruneRecipe):
-    """Keeps a copy of the decoder weights as the full recovery phase begins, and how far merging LoRA moved the
-    (masked) model's logits."""
+class WatchedRecovery(FullRecovery):
+    """Keeps (on the recipe) a copy of the decoder weights as the full recovery phase begins, and how far merging
+    LoRA moved the (masked) model's logits."""
 
-    def start_full_recovery(self):
-        model = self.accelerator.unwrap_model(self.peft_model)
+    def start(self):
+        recipe = self.recipe
+        model = recipe.accelerator.unwrap_model(recipe.peft_model)
         probe = torch.tensor([[1, 17, 40, 99, 7, 250, 3, 8]])
         with torch.no_grad():
             before = model(input_ids=probe).logits
-        super().start_full_recovery()
+        super().start()
         with torch.no_grad():
-            self.merge_diff = float((model(input_ids=probe).logits - before).abs().max())
-        self.lora_left = [p for n, p in model.named_parameters() if "lora_" in n and (p.requires_grad or p.any())]
-        self.at_start = {name: p.detach().clone() for name, p in self.full_params.items()}
+            recipe.merge_diff = float((model(input_ids=probe).logits - before).abs().max())
+        recipe.lora_left = [p for n, p in model.named_parameters() if "lora_" in n and (p.requires_grad or p.any())]
+        recipe.at_start = {name: p.detach().clone() for name, p in self.params.items()}
+
+
+class Watched(PruneRecipe):
+    def setup(self):
+        super().setup()
+        self.recovery = WatchedRecovery(self)
 
 
 def weight(params: dict, layer: int, module: str) -> str:
@@ -83,7 +91,7 @@ def test_full_recovery_trains_every_weight_keeps_pruned_ones_and_resumes(tiny_mo
     assert sum(p.numel() for p in load_pruned(model_dir).parameters()) == count_safetensors_params(model_dir)
 
     # every decoder weight trained, except the rows and columns of pruned structures: exactly unchanged
-    params, start = recipe.full_params, recipe.at_start
+    params, start = recipe.recovery.params, recipe.at_start
     assert any(".input_layernorm." in n for n in params) and not any("lora_" in n or "embed" in n for n in params)
     removed_some = 0
     for layer in range(recipe.space.num_layers):
@@ -146,8 +154,8 @@ def test_full_recovery_of_a_two_stage_baseline(tiny_model_dir, train_file, tmp_p
     assert log[FREEZE + 1]["lr"] == pytest.approx(1e-3 * Schedule.from_config(recipe.cfg).lora_lr_factor(FREEZE + 1))
     for layer in range(recipe.space.num_layers):
         for module, (rows, cols) in removed_and_kept(recipe, layer)[0].items():
-            name = weight(recipe.full_params, layer, module)
-            assert torch.equal(part(recipe.full_params[name].detach(), rows, cols),
+            name = weight(recipe.recovery.params, layer, module)
+            assert torch.equal(part(recipe.recovery.params[name].detach(), rows, cols),
                                part(recipe.at_start[name], rows, cols)), name
 
 

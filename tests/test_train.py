@@ -150,8 +150,8 @@ def test_lengths_that_leave_no_token_to_predict_are_refused(flag, tiny_model_dir
 
 
 def test_examples_whose_only_target_is_their_first_token_are_dropped(tokenizer):
+    from atp.batching import tokenize_all
     from atp.data import Example
-    from atp.train import tokenize_all
 
     # the first is its eos alone (was kept: a row without loss); the others keep two tokens, the second a target
     rows, _ = tokenize_all(tokenizer, [Example("", ""), Example("A question", ""), Example("", "an answer")], 2)

@@ -162,8 +162,6 @@ def run_bench_command(args) -> int:
         check_output_file(args.out, "--out", overwrite=getattr(args, "overwrite", False),
                           inputs={f"--model #{i + 1}": name for i, name in enumerate(args.model)})
     if getattr(args, "runtime", "transformers") == "llama.cpp":
-        from .llamacpp import run_llamacpp_bench
-
         return run_llamacpp_bench(args)
 
     from . import validation
@@ -181,5 +179,39 @@ def run_bench_command(args) -> int:
     result = benchmark(models, repeats=args.repeats, prefill_length=args.prefill_length, new_tokens=args.new_tokens)
     print(format_bench(result))
     if args.out is not None:
+        write_text_atomic(args.out, json.dumps(result, indent=2))
+    return 0
+
+
+def run_llamacpp_bench(args) -> int:
+    """`atp bench --runtime llama.cpp`: .gguf files as given; model folders exported at --gguf-type first."""
+    import contextlib
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from . import llamacpp
+    from .fsutil import write_text_atomic
+    from .gguf_export import export_gguf
+    from .models import resolve_model
+
+    llamacpp.require()
+    if args.repeats < 1:
+        raise ATPError("--repeats must be at least 1")
+    with contextlib.ExitStack() as stack:
+        paths = {}
+        for name in args.model:
+            if name.endswith(".gguf"):
+                path = Path(name)
+            else:
+                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="atp-bench-"))
+                path = Path(folder) / "model.gguf"
+                export_gguf(resolve_model(name), path, args.gguf_type)
+            paths[name if name not in paths else f"{name} #{len(paths)}"] = path
+        result = llamacpp.bench_gguf(paths, repeats=args.repeats, prefill_length=args.prefill_length,
+                                     new_tokens=args.new_tokens, n_threads=getattr(args, "threads", None))
+        result["dtype"] = "; ".join(sorted({llamacpp.file_type(p) for p in paths.values()}))
+    print(format_bench(result))
+    if args.out:
         write_text_atomic(args.out, json.dumps(result, indent=2))
     return 0

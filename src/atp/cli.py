@@ -10,6 +10,7 @@ import sys
 import threading
 import typing
 
+from .cliparts import config_help, print_prune_report
 from .errors import ATPError
 
 
@@ -54,19 +55,6 @@ def cmd_eval(args) -> int:
     return run_eval_command(args)
 
 
-def print_prune_report(report: dict) -> None:
-    check = report.get("logits_check", {})
-    print(
-        f"exported {report['exported_params']:,} of {report['dense_params']:,} parameters: "
-        f"sparsity {report['prunable_sparsity']:.4f} over prunable parameters, {report['model_sparsity']:.4f} over "
-        f"the whole model (target {report['target_sparsity']} of the {report.get('sparsity_of', 'prunable')} parameters)"
-    )
-    if check:
-        print(f"logits check: max |diff| {check['max_abs_logit_diff']:.2e} (allowed {check['allowed']:.2e}) "
-              f"{'passed' if check['passed'] else 'FAILED'}")
-    print(f"training {report['train_seconds']:.0f}s; model saved to {report['model_dir']}")
-
-
 def cmd_prune(args) -> int:
     from .options import ATPConfig, resume_config
     from .rundir import restore_interrupted
@@ -96,13 +84,6 @@ def cmd_demo(args) -> int:
     from .demo import run_demo_command
 
     return run_demo_command(args)
-
-
-def config_help(name: str) -> str:
-    """The --help text of an ATPConfig field, for commands that take the same option."""
-    from .options import ATPConfig
-
-    return next(f.metadata["help"] for f in dataclasses.fields(ATPConfig) if f.name == name)
 
 
 def build_parser() -> argparse.ArgumentParser:

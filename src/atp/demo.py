@@ -50,7 +50,7 @@ class Source:
 
 
 def add_demo_arguments(parser) -> None:
-    from .cli import config_help
+    from .cliparts import config_help
 
     s = Settings()
     parser.add_argument("--model", default="smollm2-135m", help=config_help("model"))
@@ -330,7 +330,7 @@ def run_demo(cfg, settings: Settings | None = None, progress: bool = True) -> di
 
 def _train_and_show(cfg, settings, sources, trained_on, out, label, started, progress) -> dict:
     from . import validation
-    from .cli import print_prune_report
+    from .cliparts import print_prune_report
     from .models import load_model
     from .train import train
 

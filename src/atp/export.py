@@ -26,6 +26,7 @@ from .errors import ATPError
 from .fsutil import atomic_dir
 from .kinds import KINDS, legacy_kept
 from .masking import base_model
+from .modelfiles import check_loaded, check_weights, read_config
 
 CONFIG_KEY = "atp_pruning"
 MODELING_FILE = "modeling_atp.py"
@@ -188,8 +189,6 @@ def verify_modeling_file(path) -> None:
     """The shipped modeling_atp.py (run by trust_remote_code loading) must be the file the export recorded; a
     folder that ships it, or names code in auto_map, without a recorded hash is refused (deleting the hash must
     not turn the check off). atp itself never runs the file: `import atp` registers the same classes."""
-    from .models import read_config
-
     path = Path(path)
     config = read_config(path)
     record = config.get(CONFIG_KEY)
@@ -217,8 +216,6 @@ def load_pruned(path, dtype: torch.dtype = torch.float32, attn_implementation: s
     """Load any checkpoint `save_pruned` wrote (uniform or heterogeneous), from safetensors only."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
-
-    from .models import check_loaded, check_weights, read_config
 
     register()
     path = Path(path)

@@ -1,12 +1,10 @@
 """Running GGUF exports in llama.cpp through llama-cpp-python (the optional `gguf` extra): logits next to
-transformers', perplexity, greedy generation, and `atp bench --runtime llama.cpp`."""
+transformers', perplexity, greedy generation, and the timings of `atp bench --runtime llama.cpp`."""
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -182,38 +180,8 @@ def bench_gguf(paths: dict, *, repeats: int = 5, prefill_length: int = 512, new_
             "prefill_length": prefill_length, "new_tokens": new_tokens, "models": results}
 
 
-def run_llamacpp_bench(args) -> int:
-    """`atp bench --runtime llama.cpp`: .gguf files as given; model folders exported at --gguf-type first."""
-    import json
-
-    from .bench import format_bench
-    from .fsutil import write_text_atomic
-    from .gguf_export import export_gguf
-    from .models import resolve_model
-
-    require()
-    if args.repeats < 1:
-        raise ATPError("--repeats must be at least 1")
-    with contextlib.ExitStack() as stack:
-        paths = {}
-        for name in args.model:
-            if name.endswith(".gguf"):
-                path = Path(name)
-            else:
-                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="atp-bench-"))
-                path = Path(folder) / "model.gguf"
-                export_gguf(resolve_model(name), path, args.gguf_type)
-            paths[name if name not in paths else f"{name} #{len(paths)}"] = path
-        result = bench_gguf(paths, repeats=args.repeats, prefill_length=args.prefill_length, new_tokens=args.new_tokens,
-                            n_threads=getattr(args, "threads", None))
-        result["dtype"] = "; ".join(sorted({_file_type(p) for p in paths.values()}))
-    print(format_bench(result))
-    if args.out:
-        write_text_atomic(args.out, json.dumps(result, indent=2))
-    return 0
-
-
-def _file_type(path) -> str:
+def file_type(path) -> str:
+    """The tensor type a GGUF file records (e.g. `gguf q8_0`)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))

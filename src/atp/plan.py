@@ -93,7 +93,8 @@ def load_config(model: str):
     """A transformers config from a config.json path, a model folder, an embedded model's name or a hub id."""
     from transformers import AutoConfig
 
-    from .models import EMBEDDED, read_config, resolve_model
+    from .modelfiles import read_config
+    from .models import EMBEDDED, resolve_model
 
     path = Path(model).expanduser()
     if path.is_file():

@@ -1,4 +1,5 @@
-"""Objectives: group lasso over the LoRA weights of pruned groups, its proximal step, and the ratio loss.
+"""Objectives: group lasso over the LoRA weights of pruned groups, its proximal step, the ratio loss and the ratio
+penalties the generator minimises (`RATIO_PENALTIES`, by --ratio-penalty).
 
 A group is everything LoRA adds to one structure (each gate kind lists its pieces, `GateKind.lora_pieces`):
   head h:     rows of B in q_proj for h, and columns of A in o_proj for h;
@@ -35,6 +36,50 @@ def lagrangian_penalty(ratio: torch.Tensor, target: float, multipliers: torch.Te
     multipliers ascend (their gradient is negated before the step), so the pressure grows while r misses t."""
     gap = ratio - target
     return multipliers[0] * gap + multipliers[1] * gap * gap
+
+
+class LogRatioPenalty:
+    """--ratio-penalty log: the generator minimises alpha * ratio loss of its deterministic decisions."""
+    multipliers = False  # whether the generator carries Lagrange multipliers
+
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+
+    def param_groups(self, generator, lr: float) -> list[dict]:
+        """Optimizer groups of its own, besides the generator's search parameters."""
+        return []
+
+    def terms(self, ratio: torch.Tensor, target: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ratio loss (logged) and the term the generator minimises."""
+        r_loss = ratio_loss(ratio, target)
+        return r_loss, self.alpha * r_loss
+
+    def after_backward(self, generator) -> None:
+        """Gradients of its own to turn around before the optimizer step."""
+
+    def logged(self, generator) -> dict:
+        return {}
+
+
+class LagrangianPenalty(LogRatioPenalty):
+    """--ratio-penalty lagrangian: Sheared-LLaMA's multipliers, which ascend (at alpha times the generator's
+    learning rate: short searches need them to rise fast) while the generator descends."""
+    multipliers = True
+
+    def param_groups(self, generator, lr: float) -> list[dict]:
+        return [{"params": [generator.lagrange], "lr": self.alpha * lr}]
+
+    def terms(self, ratio: torch.Tensor, target: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return ratio_loss(ratio, target), lagrangian_penalty(ratio, target, generator.lagrange)
+
+    def after_backward(self, generator) -> None:
+        generator.lagrange.grad.neg_()  # the multipliers ascend
+
+    def logged(self, generator) -> dict:
+        return {"lagrange_1": generator.lagrange[0].item(), "lagrange_2": generator.lagrange[1].item()}
+
+
+RATIO_PENALTIES = {"log": LogRatioPenalty, "lagrangian": LagrangianPenalty}  # by --ratio-penalty
 
 
 def _lora_pieces(model, space: PruningSpace):

@@ -4,6 +4,9 @@ results.json and the plots (matplotlib, the `plots` extra).
 Relative performance of a run = mean over tasks of run / dense-LoRA on one metric per task (perplexity
 inverted: dense-LoRA / run). Every run of a domain is divided by the same reference: the mean of the
 dense-LoRA seeds. Mean and std over seeds are reported where several seeds ran.
+
+`spec` below is the compare config, an atp.compare.CompareSpec; this module reads its fields and does not import
+atp.compare (which imports this one).
 """
 from __future__ import annotations
 
@@ -11,12 +14,8 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .fsutil import write_text_atomic
-
-if TYPE_CHECKING:
-    from .compare import CompareSpec
 
 LABELS = {"dense": "dense (no tuning)", "dense-lora": "dense + LoRA"}  # the reference runs
 SHOWN = ("acc", "acc_norm", "same_answer", "rouge1", "rouge2", "rougeL", "ppl")  # metrics in tables and plots
@@ -334,7 +333,7 @@ def _relative_table(rows: list[dict], sparsities: list[float], key: str) -> list
     return lines
 
 
-def write_markdown(spec: CompareSpec, summary: dict, path: Path) -> None:
+def write_markdown(spec, summary: dict, path: Path) -> None:
     lines = ["# atp compare", "",
              f"Model `{spec.model}`; training overrides {json.dumps(spec.train)}; "
              f"evaluation {json.dumps(spec.eval)}. Sparsity is over prunable (decoder-block) parameters.",
@@ -472,14 +471,14 @@ def _kept_heatmaps(plt, domain: str, results: list[dict], folder: Path) -> list[
     return written
 
 
-def chance_levels(spec: CompareSpec, domains) -> dict:
+def chance_levels(spec, domains) -> dict:
     """{domain: {multiple-choice task: majority-class accuracy}} on the records each cell evaluates."""
     from .evaluation import majority_levels
 
     return {d: majority_levels(d, spec.data_dir, spec.eval_settings(d)["limit"]) for d in domains}
 
 
-def write_outputs(spec: CompareSpec, results: list[dict], plots: bool = True) -> dict:
+def write_outputs(spec, results: list[dict], plots: bool = True) -> dict:
     """OUT/results.json (config, summary, cells), OUT/results.md and, with plots, PNGs under OUT/plots."""
     out = Path(spec.out)
     summary = summarize(results, spec.relative_metrics, chance_levels(spec, {r["domain"] for r in results}),

@@ -232,10 +232,10 @@ def open_for_run(cfg, model_sha256: dict, data_sha256: dict, vocab_size: int, no
 def fill_for_config(cfg, progress: bool = True) -> dict | None:
     """Fill the cache a run with this config would read (`atp compare`'s pre-pass), without training; returns
     its stats, or None when the config does not use a cache."""
+    from .batching import load_training_examples, split_calibration, tokenize_all
     from .distill import ModelTeacher
     from .models import load_model
     from .options import data_sha256, model_sha256
-    from .train import load_training_examples, split_calibration, tokenize_all
 
     if not (cfg.distill and cfg.distill_top_k):
         return None

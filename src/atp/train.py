@@ -5,37 +5,39 @@
     generator step  (LoRA frozen, calibration batch): task loss + alpha * ratio loss(r, 1 - sparsity)
 
 `PruneRecipe` runs it as named steps (set-up, resume, the loop, export, report); `atp.schedule` says which
-step does what. accelerate provides devices, mixed precision, gradient accumulation and multi-process execution.
+step does what, and the strategies it chooses in its set-up (atp.strategies) who decides what is pruned (nobody,
+decisions fixed before tuning, or the generator), how the pruned model recovers (LoRA or full fine-tuning), and
+which ratio penalty the generator minimises (atp.regularization). accelerate provides devices, mixed precision,
+gradient accumulation and multi-process execution.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import json
-import random
 import time
-import typing
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, diagnostics, gguf_export, regularization, validation
-from .errors import ATPError
-from .export import (
-    build_pruned,
-    count_safetensors_params,
-    is_heterogeneous,
-    layer_widths,
-    save_pruned,
+from . import checkpoint, gguf_export, regularization, validation
+from .batching import (
+    Batch,
+    batches,
+    check_packing,
+    load_training_examples,
+    sample_texts,
+    split_calibration,
+    tokenize_all,
 )
+from .errors import ATPError
+from .export import count_safetensors_params, is_heterogeneous, layer_widths
 from .fsutil import clean_stale_temps, write_text_atomic
-from .generator import DecisionGenerator
-from .kinds import decision_options, report_layer, space_options
+from .kinds import report_layer, space_options
 from .masking import GateController
 from .models import load_model
-from .options import LATER_OPTIONS, ATPConfig, check_same_data, check_same_model, data_sha256, fingerprint, model_sha256
+from .options import ATPConfig, check_same_data, check_same_model, data_sha256, fingerprint, model_sha256
 from .rundir import (
     RunOutputs,
     acquire,
@@ -47,103 +49,8 @@ from .rundir import (
 )
 from .schedule import Schedule
 from .space import PruningSpace, ShapeRule, check_supported
-
-
-def load_training_examples(cfg: ATPConfig):
-    from . import data
-
-    examples = []
-    if cfg.domain:
-        examples += data.domain_examples(data.load_domain(cfg.domain, cfg.data_dir), "train")
-    for entry in cfg.train_files:
-        if "=" not in entry:
-            raise ATPError(f"--train-file takes TASK=PATH, got '{entry}'")
-        task_name, path = entry.split("=", 1)
-        task = data.get_task(task_name)
-        records = data.split(task.load(path), "train")
-        examples += [task.train_example(r) for r in records]
-    return examples
-
-
-def split_calibration(cfg: ATPConfig, examples: list) -> tuple[list, list]:
-    """Training and calibration examples: when pruning, the first calib_fraction of them are held out."""
-    calib_count = max(1, int(len(examples) * cfg.calib_fraction)) if cfg.prune else 0
-    return examples[calib_count:], examples[:calib_count]
-
-
-def tokenize_all(tokenizer, examples, max_length):
-    from .data import tokenize_example
-
-    rows, truncated = [], 0
-    for example in examples:
-        row = tokenize_example(tokenizer, example, max_length)
-        truncated += bool(row.pop("truncated", False))
-        if any(label != -100 for label in row["labels"][1:]):  # a first token is never predicted
-            rows.append(row)
-    return rows, truncated
-
-
-class Batch(typing.NamedTuple):
-    """One global batch as this process sees it."""
-    inputs: dict  # this process's shard: the model's keyword arguments
-    tokens: int  # label tokens in the whole global batch (what the loss is normalised by)
-    mask: torch.Tensor  # this shard's real (non-padding) tokens
-    real: int  # real tokens in the whole global batch
-    total: int  # tokens the whole global batch occupies, padding included
-
-
-def batches(rows, batch_size, pad_id, seed, rank=0, world=1, pack_width: int | None = None):
-    """Endless shuffled global batches of batch_size * world rows (each epoch reshuffled with its own seed).
-    Yields this process's shard, collated, and the number of label tokens in the whole global batch, so
-    that the loss is normalised by the global count: N processes then compute what one process would.
-    pack_width: rows are packed examples (atp.data.pack over the same shuffled order, epochs running on into
-    each other) of exactly that many tokens, instead of single examples padded to the shard's longest."""
-    from .data import collate, collate_packed, pack
-
-    size = batch_size * world
-
-    def label_tokens(chosen):
-        return max(1, sum(sum(label != -100 for label in rows[i]["labels"][1:]) for i in chosen))
-
-    if pack_width is not None:
-        lengths = [len(row["input_ids"]) for row in rows]
-        packed, group = pack(shuffled(len(rows), seed), lengths, pack_width), []
-        for indices in packed:
-            group.append(indices)
-            if len(group) < size:
-                continue
-            real = sum(lengths[i] for indices in group for i in indices)
-            inputs, mask = collate_packed([[rows[i] for i in indices] for indices in group[rank::world]], pad_id,
-                                          pack_width)
-            yield Batch(inputs, label_tokens([i for indices in group for i in indices]), mask, real, size * pack_width)
-            group = []
-        return
-    epoch = 0
-    while True:
-        order = list(range(len(rows)))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        for start in range(0, len(order) - size + 1, size):
-            chosen = order[start : start + size]
-            lengths = [len(rows[i]["input_ids"]) for i in chosen]
-            total = sum(len(lengths[r::world]) * max(lengths[r::world]) for r in range(world))  # each shard padded
-            inputs = collate([rows[i] for i in chosen[rank::world]], pad_id)
-            yield Batch(inputs, label_tokens(chosen), inputs["attention_mask"].bool(), sum(lengths), total)
-        epoch += 1
-
-
-def shuffled(n: int, seed: int):
-    """Endless indices 0 .. n-1, each epoch in its own shuffled order (the order `batches` uses)."""
-    epoch = 0
-    while True:
-        order = list(range(n))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        yield from order
-        epoch += 1
-
-
-def sample_texts(tokenizer, examples, n=4, max_length=128):
-    texts = [(e.prompt + e.response)[:2000] for e in examples[:n]]
-    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+from .strategies import RECOVERIES, LogWindow, check_finite, choose_decider
+from .verify import COMPACTION_TOLERANCE, export_checked, exported_sparsity
 
 
 def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
@@ -154,25 +61,22 @@ def train(cfg: ATPConfig, progress: bool = True, resume: bool = False) -> dict:
 
 class PruneRecipe:
     """One `atp prune` run as named steps, in the style of torchtune's single-device LoRA recipe:
-    setup -> load_checkpoint (resume) -> train_loop (generator_step, lora_step, log, save_checkpoint)
-    -> export -> report."""
+    setup -> load_checkpoint (resume) -> train_loop (recovery.begin, decider.decide, lora_step,
+    decider.freeze_step, log, save_checkpoint) -> export -> report."""
 
     def __init__(self, cfg: ATPConfig, progress: bool = True, resume: bool = False):
         cfg.validate()
         self.cfg, self.progress, self.resume = cfg, progress, resume
         self.schedule = Schedule.from_config(cfg)
-        self.two_stage = cfg.prune and not self.schedule.learns_decisions  # decisions fixed before tuning
         self.run_dir = Path(cfg.out)
         self.log_path = self.run_dir / "log.jsonl"
         self.decisions_path = self.run_dir / "decisions.jsonl"  # the decisions after each generator step
         self.window = LogWindow()
         self.step_times = {"lora": [], "generator": [], "full": []}
         self.token_counts = {"real": 0, "total": 0}  # tokens of the training batches (LoRA and full steps) run here
-        # --recovery full, once it starts: the trained weights by name, their optimizer (also as accelerate wraps it)
-        self.full_params = self.full_optimizer = self.full_scheduler = self.opt_full = None
+        # who decides, how the model recovers, the generator's ratio penalty (atp.strategies): chosen in setup
+        self.decider = self.recovery = self.penalty = None
         self.generator = self.opt_gen = self.controller = None
-        self.fixed = self.chosen = None  # a two-stage baseline's decisions and their summary
-        self.freeze_norms = {}  # pruned groups' LoRA norm before and after the freeze's last proximal step
         self.decisions, self.flips = None, 0  # the decisions in the masks; how many changed since the last log line
         self.outputs = None  # a new run's outputs (atp.rundir.RunOutputs), on the main process
         self.locked = False  # whether this process holds the run folder's lock (the main process does)
@@ -209,7 +113,7 @@ class PruneRecipe:
         if self.cfg.distill and self.cfg.distill_top_k:  # whether the teacher was cached, and when it was freed
             report["teacher_cache"] = self.teacher_cache.stats if self.teacher_cache is not None else None
         final = self.final_decisions()
-        if self.cfg.prune and self.world > 1:
+        if self.decider.prunes and self.world > 1:
             self.check_same_decisions(final)
             report["decisions_identical_across_processes"] = True
         self.export_model = self.gathered_model() if self.fsdp else None  # every process takes part
@@ -231,25 +135,24 @@ class PruneRecipe:
     # set-up
 
     def setup(self) -> None:
-        """Accelerator and seed, run directory, model, data, LoRA and generator; two-stage baselines fix their
-        decisions here."""
+        """The strategies; accelerator and seed, run directory, model, data, LoRA and generator; two-stage
+        baselines fix their decisions here."""
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
         cfg = self.cfg
+        self.decider = choose_decider(self)
+        self.recovery = RECOVERIES[cfg.recovery](self)
+        self.penalty = regularization.RATIO_PENALTIES[cfg.ratio_penalty](cfg.alpha)
         AcceleratorState._reset_state()  # a second run in one process may use other precision; the process group stays
         self.precision = self.choose_precision()
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                        mixed_precision=self.precision["mixed_precision"])
         self.world = self.accelerator.num_processes
         fsdp_on_cpu(self.accelerator)
-        sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
         self.fsdp = self.accelerator.distributed_type.value == "FSDP"
-        if cfg.recovery == "full" and sharded:
-            raise ATPError(f"--recovery full runs in one process or with DDP; it is not implemented for "
-                           f"{self.accelerator.distributed_type.value}: it trains every decoder weight, which "
-                           "sharding splits, under masks of whole rows (use --recovery lora)")
+        self.recovery.check_distribution(self.accelerator)
         if self.fsdp and cfg.quantize_base != "none":
             raise ATPError("--quantize-base does not shard under FSDP (accelerate keeps bitsandbytes' uint8 weights "
                            "whole on every process); use DDP or one process with a quantized base")
@@ -259,25 +162,19 @@ class PruneRecipe:
             gguf_export.check_target(cfg.gguf, cfg.overwrite, inputs=self.input_paths())
         self.started = time.time()
         self.setup_model()
-        if cfg.decisions_from:
-            self.source_decisions = self.read_decisions_from()
+        self.decider.read_inputs()
         if cfg.gguf:  # or that the model cannot become
             gguf_export.check_source_model(self.model.config.to_dict(), self.tokenizer, cfg)
         self.setup_data()
         self.protect_outliers()
         self.setup_lora()
-        self.setup_generator()
+        self.decider.setup_gates()
         self.setup_teacher()
         self.setup_run_dir()
         if self.fsdp:  # FSDP shards the frozen base; LoRA stays whole on every process (see reduce_lora_grads)
             self.accelerator.state.fsdp_plugin.ignored_modules = lora_modules(self.peft_model)
         self.peft_model, self.opt_lora = self.accelerator.prepare(self.peft_model, self.opt_lora)
-        # The generator stays unwrapped and fp32 on every process: same init, same per-step noise and
-        # all-reduced gradients keep its decisions identical across processes.
-        if self.generator is not None:
-            self.generator.to(self.accelerator.device)
-        if self.two_stage:
-            self.setup_fixed_decisions()
+        self.decider.after_prepare()
 
     def choose_precision(self) -> dict:
         """--mixed-precision auto resolved once, on the main process, for every process (atp.precision)."""
@@ -455,23 +352,6 @@ class PruneRecipe:
     def make_lora_optimizer(self, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
 
-    def setup_generator(self) -> None:
-        """When pruning: the decision generator, its AdamW, and the gate hooks that mask the model."""
-        cfg = self.cfg
-        if not cfg.prune:
-            return
-        self.generator = DecisionGenerator(self.space, cfg.generator_hidden, cfg.temperature, cfg.offset, cfg.seed,
-                                           self.rule, ema=cfg.generator_ema,
-                                           lagrangian=cfg.ratio_penalty == "lagrangian",
-                                           soft=cfg.generator_gates == "soft")
-        groups = [{"params": self.generator.search_parameters()}]
-        if cfg.ratio_penalty == "lagrangian":  # short searches need the multipliers to rise fast
-            groups.append({"params": [self.generator.lagrange], "lr": cfg.alpha * cfg.generator_lr})
-        self.opt_gen = torch.optim.AdamW(groups, lr=cfg.generator_lr, weight_decay=0.0)
-        self.optimizers["generator"] = self.opt_gen
-        # both paths masked, and the frozen-path-only mode of LoRA steps in the generator phase
-        self.controller = GateController(self.peft_model, self.space, mode="both", modes=(cfg.lora_mask,))
-
     def setup_teacher(self) -> None:
         """With --distill: the teacher whose next-token distributions the model matches (atp.distill)."""
         from .distill import ModelTeacher, SelfTeacher
@@ -512,7 +392,7 @@ class PruneRecipe:
             return
         cache.restrict(self.train_rows)
         self.teacher_cache = cache
-        if not self.schedule.learns_decisions:  # no generator steps, the only ones that need the live teacher
+        if not self.decider.learns:  # no generator steps, the only ones that need the live teacher
             self.release_live_teacher(0)
 
     def release_live_teacher(self, step: int) -> None:
@@ -522,96 +402,15 @@ class PruneRecipe:
             self.teacher = None
             self.teacher_cache.stats["live_teacher_freed_at"] = step
 
-    def setup_fixed_decisions(self) -> None:
-        """Two-stage baselines: decisions fixed on the pretrained model before tuning (atp.baselines); a resumed
-        run reads them from its checkpoint. No generator steps and no group lasso afterwards."""
-        if not self.resume:
-            self.fixed, self.chosen = self.choose_fixed_decisions()
-        self.generator = self.opt_gen = None
-        del self.optimizers["generator"]
-
-    def choose_fixed_decisions(self) -> tuple[dict, dict]:
-        """Decisions of a two-stage baseline, chosen on the pretrained model (LoRA is still zero), and a summary.
-        frozen-generator: ATP's generator phase (same steps and losses) without LoRA steps, then calibrated."""
-        from .baselines import ALLOCATION, fixed_decisions
-
-        cfg, accelerator, space = self.cfg, self.accelerator, self.space
-        started = time.time()
-        if cfg.decisions_from:
-            gates = self.source_decisions
-            info = {"allocation": f"from {cfg.decisions_from}", "decisions_from": str(cfg.decisions_from),
-                    "selection_seconds": 0.0}
-        elif cfg.method == "frozen-generator":
-            self.peft_model.train()
-            window = LogWindow()
-            steps = self.schedule.generator_phase_steps
-            for step in steps:
-                self.generator_step(step, window)
-            self.generator.calibrate_offset(space.remaining_ratio, 1 - cfg.sparsity)
-            gates = self.generator.decisions()
-            self.record_decisions(steps[-1] if len(steps) else 0, gates, event="freeze")
-            info = {"allocation": ALLOCATION[cfg.method], "generator_steps": len(steps), **window.means(),
-                    "selection_seconds": round(time.time() - started, 2)}
-        else:
-            # whole batches on every process, so that every process picks the same decisions
-            source = batches(self.calib_rows, cfg.batch_size, self.tokenizer.pad_token_id, cfg.seed + 2)
-            data = [next(source)[0] for _ in range(cfg.calib_batches)]
-            gates, info = fixed_decisions(cfg.method, accelerator.unwrap_model(self.peft_model), space, cfg.sparsity,
-                                          data, cfg.seed, accelerator.device)
-        gates = {k: v.to(accelerator.device) for k, v in gates.items()}
-        sparsity = space.sparsity(gates)[f"{cfg.sparsity_of}_sparsity"]
-        accelerator.print(f"{cfg.method}: decisions fixed before tuning at {cfg.sparsity_of} sparsity {sparsity:.4f} "
-                          f"({info['allocation']} allocation, {info['selection_seconds']:.0f}s)")
-        return gates, info
-
-    def read_decisions_from(self) -> dict:
-        """--decisions-from RUN: the final decisions in RUN/report.json, checked against this run's model shape,
-        pruning space and target sparsity (atp.diagnostics encodes them)."""
-        cfg, space = self.cfg, self.space
-        where = f"--decisions-from {cfg.decisions_from}"
-        path = Path(cfg.decisions_from).expanduser() / "report.json"
-        if not path.is_file():
-            raise ATPError(f"{where}: no report.json there; give the directory of a finished pruning run")
-        try:
-            report = json.loads(path.read_text())
-            encoded, shape, source = report["decisions"], report["dense_shape"], report["config"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise ATPError(f"{where}: report.json holds no final decisions ({error}); give a pruning run made by "
-                           "this version of atp") from None
-        mine = {"num_layers": space.num_layers, "num_heads": space.num_heads, "num_kv_heads": space.num_kv_heads,
-                "intermediate_size": space.intermediate_size, "hidden_size": space.hidden_size}
-        if {k: shape.get(k) for k in mine} != mine:
-            raise ATPError(f"{where}: that run's model has another shape ({shape}) than --model {cfg.model} "
-                           f"({mine}); use a run on the same model")
-        options = decision_options()
-        differ = [f"--{k.replace('_', '-')} {source.get(k)!r} there, {getattr(cfg, k)!r} here" for k in options
-                  if source.get(k, LATER_OPTIONS.get(k)) != getattr(cfg, k)]
-        if differ or set(encoded) != set(space.gate_shapes):
-            raise ATPError(f"{where}: that run pruned another space ({'; '.join(differ) or sorted(encoded)}); use "
-                           "the same pruning-space options")
-        gates = diagnostics.decode(encoded)
-        for kind, (rows, width) in space.gate_shapes.items():
-            if tuple(gates[kind].shape) != (rows, width):
-                raise ATPError(f"{where}: its {kind} decisions have shape {tuple(gates[kind].shape)}, this model's "
-                               f"{(rows, width)}; use a run on the same model and space")
-        reached = space.sparsity(gates)[f"{cfg.sparsity_of}_sparsity"]
-        allowed = sparsity_tolerance(cfg, space)
-        if abs(reached - cfg.sparsity) > allowed:
-            raise ATPError(f"{where}: its decisions remove {reached:.4f} of the {cfg.sparsity_of} parameters, not "
-                           f"--sparsity {cfg.sparsity} (more than {allowed:.3g} apart); give the --sparsity (and "
-                           "--sparsity-of) that run used")
-        return gates
-
     @functools.cached_property
     def compaction_step(self) -> int | None:
         """The step after which the trained model is compacted (atp.compaction): 0 for decisions fixed before
         tuning, the freeze for ATP; None without --compact, when no step follows the decisions, for a pruning space
         whose masks are not physical removal, where parameters are sharded, or on a quantized base."""
-        cfg = self.cfg
+        cfg, step = self.cfg, self.decider.compaction_step
         sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-        if not (cfg.prune and cfg.compact) or not self.space.exact or sharded or cfg.quantize_base != "none":
+        if step is None or not cfg.compact or not self.space.exact or sharded or cfg.quantize_base != "none":
             return None
-        step = 0 if self.two_stage else self.schedule.freeze_at
         return step if step < cfg.max_steps else None
 
     def compact_now(self, decisions: dict, step: int, verify: bool = True) -> None:
@@ -675,21 +474,10 @@ class PruneRecipe:
         cfg, path = self.cfg, self.resume_from
         step = self.resume_manifest["step"]
         if self.compaction_step is not None and step >= self.compaction_step:  # saved from the compacted model
-            if self.two_stage:
-                decisions = checkpoint.load_decisions(path, self.accelerator.device)[0]
-            else:
-                from safetensors.torch import load_file
-
-                self.generator.load_state_dict(load_file(str(path / "generator.safetensors")))
-                decisions = self.generator.decisions()
-            self.compact_now(decisions, self.compaction_step, verify=False)
+            self.compact_now(self.decider.saved_decisions(path), self.compaction_step, verify=False)
         done = checkpoint.load(path, self.accelerator.unwrap_model(self.peft_model), self.generator, self.optimizers,
                                self.lr_scheduler)
-        if self.two_stage:
-            self.fixed, self.chosen = checkpoint.load_decisions(path, self.accelerator.device)
-        if self.schedule.is_full_step(done):  # the full recovery phase had begun
-            self.start_full_recovery()
-            checkpoint.load_full(path, self.full_params, self.full_optimizer, self.full_scheduler)
+        self.recovery.resume(path, done)
         self.accelerator.print(f"resuming {self.run_dir} from {path.name}")
         for _ in range(done * cfg.grad_accum):  # the same batches an uninterrupted run would see next
             next(self.train_iter)
@@ -698,66 +486,36 @@ class PruneRecipe:
         if self.log_path.exists() and self.accelerator.is_main_process:
             kept = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["step"] <= done]
             self.log_path.write_text("".join(line + "\n" for line in kept))
-        if self.schedule.learns_decisions and self.accelerator.is_main_process:  # (a two-stage run wrote them all)
-            diagnostics.truncate_after(self.decisions_path, done)
+        self.decider.resume(path, done)  # fixed decisions; the generator's decisions.jsonl up to the checkpoint
         return done + 1
 
     # the loop
 
     def train_loop(self, first_step: int) -> None:
-        """Steps first_step .. max_steps; the schedule says which phase each step is in."""
+        """Steps first_step .. max_steps; the schedule says which phase each step is in, the strategies what
+        happens in it."""
         from tqdm.auto import tqdm
 
-        cfg, schedule = self.cfg, self.schedule
-        if self.fixed is not None:
-            self.decisions = self.fixed
-        elif self.generator is not None:
-            self.decisions = self.generator.decisions()
-        if self.decisions is not None and self.controller is not None:
-            self.controller.set(self.decisions)
-        if schedule.learns_decisions and schedule.freeze_at == 0 and first_step == 1:
-            self.freeze(0)  # no generator phase: decisions calibrated before the first step
-        if self.fixed is not None and self.compaction_step == 0 and not self.compacted:
-            self.compact_now(self.fixed, 0)
-        desc = ("atp prune" if cfg.method == "atp" else cfg.method) if cfg.prune else "lora"
-        self.bar = tqdm(range(first_step, cfg.max_steps + 1), initial=first_step - 1, total=cfg.max_steps, desc=desc,
-                        disable=not (self.progress and self.accelerator.is_main_process))
+        cfg, decider = self.cfg, self.decider
+        decider.start(first_step)
+        self.bar = tqdm(range(first_step, cfg.max_steps + 1), initial=first_step - 1, total=cfg.max_steps,
+                        desc=decider.label, disable=not (self.progress and self.accelerator.is_main_process))
         self.peft_model.train()
         for step in self.bar:
-            if step == schedule.full_from:
-                self.start_full_recovery()
+            # --recovery full: where the fixed-decision phase begins, LoRA is merged and every decoder weight trains
+            self.recovery.begin(step)
             # generator phase: every generator_every-th step begins with a generator step (LoRA frozen)
-            if schedule.is_generator_step(step):
-                self.generator_step(step, self.window)
+            new_decisions = decider.decide(step)
             # LoRA step (generator frozen) on the current decisions, then the group-lasso proximal step
-            self.lora_step(step, new_decisions=schedule.is_generator_step(step))
+            self.lora_step(step, new_decisions)
             # the generator phase ends with this step: calibrate the decisions to the target and freeze them
-            if schedule.learns_decisions and step == schedule.freeze_at:
-                self.freeze(step)
+            decider.freeze_step(step)
             # log line and checkpoint
             if step % cfg.log_every == 0 or step == cfg.max_steps:
                 self.log(step)
             if cfg.save_every and step % cfg.save_every == 0 and self.accelerator.is_main_process:
                 self.save_checkpoint(step)
         self.bar.close()
-
-    def freeze(self, step: int) -> None:
-        """End of the generator phase: calibrate the decisions to the target ratio and keep them from here on;
-        the ramp lasso's last proximal step (threshold at the largest pruned norm) zeroes the LoRA of every
-        pruned group, including groups the calibration just pruned. Records the pruned norm before and after."""
-        reached = self.generator.calibrate_offset(self.space.remaining_ratio, 1 - self.cfg.sparsity)
-        self.use_generator_decisions()
-        self.record_decisions(step, self.decisions, event="freeze")
-        before = self.pruned_lora_norm(self.decisions)
-        regularization.ramp_proximal_step(self.peft_model, self.space, self.decisions,
-                                          self.schedule.lasso_fraction(step + 1))
-        after = self.pruned_lora_norm(self.decisions)
-        self.freeze_norms = {"pruned_lora_norm_before_freeze_cut": before, "pruned_lora_norm_at_freeze": after}
-        when = "trained to the last step" if self.schedule.generator_to_end else f"frozen at step {step}"
-        self.accelerator.print(f"generator {when}; decisions calibrated to ratio {reached:.4f}; LoRA norm of pruned "
-                               f"groups {before:.4g} -> {after:.4g}")
-        if step == self.compaction_step:
-            self.compact_now(self.decisions, step)
 
     def batch_loss(self, data: Batch) -> torch.Tensor:
         """The objective on one batch: the mean token loss of this process's shard, normalised by the global
@@ -788,46 +546,6 @@ class PruneRecipe:
         self.loss_parts["kd"] = kd.detach()
         return (1 - self.cfg.distill) * task + self.cfg.distill * kd
 
-    def generator_step(self, step: int, window: LogWindow) -> None:
-        """Generator step on a calibration batch, LoRA frozen (gradients flow only into the generator):
-        task loss under sampled gates + alpha * ratio loss of the deterministic gates against the ramped target."""
-        accelerator, generator = self.accelerator, self.generator
-        t0 = time.perf_counter()
-        generator.train()
-        self.controller.use("both")  # decisions are judged as they will be exported
-        self.opt_gen.zero_grad(set_to_none=True)
-        batches_per_step = self.cfg.generator_batches
-        with accelerator.no_sync(self.peft_model):  # no LoRA gradients in this step
-            parts, total = {}, 0.0
-            for _ in range(batches_per_step):  # the same sampled gates on each calibration batch
-                self.controller.set(generator(step=step))
-                with self.teacher_for_generator():
-                    loss = self.batch_loss(next(self.calib_iter)) / batches_per_step
-                check_finite(step, generator_loss=loss)
-                loss.backward(inputs=generator.search_parameters())
-                total += loss.item()
-                for name, value in self.loss_parts.items():
-                    parts[f"generator_{name}_loss"] = parts.get(f"generator_{name}_loss", 0.0) + value.item() / batches_per_step
-            ratio = self.space.remaining_ratio(generator.deterministic_gates())
-            r_loss, weighted = self.ratio_terms(ratio, step)
-            check_finite(step, ratio_loss=r_loss, generator_loss=total + weighted)
-            weighted.backward(inputs=list(generator.parameters()))
-            if self.cfg.ratio_penalty == "lagrangian":
-                generator.lagrange.grad.neg_()  # the multipliers ascend
-        if self.world > 1:
-            for p in generator.parameters():
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-        if self.cfg.generator_clip > 0:
-            torch.nn.utils.clip_grad_norm_(generator.search_parameters(), self.cfg.generator_clip)
-        self.opt_gen.step()
-        generator.update_ema()
-        self.record_decisions(step, generator.decisions())
-        if self.cfg.ratio_penalty == "lagrangian":
-            parts.update(lagrange_1=generator.lagrange[0].item(), lagrange_2=generator.lagrange[1].item())
-        window.add(**parts, ratio_loss=r_loss.item(), deterministic_ratio=ratio.item())
-        self.step_times["generator"].append(time.perf_counter() - t0)
-
     @contextlib.contextmanager
     def teacher_for_generator(self):
         """--no-distill-generator: generator steps see no teacher (task loss alone); LoRA steps keep it."""
@@ -837,22 +555,6 @@ class PruneRecipe:
         finally:
             self.distilling = True
 
-    def record_decisions(self, step: int, decisions: dict, event: str = "generator") -> None:
-        """A line of decisions.jsonl: the decisions the generator step (or the freeze's calibration) left, which
-        the following LoRA steps mask with."""
-        if self.accelerator.is_main_process:
-            record = {"step": step, **({"event": event} if event != "generator" else {}),
-                      "decisions": diagnostics.encode(decisions)}
-            diagnostics.append_line(self.decisions_path, record)
-
-    def ratio_terms(self, ratio: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ratio loss (logged) and the term the generator minimises: alpha * ratio loss, or the Lagrangian."""
-        target = self.schedule.target_at(step)
-        r_loss = regularization.ratio_loss(ratio, target)
-        if self.cfg.ratio_penalty == "lagrangian":
-            return r_loss, regularization.lagrangian_penalty(ratio, target, self.generator.lagrange)
-        return r_loss, self.cfg.alpha * r_loss
-
     def lora_step(self, step: int, new_decisions: bool) -> None:
         """LoRA step under the step's mask mode (the frozen path only while the generator searches, with the
         default lora_mask), then the group-lasso proximal step on the LoRA of pruned groups. lasso lr-scaled
@@ -861,16 +563,11 @@ class PruneRecipe:
         merged in and zero)."""
         cfg, accelerator, schedule = self.cfg, self.accelerator, self.schedule
         t0 = time.perf_counter()
-        full = schedule.is_full_step(step)
-        optimizer, scheduler = (self.opt_full, self.full_scheduler) if full else (self.opt_lora, self.lr_scheduler)
-        if self.controller is not None:
-            self.controller.use(schedule.lora_mask_at(step))
-        if new_decisions:
-            self.use_generator_decisions()
-        if cfg.lora_decisions == "sampled" and schedule.in_generator_phase(step):
-            with torch.no_grad():  # a fresh hard Gumbel sample (structured dropout); the log and lasso keep the decisions
-                self.controller.set(self.generator.sample(step=cfg.max_steps + step))
-        lam = 0.0 if full or self.compacted else schedule.lasso_weight(step)
+        update = self.recovery.update(step)
+        optimizer, scheduler = update.optimizer, update.scheduler
+        self.decider.mask_lora_step(step, new_decisions)
+        lasso_on = update.kind == "lora" and not self.compacted  # (nothing left to shrink once merged or compacted)
+        lam = schedule.lasso_weight(step) if lasso_on else 0.0
         step_lr = optimizer.param_groups[0]["lr"]  # the learning rate of this step's update
         for _ in range(cfg.grad_accum):
             with accelerator.accumulate(self.peft_model):
@@ -891,66 +588,16 @@ class PruneRecipe:
         if cfg.proximal and lam > 0:
             threshold = self.lr_scheduler.get_last_lr()[0] * lam
             regularization.proximal_step(self.peft_model, self.space, self.decisions, threshold=threshold)
-        if not (full or self.compacted) and schedule.lasso_fraction(step) > 0:
+        if lasso_on and schedule.lasso_fraction(step) > 0:
             regularization.ramp_proximal_step(self.peft_model, self.space, self.decisions, schedule.lasso_fraction(step))
             lasso = torch.tensor(self.pruned_lora_norm(self.decisions))
-        if not (full or self.compacted) and schedule.exp_growth(step) > 0:
+        if lasso_on and schedule.exp_growth(step) > 0:
             regularization.exp_ramp_proximal_step(self.peft_model, self.space, self.decisions,
                                                   cfg.lam * schedule.exp_growth(step) * step_lr)
             lasso = torch.tensor(self.pruned_lora_norm(self.decisions))
-        self.step_times["full" if full else "lora"].append(time.perf_counter() - t0)
+        self.step_times[update.kind].append(time.perf_counter() - t0)
         self.window.add(**{f"{name}_loss": value.item() for name, value in self.loss_parts.items()},
                         group_lasso=lasso.item())
-
-    def start_full_recovery(self) -> None:
-        """--recovery full, where the fixed-decision phase begins: merge LoRA into the weights (LoRA is left at
-        zero and frozen) and train every weight of the decoder layers with their own AdamW and learning-rate
-        schedule; the generator stays frozen. The masks stay in mode "both", so a pruned head's or channel's
-        weights get exactly zero gradient and do not move (the export removes them). The self distillation
-        teacher keeps the dense pretrained weights, in a copy made before the merge."""
-        from peft.tuners.lora import LoraLayer
-
-        from .distill import SelfTeacher
-        from .masking import decoder_layers
-
-        cfg, accelerator = self.cfg, self.accelerator
-        model = accelerator.unwrap_model(self.peft_model)
-        self.release_live_teacher(self.schedule.full_from - 1)
-        if isinstance(self.teacher, SelfTeacher) and not self.compacted:  # (compaction gave it its own copy)
-            self.teacher = SelfTeacher(copy.deepcopy(model).requires_grad_(False), self.teacher.gates_off)
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, LoraLayer):
-                    base = module.get_base_layer()
-                    for name in module.active_adapters:
-                        base.weight += module.get_delta_weight(name).to(base.weight.dtype)
-                        module.lora_A[name].weight.zero_()
-                        module.lora_B[name].weight.zero_()
-        trained = {id(p) for layer in decoder_layers(model) for n, p in layer.named_parameters() if "lora_" not in n}
-        if self.compacted:  # weights the compaction left unsliced are shared with the dense teacher: train copies
-            with torch.no_grad():
-                for p in model.parameters():
-                    if id(p) in trained:
-                        p.data = p.data.clone()
-        self.full_params = {}
-        for name, p in model.named_parameters():
-            p.requires_grad_(id(p) in trained)
-            if id(p) in trained:
-                self.full_params[name] = p
-        optimizer = torch.optim.AdamW(list(self.full_params.values()), lr=cfg.recovery_lr, weight_decay=0.0)
-        self.full_optimizer = optimizer  # as it is before accelerate wraps it, for checkpoints
-        start, factor = self.schedule.full_from - 1, self.schedule.lora_lr_factor
-        self.full_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda updates: factor(start + updates))
-        if self.world > 1:  # DDP again, over the parameters that train now
-            if self.compacted:  # e.g. the norm before an attention block with no heads left: it gets no gradient
-                from accelerate.utils import DistributedDataParallelKwargs
-
-                accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=True)
-            self.peft_model = accelerator.prepare(model)
-        self.opt_full = accelerator.prepare(optimizer)
-        self.accelerator.print(f"full recovery from step {self.schedule.full_from}: LoRA merged, "
-                               f"{sum(p.numel() for p in self.full_params.values()):,} decoder weights train "
-                               f"(peak lr {cfg.recovery_lr:g})")
 
     def pruned_lora_norm(self, decisions) -> float:
         """Sum of the LoRA norms of the groups these decisions prune (0.0 exactly once the lasso zeroed them, or
@@ -959,18 +606,11 @@ class PruneRecipe:
             return 0.0
         return regularization_norm(self.peft_model, self.space, decisions)
 
-    def use_generator_decisions(self) -> None:
-        """Mask with the generator's deterministic decisions; count the gates that flipped."""
-        decisions = self.generator.decisions()
-        self.controller.set(decisions)
-        self.flips += sum(int((decisions[k] != self.decisions[k]).sum()) for k in decisions)
-        self.decisions = decisions
-
     def log(self, step: int) -> None:
         """One line of log.jsonl: the means since the last line, lambda_t, the LoRA lr, decisions and flips."""
         record = {"step": step, **self.window.means(), "lam": self.schedule.lasso_weight(step),
                   "lasso_fraction": self.schedule.lasso_fraction(step),
-                  "lr": (self.full_scheduler or self.lr_scheduler).get_last_lr()[0], "flips": self.flips}
+                  "lr": self.recovery.scheduler().get_last_lr()[0], "flips": self.flips}
         if self.decisions is not None:
             sp = self.space.sparsity(self.decisions)
             record.update(ratio=1 - sp[f"{self.cfg.sparsity_of}_sparsity"], prunable_sparsity=sp["prunable_sparsity"],
@@ -980,24 +620,20 @@ class PruneRecipe:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.bar.set_postfix(loss=f"{record['task_loss']:.3f}",
-                             **({"sparsity": f"{record['prunable_sparsity']:.3f}"} if self.cfg.prune else {}))
+                             **({"sparsity": f"{record['prunable_sparsity']:.3f}"} if self.decider.prunes else {}))
 
     def save_checkpoint(self, step: int) -> None:
         checkpoint.save(self.run_dir, step, self.accelerator.unwrap_model(self.peft_model), self.generator,
                         self.optimizers, self.lr_scheduler, fingerprint(self.cfg), self.cfg.keep_checkpoints,
-                        decisions=(self.fixed, self.chosen) if self.fixed is not None else None,
-                        data_sha256=self.data_sha256, model_sha256=self.model_sha256,
-                        full=((self.full_params, self.full_optimizer, self.full_scheduler) if self.full_params
-                              else None))
+                        decisions=self.decider.checkpoint_decisions(), data_sha256=self.data_sha256,
+                        model_sha256=self.model_sha256, full=self.recovery.checkpoint_state())
         if self.outputs is not None:
             self.outputs.checkpointed()  # from now on a failure leaves this run resumable
 
     # export and report
 
     def final_decisions(self) -> dict:
-        if self.fixed is not None:
-            return self.fixed
-        return self.generator.decisions() if self.generator is not None else self.space.full_gates()
+        return self.decider.final()
 
     def reduce_lora_grads(self) -> None:
         """FSDP: LoRA is outside the sharded parameters, so its gradients are averaged here, as DDP would."""
@@ -1043,7 +679,8 @@ class PruneRecipe:
         examples = self.train_examples
         probe = sample_texts(self.tokenizer, examples[::max(1, len(examples) // 4)][:4])
         # what group lasso left in pruned groups (nothing is left of them once compacted)
-        pruned_lora_norm = regularization_norm(peft_model, self.space, final) if cfg.prune and not self.compacted else 0.0
+        pruned = self.decider.prunes and not self.compacted
+        pruned_lora_norm = regularization_norm(peft_model, self.space, final) if pruned else 0.0
         controller = self.controller
         if controller is not None:
             controller.use("both")  # the export removes both paths
@@ -1067,7 +704,7 @@ class PruneRecipe:
         return {
             "logits_check": check,
             "pruned_lora_group_norm_sum": pruned_lora_norm,  # at export
-            **self.freeze_norms,
+            **self.decider.freeze_norms,
             **({"compaction": {**self.compaction, **self.lora_step_seconds_around_compaction()}} if self.compacted
                else {}),
             "model_dir": str(model_dir),
@@ -1076,12 +713,12 @@ class PruneRecipe:
             "prunable_params": space.prunable_params(),
             "prunable_sparsity": exported_sparsity(space, model_dir, "prunable"),
             "model_sparsity": exported_sparsity(space, model_dir, "model"),
-            "target_sparsity": cfg.sparsity if cfg.prune else 0.0,
+            "target_sparsity": self.decider.target_sparsity,
             "sparsity_of": cfg.sparsity_of,
-            "method": cfg.method if cfg.prune else "dense-lora",
+            "method": self.decider.method,
             "decisions_sparsity": decided["prunable_sparsity"],
             "decisions_model_sparsity": decided["model_sparsity"],
-            "decisions_info": self.chosen or {},
+            "decisions_info": self.decider.info or {},
             "dense_shape": {"num_layers": space.num_layers, "num_heads": space.num_heads,
                             "num_kv_heads": space.num_kv_heads, "intermediate_size": space.intermediate_size,
                             "hidden_size": space.hidden_size},
@@ -1102,21 +739,9 @@ class PruneRecipe:
                        for widths, layer in zip(layer_widths(kept), kept)],
             "protected_hidden_blocks": self.protected_hidden_blocks(),
             "export_format": "heterogeneous" if is_heterogeneous(merged.config) else "uniform",
-            **(self.decision_report(final) if cfg.prune else {}),
+            **self.decider.decision_report(final),
             "total_seconds": time.time() - self.started,
         }
-
-    def decision_report(self, final: dict) -> dict:
-        """The final decisions (encoded), each gate's parameter weight, and how the search got there (from
-        decisions.jsonl; see atp.diagnostics.search_diagnostics)."""
-        weights = diagnostics.gate_params(self.space)
-        target = 1 - self.cfg.sparsity
-        reached = next((s for s in range(1, self.cfg.max_steps + 1) if self.schedule.target_at(s) <= target + 1e-9),
-                       None)
-        search = diagnostics.search_diagnostics(diagnostics.read_lines(self.decisions_path), final, weights,
-                                                self.space.prunable_params(), reached)
-        return {"decisions": diagnostics.encode(final), "decision_weights": diagnostics.compact_weights(weights),
-                "decision_search": search}
 
 def fsdp_on_cpu(accelerator) -> None:
     """accelerate chooses FSDP only on top of an accelerator (MULTI_GPU and kin; accelerate.state, where it picks
@@ -1152,159 +777,8 @@ def regularization_norm(peft_model, space, decisions) -> float:
     return sum(v["sum"] for v in regularization.pruned_norms(peft_model, space, decisions).values())
 
 
-def export_checked(cfg: ATPConfig, peft_model, controller, space, decisions, tokenizer, probe, device, out_dir,
-                   compacted: bool = False):
-    """Merge LoRA, slice the pruned structures out and save; before the saved folder is moved into place,
-    reload it and compare its logits on `probe` with the masked model's (fp32). Returns (path, check, model).
-    compacted: the structures are gone already (checked against the masked model when they went)."""
-    with torch.no_grad():
-        if controller is not None:
-            controller.set(decisions)
-        reference = peft_model(**{k: v.to(device) for k, v in probe.items()}).logits.float().cpu()
-        if controller is not None:
-            controller.remove()
-    if cfg.quantize_base != "none":  # dequantized to fp32, LoRA merged
-        from .quantize import dequantize_and_merge
-
-        merged = dense = dequantize_and_merge(peft_model)
-    else:
-        merged = dense = peft_model.merge_and_unload()
-    merged.config.use_cache = True
-    if cfg.prune and not compacted:
-        merged = build_pruned(merged, space.kept_structure(decisions))
-    else:
-        dense = None  # no masked dense model left for the float64 recheck
-    merged = merged.float()
-    check = {}
-    verify = functools.partial(verify_export, cfg, space, decisions, dense, probe, reference, check)
-    return save_pruned(merged, tokenizer, out_dir, overwrite=True, verify=verify), check, merged
-
-
-def verify_export(cfg: ATPConfig, space, decisions, dense, probe, reference, check: dict, path) -> None:
-    """Reload the saved folder at `path` and compare its logits with the masked model's `reference`; the
-    result goes into `check`, a mismatch raises ATPError (and the folder is not moved into place). A pruned
-    model must also have the target sparsity (within sparsity_tolerance) and finite logits."""
-    if cfg.prune:
-        measured = exported_sparsity(space, path, cfg.sparsity_of)
-        allowed = sparsity_tolerance(cfg, space)
-        if not abs(measured - cfg.sparsity) <= allowed:
-            raise ATPError(f"refusing to export: the pruned model has {cfg.sparsity_of} sparsity {measured:.4f}, but the target "
-                           f"is {cfg.sparsity} (more than {allowed:.3g} apart); the pruning decisions did not "
-                           "reach the target (did the generator diverge? see log.jsonl)")
-    loaded, _ = load_model(str(path), attn_implementation=cfg.attn_implementation)
-    with torch.no_grad():
-        logits = loaded(**probe).logits.float()
-    real = probe["attention_mask"].bool()
-    for what, values in (("masked model", reference), ("exported model", logits)):
-        if not torch.isfinite(values[real]).all():
-            check.update(passed=False, finite=False)
-            raise ATPError(f"refusing to export: the {what}'s logits hold NaN or Inf values on the check texts; "
-                           "the weights diverged")
-    diff = float((logits - reference)[real].abs().max())
-    # fp32 rounding grows with the logits' magnitude, so the tolerance is relative to it (at least 1)
-    scale = max(1.0, float(reference[real].abs().max()))
-    from .quantize import CHECK_TOLERANCE
-
-    tolerance = max(cfg.check_tolerance, CHECK_TOLERANCE.get(cfg.quantize_base, 0.0))
-    allowed = tolerance * scale
-    check.update(max_abs_logit_diff=diff, max_abs_logit=scale, tolerance=tolerance, allowed=allowed,
-                 passed=diff <= allowed)
-    if cfg.quantize_base != "none":  # the masked model computed on the quantized base, the export dequantized
-        check["quantize_base"] = cfg.quantize_base
-    # (a quantized run is not rechecked: float64 compares the dequantized model with its slices, not the reference)
-    if (diff > allowed and cfg.prune and space.exact and dense is not None
-            and space.total_params() <= FLOAT64_RECHECK_MAX_PARAMS and cfg.quantize_base == "none"):
-        # Damaged models can carry huge hidden states (1e4 seen), where fp32 rounding alone exceeds the
-        # tolerance. Slicing is exact, so in float64 the masked dense model and the export must agree
-        # (for exact gate kinds only: a non-exact kind's masked model is not the export).
-        exact = float64_diff(dense, space, decisions, loaded, probe)
-        check.update(float64_diff=exact, passed=exact <= 1e-6 * scale)
-    if not check["passed"]:
-        exact = f"; in float64 {check['float64_diff']:.3g}" if "float64_diff" in check else ""
-        if not space.exact:
-            exact = "; no float64 recheck: the pruning space is not exact (its masks are not physical removal)"
-        raise ATPError(f"exported model does not match the masked model: max |logit diff| {diff:.3g} > "
-                       f"{allowed:.3g} ({tolerance:g} x the largest |logit|, {scale:.3g}){exact}")
-
-
-def exported_sparsity(space, path, of: str) -> float:
-    """Sparsity of a saved model folder over the dense model's decoder blocks ("prunable") or all its parameters."""
-    if of == "model":
-        return 1 - count_safetensors_params(path) / space.total_params()
-    return 1 - count_safetensors_params(path, prefix=space.arch.layers + ".") / space.prunable_params()
-
-
-FLOAT64_RECHECK_MAX_PARAMS = 2_000_000_000
-COMPACTION_TOLERANCE = 1e-3  # the compact model against the masked one, relative to the largest |logit| (fp32 rounding)
-SPARSITY_TOLERANCE = 0.05  # most an export's measured sparsity may differ from the target ...
-
-
-def sparsity_tolerance(cfg: ATPConfig, space) -> float:
-    """... or two of the coarsest steps the decisions can take (one gate; one per layer with --uniform; a
-    --round-to's worth of MLP blocks), where those are larger (small models, coarse blocks)."""
-    step = space.largest_step() * (space.num_layers if cfg.uniform else 1) * max(1, cfg.round_to // cfg.mlp_block)
-    return max(SPARSITY_TOLERANCE, 2 * step)
-
-
-def float64_diff(dense, space, decisions, pruned, probe) -> float:
-    """Max |logit diff| between the masked dense (merged) model and the pruned one, both in float64 on CPU."""
-    import copy
-
-    dense64, pruned64 = copy.deepcopy(dense).to("cpu", torch.float64), copy.deepcopy(pruned).to("cpu", torch.float64)
-    dense64.config._attn_implementation = pruned64.config._attn_implementation  # eager softmax runs in fp32
-    controller = GateController(dense64, space)
-    controller.set({k: v.cpu() for k, v in decisions.items()})
-    with torch.no_grad():
-        reference, logits = dense64(**probe).logits, pruned64(**probe).logits
-    controller.remove()
-    return float((logits - reference)[probe["attention_mask"].bool()].abs().max())
-
-
-class LogWindow:
-    """Means of each logged term since the last log line."""
-
-    def __init__(self):
-        self.sums, self.counts = {}, {}
-
-    def add(self, **terms):
-        for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-            self.counts[name] = self.counts.get(name, 0) + 1
-
-    def means(self) -> dict:
-        means = {name: self.sums[name] / self.counts[name] for name in self.sums}
-        self.sums, self.counts = {}, {}
-        return means
-
-
 def _mean(values):
     return sum(values) / len(values) if values else 0.0
-
-
-def check_packing(model, attn_implementation=None) -> None:
-    """--packing relies on the model reading example boundaries from restarting position_ids (transformers'
-    packed-sequence masks). Check on two short made-up sequences that the packed logits equal the logits of each
-    alone; a model that attends across the boundary is refused rather than trained wrongly."""
-    from .data import collate_packed
-
-    lengths = (5, 9)
-    vocab = model.config.vocab_size
-    seqs = [[(3 + 7 * i + 13 * j) % vocab for i in range(n)] for j, n in enumerate(lengths)]
-    rows = [[{"input_ids": ids, "labels": ids} for ids in seqs]]
-    inputs, _ = collate_packed(rows, 0, sum(lengths) + 2)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        packed = model(input_ids=inputs["input_ids"].to(device), position_ids=inputs["position_ids"].to(device),
-                       use_cache=False).logits[0].float()
-        alone = [model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float() for ids in seqs]
-    reference = torch.cat(alone)
-    diff = float((packed[: len(reference)] - reference).abs().max())
-    allowed = 1e-3 * max(1.0, float(reference.abs().max()))
-    if not diff <= allowed:
-        what = attn_implementation or model.config._attn_implementation
-        raise ATPError(f"--packing is not exact for this model ({type(model).__name__}, attention {what}): two "
-                       f"packed examples give logits {diff:.3g} away from each example alone, so it attends across "
-                       "example boundaries; run without --packing")
 
 
 def check_reachable(space, sparsity: float) -> None:
@@ -1315,12 +789,3 @@ def check_reachable(space, sparsity: float) -> None:
         of = "whole model's parameters" if space.sparsity_of == "model" else "prunable parameters"
         raise ATPError(f"--sparsity {sparsity} cannot be reached: this pruning space can remove at most "
                        f"{most:.4f} of the {of} (norms and output biases stay)")
-
-
-def check_finite(step: int, **terms) -> None:
-    for name, value in terms.items():
-        if value is None:
-            continue
-        value = torch.as_tensor(value).detach()
-        if not torch.isfinite(value).all():
-            raise ATPError(f"{name} became {float(value)} at step {step}; stopping (checkpoints so far are kept)")
