@@ -129,7 +129,7 @@ def test_demo_end_to_end(tiny_model_dir, shared_data, tmp_path, capsys, recwarn)
     cfg = ATPConfig(model=str(tiny_model_dir), domain="healthcare", data_dir=str(shared_data), out=str(out),
                     max_steps=4, batch_size=2, max_length=48, mlp_block=4, sparsity=0.4, save_every=0)
     settings = Settings(limit=4, rouge_limit=2, max_length=96, new_tokens=6, bench_repeats=1, bench_prefill=16,
-                        bench_new_tokens=4)
+                        bench_new_tokens=4, dense_lora=True)
     results = run_demo(cfg, settings, progress=False)
     printed = capsys.readouterr().out
     report_text = (out / "demo.md").read_text()
@@ -204,7 +204,7 @@ def test_demo_on_the_fallback_scores_only_the_pruning_domain(tiny_model_dir, no_
     out = tmp_path / "demo"
     cfg = ATPConfig(model=str(tiny_model_dir), domain="healthcare", out=str(out), max_steps=2, batch_size=2,
                     max_length=48, mlp_block=4, sparsity=0.4, save_every=0)
-    settings = Settings(limit=3, max_length=96, new_tokens=4, questions=1, dense_lora=False, bench_repeats=1,
+    settings = Settings(limit=3, max_length=96, new_tokens=4, questions=1, bench_repeats=1,
                         bench_prefill=16, bench_new_tokens=4)
     results = run_demo(cfg, settings, progress=False)
     report_text = (out / "demo.md").read_text()
@@ -215,7 +215,7 @@ def test_demo_on_the_fallback_scores_only_the_pruning_domain(tiny_model_dir, no_
     assert "| accuracy (pubmedqa, 3 records; majority class 0.333)" in report_text
     assert "| perplexity, lower is better (pubmed_text, 3 records)" in report_text
     assert "ROUGE" not in report_text and "multilexsum" not in report_text and "legal" not in report_text
-    assert "(no dense + LoRA run: --no-dense-lora)" in report_text
+    assert "(--dense-lora adds the same LoRA training without pruning as a column)" in report_text
     (question,) = results["answers"]
     assert question["question"] == "Does drug l4 lower blood pressure?" and question["reference"] == "no"
     assert "We studied drug l4 in 40 adults." in report_text
@@ -233,9 +233,9 @@ def test_demo_command_passes_its_options_through(monkeypatch, tmp_path):
     assert not cfg.overwrite and cfg2.overwrite
     assert (cfg.out, cfg.max_steps, cfg.domain, cfg.max_length) == (str(tmp_path / "d"), 7, "legal", 128)
     assert (settings.limit, settings.rouge_limit, settings2.rouge_limit) == (5, 10, 0)
-    assert cfg.mixed_precision == "auto" and settings.dense_lora and settings.questions == 2
-    assert main(base + ["--overwrite", "--no-dense-lora", "--questions", "1"]) == 0
-    assert not seen[-1][1].dense_lora and seen[-1][1].questions == 1
+    assert cfg.mixed_precision == "auto" and not settings.dense_lora and settings.questions == 2
+    assert main(base + ["--overwrite", "--dense-lora", "--questions", "1"]) == 0
+    assert seen[-1][1].dense_lora and seen[-1][1].questions == 1
 
 
 def test_demo_command_errors(tiny_model_dir, shared_data, tmp_path, capsys):
@@ -253,8 +253,11 @@ def test_demo_command_errors(tiny_model_dir, shared_data, tmp_path, capsys):
 
 
 def test_demo_trains_plain_atp(monkeypatch):
-    """At the demo's budget (120 steps of 128 tokens) plain ATP is ahead of distillation at equal time."""
+    """The demo's recipe: plain ATP (ahead of distillation at equal time at the demo's budget), 25% in 180 steps of
+    128 tokens with a 40% search, bf16 where the CPU has it, no dense + LoRA run unless asked."""
     seen = {}
-    monkeypatch.setattr(demo, "run_demo", lambda cfg, settings: seen.update(cfg=cfg))
+    monkeypatch.setattr(demo, "run_demo", lambda cfg, settings: seen.update(cfg=cfg, settings=settings))
     assert main(["demo", "--out", "unused"]) == 0
-    assert seen["cfg"].distill == 0.0 and seen["cfg"].prune and seen["cfg"].max_steps == 120
+    cfg = seen["cfg"]
+    assert cfg.distill == 0.0 and cfg.prune and (cfg.sparsity, cfg.max_steps, cfg.max_length) == (0.25, 180, 128)
+    assert cfg.generator_frac == 0.4 and cfg.mixed_precision == "auto" and not seen["settings"].dense_lora
