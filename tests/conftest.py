@@ -15,6 +15,9 @@ from helpers import FAMILIES, tiny_config, tiny_model  # noqa: F401 (test files 
 
 # Tiny models gain nothing from threads, and oversubscribed cores make them far slower.
 torch.set_num_threads(1)
+# --mixed-precision auto (the default) reads the CPU's flags: the tests run fp32 on every machine, in this process and
+# the atp processes they start, unless a test forces the flags (tests/test_precision.py forces each path).
+os.environ.setdefault("ATP_CPU_FLAGS", "")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ATP_DATA_DIR", REPO.parent / "shared" / "data"))

@@ -4,6 +4,7 @@ EPYC, docs/benchmarks.md), so those never get bf16; where the flags exist, a mic
 shapes confirms the gain before it is used."""
 from __future__ import annotations
 
+import os
 import platform
 import time
 from pathlib import Path
@@ -15,7 +16,11 @@ MIN_SPEEDUP = 1.2  # bf16 must be at least this much faster than fp32 to be wort
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux names them (empty where /proc/cpuinfo does not exist)."""
+    """The CPU's feature flags as Linux names them (empty where /proc/cpuinfo does not exist). ATP_CPU_FLAGS, when
+    set, replaces them (names separated by spaces or commas; empty: none), to force either path of `auto`."""
+    forced = os.environ.get("ATP_CPU_FLAGS")
+    if forced is not None:
+        return set(forced.replace(",", " ").split())
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -54,7 +59,8 @@ def bf16_speedup(hidden: int, intermediate: int, tokens: int = 512, repeats: int
 
 def choose(requested: str, device: torch.device, hidden: int, intermediate: int, flags: set[str] | None = None,
            measure=None) -> dict:
-    """The accelerate mixed_precision to use ("no", "bf16", "fp16") and why, for report.json."""
+    """The accelerate mixed_precision to use ("no", "bf16", "fp16") and why, for report.json. `hidden` and
+    `intermediate` may be callables (read only if the micro-benchmark runs)."""
     if requested != "auto":
         return {"mixed_precision": requested, "requested": requested, "reason": "as given"}
     if device.type == "cuda":
@@ -68,8 +74,25 @@ def choose(requested: str, device: torch.device, hidden: int, intermediate: int,
     if not native:
         return {**choice, "mixed_precision": "no",
                 "reason": "the CPU has neither AMX nor AVX512-BF16: bf16 would be emulated and slower"}
+    if callable(hidden):
+        hidden, intermediate = hidden(), intermediate()
     speedup = (measure or bf16_speedup)(hidden, intermediate)
     fast = speedup >= MIN_SPEEDUP
     return {**choice, "mixed_precision": "bf16" if fast else "no", "bf16_matmul_speedup": round(speedup, 2),
             "reason": f"bf16 matmuls {speedup:.2f}x fp32 at the model's MLP shape "
                       f"({'at least' if fast else 'below'} {MIN_SPEEDUP}x)"}
+
+
+def mlp_shape(config) -> tuple[int, int]:
+    """(hidden_size, intermediate_size) of a transformers config for the micro-benchmark: the widest layer of a
+    per-layer (pruned) config, 4 x hidden where a family has no intermediate_size."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(text.hidden_size)
+    widths = [getattr(layer, "intermediate_size", None) for layer in getattr(text, "per_layer_config", None) or ()]
+    if not widths:
+        try:
+            widths = [text.intermediate_size]
+        except (AttributeError, ValueError):
+            widths = []
+    widths = [w for w in widths if isinstance(w, int) and w > 0]
+    return hidden, max(widths) if widths else 4 * hidden

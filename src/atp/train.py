@@ -177,28 +177,32 @@ class PruneRecipe:
         self.decider.after_prepare()
 
     def choose_precision(self) -> dict:
-        """--mixed-precision auto resolved once, on the main process, for every process (atp.precision)."""
-        from accelerate import PartialState
-        from accelerate.utils import broadcast_object_list
+        """--mixed-precision auto resolved once, before the model loads (atp.precision). Several processes decide by
+        the CPU's flags alone: a timing could differ between them, and they must agree."""
+        import os
 
-        from .precision import choose
+        from .precision import choose, mlp_shape
 
         cfg = self.cfg
         if cfg.mixed_precision != "auto":
             return {"mixed_precision": cfg.mixed_precision, "requested": cfg.mixed_precision, "reason": "as given"}
-        state = PartialState()
-        choice = [None]
-        if state.is_main_process:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            choice = choose("auto", device, 0, 0, measure=lambda hidden, intermediate: float("inf"))
+            if "bf16_matmul_speedup" in choice:
+                choice.pop("bf16_matmul_speedup")
+                choice["reason"] = "several processes: the CPU has native bf16 (no timing, so that all agree)"
+            return choice
+
+        def shape() -> tuple[int, int]:
             from transformers import AutoConfig
 
             from .models import resolve_model
 
-            config = AutoConfig.from_pretrained(resolve_model(cfg.model), trust_remote_code=False)
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
-            choice = [choose("auto", state.device, text.hidden_size, text.intermediate_size)]
-        if state.num_processes > 1:
-            broadcast_object_list(choice)
-        return choice[0]
+            return mlp_shape(AutoConfig.from_pretrained(resolve_model(cfg.model), trust_remote_code=False))
+
+        dims = functools.cache(shape)
+        return choose("auto", device, lambda: dims()[0], lambda: dims()[1])
 
     def check_run_dir(self) -> None:
         """Before any work: (resume) the newest intact checkpoint of this config and data; (a new run) a folder
