@@ -7,12 +7,13 @@ pruning space, and the SHA-256 of every exported file, written to a JSON file. R
         --compare runs/same-weights-before.json
 """
 import argparse
-import hashlib
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from atp.checkpoint import file_sha256
 
 SPACES = {
     "heads+mlp": ["heads", "mlp"],
@@ -23,14 +24,6 @@ SPACES = {
 }
 TRAIN = ["--domain", "healthcare", "--sparsity", "0.3", "--max-steps", "8", "--batch-size", "2", "--max-length", "64",
          "--seed", "3", "--save-every", "0", "--calib-batches", "2", "--log-every", "4"]
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def main() -> int:
@@ -50,7 +43,7 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "atp.cli", "prune", "--model", args.model, *space, *TRAIN,
                             "--out", str(run)], check=True, stdout=subprocess.DEVNULL)
             model = run / "model"
-            results[name] = {path.name: sha256(path) for path in sorted(model.iterdir())
+            results[name] = {path.name: file_sha256(path) for path in sorted(model.iterdir())
                              if path.suffix in (".safetensors", ".json") and path.name != "atp_report.json"}
             report = json.loads((run / "report.json").read_text())
             results[name]["decisions"] = report.get("decisions")

@@ -24,7 +24,7 @@ MANIFEST = "manifest.json"
 REQUIRED = ("lora.safetensors", "state.pt")  # in every checkpoint; generator and decisions files depend on the run
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -71,7 +71,7 @@ def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, sche
             save_file(tensors, str(tmp / "full_optimizer.safetensors"))
             state["full_scheduler"] = full[2].state_dict()
         torch.save(state, tmp / "state.pt")
-        files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
         manifest = {"step": step, "fingerprint": fingerprint, "files": files}
         if data_sha256 is not None:
             manifest["data_sha256"] = data_sha256
@@ -102,7 +102,7 @@ def verify(path: Path) -> dict:
             raise ATPError(f"{path.name}: the manifest names an odd file {name!r}")
         if not (path / name).exists():
             raise ATPError(f"{path.name}: {name} is missing")
-        if _sha256(path / name) != digest:
+        if file_sha256(path / name) != digest:
             raise ATPError(f"{path.name}: {name} is corrupted (checksum mismatch)")
     return manifest
 

@@ -80,7 +80,7 @@ def data_sha256(cfg: ATPConfig) -> dict[str, str]:
     """SHA-256 of each data file the run reads (domain files by their path under the data folder, --train-file
     paths as given); hub datasets and missing files are left out."""
     from . import data
-    from .checkpoint import _sha256
+    from .checkpoint import file_sha256
 
     files = {}
     if cfg.domain:
@@ -90,7 +90,7 @@ def data_sha256(cfg: ATPConfig) -> dict[str, str]:
     for entry in cfg.train_files:
         path = entry.partition("=")[2]
         files[path] = Path(path).expanduser()
-    return {key: _sha256(path) for key, path in files.items() if path.is_file()}
+    return {key: file_sha256(path) for key, path in files.items() if path.is_file()}
 
 
 def check_same_data(recorded: dict | None, cfg: ATPConfig, where: str) -> None:
@@ -119,7 +119,7 @@ def _file_stamps(folder: Path, recorded) -> dict[str, dict]:
     run starts (they are read to load them anyway; seconds for a 1B model). A resume re-reads only a file whose
     size or mtime differs from the record, so an untouched model costs nothing, and a copied or touched one is
     still compared by content."""
-    from .checkpoint import _sha256
+    from .checkpoint import file_sha256
 
     recorded = recorded if isinstance(recorded, dict) else {}
     stamps = {}
@@ -131,7 +131,7 @@ def _file_stamps(folder: Path, recorded) -> dict[str, dict]:
             before = recorded.get(path.name)
             same = (isinstance(before, dict) and before.get("size") == stat.st_size
                     and before.get("mtime_ns") == stat.st_mtime_ns and isinstance(before.get("sha256"), str))
-            digest = before["sha256"] if same else _sha256(path)
+            digest = before["sha256"] if same else file_sha256(path)
             stamps[path.name] = {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return stamps
 

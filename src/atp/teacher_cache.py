@@ -105,11 +105,11 @@ class TeacherCache:
             return
         from safetensors.torch import load_file
 
-        from .checkpoint import _sha256
+        from .checkpoint import file_sha256
 
         try:
             manifest = json.loads(manifest_path.read_text())
-            if manifest.get("sha256") != _sha256(data_path):
+            if manifest.get("sha256") != file_sha256(data_path):
                 raise ValueError("its SHA-256 does not match the manifest")
             tensors = load_file(str(data_path))
             keys, offsets = tensors["keys"], tensors["offsets"].tolist()
@@ -127,7 +127,7 @@ class TeacherCache:
     def save(self) -> None:
         from safetensors.torch import save_file
 
-        from .checkpoint import _sha256
+        from .checkpoint import file_sha256
         from .fsutil import atomic_dir
 
         keys = list(self.index)
@@ -139,7 +139,7 @@ class TeacherCache:
                    "logprobs": self.logprobs[order].contiguous(), "rest": self.rest[order].contiguous()}
         with atomic_dir(self.folder, "the teacher cache") as tmp:
             save_file(tensors, str(tmp / "teacher.safetensors"))
-            manifest = {"sha256": _sha256(tmp / "teacher.safetensors"), "examples": len(keys),
+            manifest = {"sha256": file_sha256(tmp / "teacher.safetensors"), "examples": len(keys),
                         "positions": int(offsets[-1]), "identity": self.ident}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
