@@ -3,8 +3,9 @@
 
 Per seed s (legal, 50% of the prunable parameters by default):
   dense-lora-s     atp prune --no-prune: LoRA on the dense model; its merged model is the tuned model
-  search-pre-s     atp prune --method frozen-generator on the pretrained model          -> D_pre
-  search-post-s    the same search on dense-lora-s/model (the merged dense + LoRA model) -> D_post
+  search-pre-s     atp prune --method frozen-generator --decide-only on the pretrained model -> D_pre
+  search-post-s    the same search on dense-lora-s/model (the merged dense + LoRA model)     -> D_post
+                   (--decide-only: the generator's search and calibration, then stop; no tuning, no export)
   recover-pre-s    atp prune --decisions-from search-pre-s: the pretrained model, fresh LoRA, seed s, the dense
   recover-post-s   pretrained teacher; the two recoveries differ in their decisions alone
   eval-*-s.json    atp eval of both recoveries on the domain's dev splits
@@ -38,11 +39,11 @@ def commands(out: Path, seed: int, domain: str, sparsity: float, model: str, ext
     steps = [(out / f"dense-lora-{seed}" / "report.json",
               [*atp, "prune", "--model", model, "--no-prune", *common, "--out", str(out / f"dense-lora-{seed}")]),
              (out / f"search-pre-{seed}" / "report.json",
-              [*atp, "prune", "--model", model, "--method", "frozen-generator", *pruned,
+              [*atp, "prune", "--model", model, "--method", "frozen-generator", "--decide-only", *pruned,
                "--out", str(out / f"search-pre-{seed}")]),
              (out / f"search-post-{seed}" / "report.json",
               [*atp, "prune", "--model", str(out / f"dense-lora-{seed}" / "model"), "--method", "frozen-generator",
-               *pruned, "--out", str(out / f"search-post-{seed}")])]
+               "--decide-only", *pruned, "--out", str(out / f"search-post-{seed}")])]
     for which in ("pre", "post"):
         run = out / f"recover-{which}-{seed}"
         steps.append((run / "report.json", [*atp, "prune", "--model", model, *pruned, "--decisions-from",

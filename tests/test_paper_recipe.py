@@ -164,3 +164,27 @@ def test_decisions_from_reuses_a_runs_final_decisions(tiny_model_dir, train_file
                       decisions_from=str(tmp_path / "atp")), progress=False)
     with pytest.raises(ATPError, match="cannot be combined with --method taylor"):
         dataclasses.replace(cfg, method="taylor").validate()
+
+
+def test_decide_only_writes_the_two_stage_decisions_that_a_full_run_makes(tiny_model_dir, train_file, tmp_path):
+    full = train(cfg_for(tiny_model_dir, train_file, tmp_path / "full", max_steps=4, method="frozen-generator"),
+                 progress=False)
+    only = train(cfg_for(tiny_model_dir, train_file, tmp_path / "only", max_steps=4, method="frozen-generator",
+                         decide_only=True), progress=False)
+    assert only["decide_only"] and only["decisions"] == full["decisions"]
+    assert only["decisions_sparsity"] == pytest.approx(full["decisions_sparsity"])
+    assert only["dense_shape"] == full["dense_shape"] and only["decision_weights"] == full["decision_weights"]
+    assert not (tmp_path / "only" / "model").exists() and (tmp_path / "only" / "report.json").exists()
+    reused = train(cfg_for(tiny_model_dir, train_file, tmp_path / "reused", max_steps=2,
+                           decisions_from=str(tmp_path / "only")), progress=False)
+    assert reused["decisions"] == full["decisions"] and reused["logits_check"]["passed"]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(), "give --method frozen-generator"),                       # ATP decides while it tunes
+    (dict(method="taylor", prune=False), "drop --no-prune"),
+    (dict(method="taylor", gguf="x.gguf"), "drop --gguf"),
+])
+def test_decide_only_refuses_what_it_cannot_do(kw, message, tmp_path):
+    with pytest.raises(ATPError, match=message):
+        ATPConfig(model="m", domain="healthcare", out=str(tmp_path / "o"), decide_only=True, **kw).validate()

@@ -73,6 +73,9 @@ class RecipeOptions:
         "help": "a finished run directory whose final decisions (report.json) this run uses as fixed two-stage "
                 "decisions: no generator, compaction at step 0 (the run must have the same model shape and pruning "
                 "space)"})
+    decide_only: bool = field(default=False, metadata={
+        "help": "a two-stage --method only: choose the decisions, write them to report.json and stop (no tuning, no "
+                "export); another run reuses them with --decisions-from"})
     max_steps: int = field(default=200, metadata={"help": "training steps (optimizer updates)"})
     batch_size: int = 4
     grad_accum: int = 1
@@ -272,6 +275,13 @@ class RecipeOptions:
             if self.method != "atp":
                 raise ATPError(f"--decisions-from fixes the decisions itself; it cannot be combined with --method "
                                f"{self.method} (leave --method at atp)")
+        if self.decide_only:
+            if not self.prune or self.method == "atp" or self.decisions_from is not None:
+                raise ATPError("--decide-only stops after a two-stage method has chosen its decisions; give --method "
+                               "frozen-generator, taylor, magnitude, activation or random (ATP decides while it tunes)"
+                               if self.prune else "--decide-only needs pruning; drop --no-prune")
+            if self.gguf:
+                raise ATPError("--decide-only exports no model, so there is no GGUF to write; drop --gguf")
         if not self.domain and not self.train_files:
             raise ATPError("give training data: --domain NAME or --train-file TASK=PATH")
 
@@ -359,5 +369,5 @@ LATER_OPTIONS = {"restart_lr": False, "lasso": "lr-scaled", "lora_mask": "both",
                  "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
                  "sparsity_of": "prunable", "packing": False, "recovery": "lora",
                  "recovery_lr": 5e-5, "quantize_base": "none",
-                 "compact": False, "distill_top_k": 0, "recipe": "default", "decisions_from": None,
+                 "compact": False, "distill_top_k": 0, "recipe": "default", "decisions_from": None, "decide_only": False,
                  "generator_gates": "hard", "distill_generator": True}

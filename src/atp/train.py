@@ -100,6 +100,8 @@ class PruneRecipe:
     def run_steps(self) -> dict:
         """Set up, resume if asked, train, export; returns the report (other processes: its first fields only)."""
         self.setup()
+        if self.cfg.decide_only:
+            return self.decisions_only()
         first_step = self.load_checkpoint() if self.resume else 1
         self.train_loop(first_step)
         train_seconds = time.time() - self.started
@@ -698,6 +700,32 @@ class PruneRecipe:
         times, n = self.step_times["lora"], self.compaction.get("lora_steps_before", 0)
         return {"mean_lora_step_seconds_masked": _mean(times[:n]), "mean_lora_step_seconds_compact": _mean(times[n:])}
 
+    def decisions_only(self) -> dict:
+        """--decide-only: the two-stage decisions and how they were chosen, in report.json; no tuning, no export."""
+        self.accelerator.wait_for_everyone()
+        cfg, space, final = self.cfg, self.space, self.final_decisions()
+        decided = space.sparsity(final)
+        report = {"config": dataclasses.asdict(cfg), "decide_only": True, "processes": self.world,
+                  "precision": self.precision, "data_sha256": self.data_sha256, "model_sha256": self.model_sha256,
+                  "method": self.decider.method, "target_sparsity": self.decider.target_sparsity,
+                  "sparsity_of": cfg.sparsity_of, "decisions_sparsity": decided["prunable_sparsity"],
+                  "decisions_model_sparsity": decided["model_sparsity"], "decisions_info": self.decider.info or {},
+                  "dense_params": space.total_params(), "prunable_params": space.prunable_params(),
+                  "dense_shape": self.dense_shape(), **self.decider.decision_report(final),
+                  "total_seconds": time.time() - self.started}
+        if self.accelerator.is_main_process:
+            write_text_atomic(self.run_dir / "report.json", json.dumps(report, indent=2))
+            if self.outputs is not None:
+                self.outputs.finish()
+            self.accelerator.print(f"{self.decider.method}: decisions written to {self.run_dir / 'report.json'} "
+                                   f"(--decide-only: no tuning, no model)")
+        return report
+
+    def dense_shape(self) -> dict:
+        space = self.space
+        return {"num_layers": space.num_layers, "num_heads": space.num_heads, "num_kv_heads": space.num_kv_heads,
+                "intermediate_size": space.intermediate_size, "hidden_size": space.hidden_size}
+
     def report(self, final: dict, model_dir, check: dict, merged, pruned_lora_norm: float) -> dict:
         """What report.json records besides the config and the training time."""
         cfg, space, times = self.cfg, self.space, self.step_times
@@ -723,9 +751,7 @@ class PruneRecipe:
             "decisions_sparsity": decided["prunable_sparsity"],
             "decisions_model_sparsity": decided["model_sparsity"],
             "decisions_info": self.decider.info or {},
-            "dense_shape": {"num_layers": space.num_layers, "num_heads": space.num_heads,
-                            "num_kv_heads": space.num_kv_heads, "intermediate_size": space.intermediate_size,
-                            "hidden_size": space.hidden_size},
+            "dense_shape": self.dense_shape(),
             "hidden_size": merged.config.hidden_size,
             "mean_lora_step_seconds": _mean(times["lora"]),
             "mean_generator_step_seconds": _mean(times["generator"]),
