@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 
 from atp.config import DEFAULT_TARGETS
 from atp.data import domain_examples, load_domain
-from atp.models import load_model, load_tokenizer, resolve_model
+from atp.models import load_model
 from atp.precision import cpu_flags, cpu_name
 
 
@@ -65,8 +65,7 @@ def main():
     flags = cpu_flags()
     precisions = ["fp32"] + (["bf16"] if {"avx512_bf16", "amx_bf16"} & flags else [])
     print("cpu:", cpu_name(), "| torch", torch.__version__, "| precisions:", precisions, flush=True)
-    path = resolve_model(args.model)
-    base, tokenizer = load_model(path), load_tokenizer(path)
+    base, tokenizer = load_model(args.model)
     data = batches(tokenizer, args.warmup + args.steps, 4, 128)
     results = {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     for precision in precisions:
