@@ -101,6 +101,11 @@ class RecipeOptions:
                 "(the Gumbel-sigmoid values themselves, as the authors' code; the ratio loss still counts hard "
                 "decisions) (by --recipe: hard, paper soft)"})
     offset: float = 3.0
+    generator_init: str = field(default="keep", metadata={
+        "help": "the generator's starting logits: keep (every gate at --offset, the search's ranking all learned) or "
+                "taylor (each gate's bias from its taylor importance on the calibration batches, ranked across "
+                "layers as FLAP standardises, spread over +-offset/2: every gate still starts kept, and the ratio "
+                "pressure prunes the least important first); atp and frozen-generator only"})
     generator_every: int = field(default=2, metadata={"help": "one generator step per this many LoRA steps"})
     calib_max_length: int | None = field(default=None, metadata={
         "help": "token length of calibration sequences for generator steps (default: max_length // 2; with "
@@ -275,6 +280,11 @@ class RecipeOptions:
             if self.method != "atp":
                 raise ATPError(f"--decisions-from fixes the decisions itself; it cannot be combined with --method "
                                f"{self.method} (leave --method at atp)")
+        if self.generator_init != "keep" and (not self.prune or scored or self.decisions_from is not None):
+            raise ATPError(f"--generator-init {self.generator_init} starts the decision generator; "
+                           + ("--no-prune has none" if not self.prune else
+                              "--decisions-from has none" if self.decisions_from is not None else
+                              f"--method {self.method} has none (use atp or frozen-generator)"))
         if self.decide_only:
             if not self.prune or self.method == "atp" or self.decisions_from is not None:
                 raise ATPError("--decide-only stops after a two-stage method has chosen its decisions; give --method "
@@ -341,7 +351,7 @@ def check_types(values: dict, config_cls, where: str | None = None) -> None:
         raise ATPError(f"{label} must be {what}, got {value!r}{hint}")
 
 
-CHOICES = {"gguf_type": ("f32", "f16", "q8_0", "q4_0"), "lasso": ("ramp", "lr-scaled", "exp-ramp"),
+CHOICES = {"generator_init": ("keep", "taylor"), "gguf_type": ("f32", "f16", "q8_0", "q4_0"), "lasso": ("ramp", "lr-scaled", "exp-ramp"),
            "lora_mask": ("frozen", "frozen-qkv", "both", "frozen-output"), "recipe": tuple(RECIPES),
            "generator_gates": ("hard", "soft"), "lora_decisions": ("deterministic", "sampled"), "ratio_penalty": ("log", "lagrangian"),
            "sparsity_of": ("prunable", "model"), "recovery": ("lora", "full")}
@@ -369,5 +379,5 @@ LATER_OPTIONS = {"restart_lr": False, "lasso": "lr-scaled", "lora_mask": "both",
                  "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
                  "sparsity_of": "prunable", "packing": False, "recovery": "lora",
                  "recovery_lr": 5e-5, "quantize_base": "none",
-                 "compact": False, "distill_top_k": 0, "recipe": "default", "decisions_from": None, "decide_only": False,
+                 "compact": False, "distill_top_k": 0, "recipe": "default", "decisions_from": None, "decide_only": False, "generator_init": "keep",
                  "generator_gates": "hard", "distill_generator": True}

@@ -61,6 +61,27 @@ class DecisionGenerator(nn.Module):
         if lagrangian:  # Sheared-LLaMA's multipliers of (r - t) and (r - t)^2, raised by gradient ascent
             self.lagrange = nn.Parameter(torch.zeros(2))
 
+    @torch.no_grad()
+    def start_from_scores(self, scores: Gates) -> None:
+        """--generator-init taylor: each gate's head bias from its importance rank within its kind (least important
+        lowest; `baselines.order` with FLAP's per-layer standardisation ranks across layers), spread evenly over
+        [-offset/2, +offset/2]; the heads' weights start at zero, so the first logits are exactly offset + bias:
+        every gate kept, the least important nearest to being pruned."""
+        from .baselines import order
+
+        for kind, layer_heads in self.heads.items():
+            ranked = order(scores[kind].float().cpu(), "global")
+            rank = torch.empty_like(ranked, dtype=torch.float32)
+            rank[ranked] = torch.arange(len(ranked), dtype=torch.float32)
+            bias = (rank / max(1, len(ranked) - 1) - 0.5) * self.offset
+            bias = bias.view(scores[kind].shape)
+            for i, head in enumerate(layer_heads):
+                head.weight.zero_()
+                head.bias.copy_(bias[i].to(head.bias.device))
+        if self.ema > 0:
+            for kind, value in self.raw_logits().items():
+                getattr(self, f"ema_{kind}").copy_(value)
+
     def raw_logits(self) -> Gates:
         states, _ = self.rnn(self.inputs.float().unsqueeze(0))
         states = states.squeeze(0)

@@ -190,7 +190,7 @@ def inert_options(cfg: ATPConfig) -> set[str]:
         inert |= {"lasso", "lora_mask", "lora_decisions"}
     if not cfg.prune or cfg.method in SCORED or cfg.decisions_from:  # no generator at all
         inert |= {"generator_batches", "generator_clip", "generator_ema", "ratio_penalty", "generator_gates",
-                  "distill_generator"}
+                  "distill_generator", "generator_init"}
     if not cfg.prune:
         inert.add("compact")
     if cfg.distill == 0:

@@ -43,6 +43,7 @@ class NoDecisions:
     def __init__(self, recipe):
         self.recipe = recipe
         self.info = {}  # how fixed decisions were chosen (report.json's decisions_info)
+        self.init_info = None  # how the generator started, with --generator-init taylor
         self.freeze_norms = {}  # ATP: the pruned groups' LoRA norm before and after the freeze's last proximal step
 
     @property
@@ -135,7 +136,24 @@ class PruningDecider(NoDecisions):
     def after_prepare(self) -> None:
         # The generator stays unwrapped and fp32 on every process: same init, same per-step noise and
         # all-reduced gradients keep its decisions identical across processes.
-        self.recipe.generator.to(self.recipe.accelerator.device)
+        r = self.recipe
+        r.generator.to(r.accelerator.device)
+        if r.cfg.generator_init == "taylor" and not r.resume and r.generator is not None:
+            self.start_from_taylor()
+
+    def start_from_taylor(self) -> None:
+        """--generator-init taylor: the generator's first logits from taylor importance on calibration batches
+        (the taylor baseline's batches and scores; every process scores the same whole batches)."""
+        from .baselines import taylor_scores
+
+        r, cfg = self.recipe, self.recipe.cfg
+        started = time.time()
+        source = batches(r.calib_rows, cfg.batch_size, r.tokenizer.pad_token_id, cfg.seed + 2)
+        data = [next(source)[0] for _ in range(cfg.calib_batches)]
+        scores = taylor_scores(r.accelerator.unwrap_model(r.peft_model), r.space, data, r.accelerator.device)
+        r.generator.start_from_scores(scores)
+        self.init_info = {"generator_init": "taylor", "calibration_batches": len(data),
+                          "init_seconds": round(time.time() - started, 2)}
 
     def generator_step(self, step: int, window: LogWindow) -> None:
         """Generator step on a calibration batch, LoRA frozen (gradients flow only into the generator): task loss
@@ -196,7 +214,7 @@ class PruningDecider(NoDecisions):
         search = diagnostics.search_diagnostics(diagnostics.read_lines(r.decisions_path), final, weights,
                                                 r.space.prunable_params(), reached)
         return {"decisions": diagnostics.encode(final), "decision_weights": diagnostics.compact_weights(weights),
-                "decision_search": search}
+                "decision_search": search, **({"generator_init": self.init_info} if self.init_info else {})}
 
 
 class GeneratorDecisions(PruningDecider):
