@@ -312,6 +312,8 @@ def test_cell_order_first_seeds_then_rounds_of_extra_seeds():
                                                "non-empty list of module names"),
     ({"variants": {"v": {"lora_mask": 1}}, "methods": ["v"]}, "lora_mask in variant 'v' of {path} must be a string"),
     ({"methods": "atp"}, "methods in {path} must be a list such as [atp, taylor], got 'atp'"),
+    ({"variants": {"v": {"method": "taylor", "decide_only": True}}, "methods": ["v"]},
+     "{path}: cell healthcare v-s0.4-seed0: decide_only makes no model to evaluate"),
     ({"data_dir": "MISSING_HQS"}, "{path}: domain healthcare needs {data}/healthcare/hqs_train.jsonl (task hqs), "
                                   "which is not there; check data_dir"),
 ])

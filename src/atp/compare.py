@@ -191,7 +191,11 @@ class CompareSpec:
             if cell.method == "dense":
                 continue
             try:
-                cell_config(self, cell).validate()
+                cfg = cell_config(self, cell)
+                cfg.validate()
+                if cfg.decide_only:
+                    raise ATPError("decide_only makes no model to evaluate; atp compare trains and evaluates each "
+                                   "cell (run `atp prune --decide-only` on its own)")
             except ATPError as err:
                 raise ATPError(f"{path}: cell {cell.domain} {cell.name}: {err}") from None
         root = resolve_data_dir(self.data_dir)
