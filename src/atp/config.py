@@ -351,7 +351,8 @@ def check_types(values: dict, config_cls, where: str | None = None) -> None:
         raise ATPError(f"{label} must be {what}, got {value!r}{hint}")
 
 
-CHOICES = {"generator_init": ("keep", "taylor"), "gguf_type": ("f32", "f16", "q8_0", "q4_0"), "lasso": ("ramp", "lr-scaled", "exp-ramp"),
+CHOICES = {"generator_init": ("keep", "taylor"), "gguf_type": ("f32", "f16", "q8_0", "q4_0"),
+           "lasso": ("ramp", "lr-scaled", "exp-ramp"),
            "lora_mask": ("frozen", "frozen-qkv", "both", "frozen-output"), "recipe": tuple(RECIPES),
            "generator_gates": ("hard", "soft"), "lora_decisions": ("deterministic", "sampled"), "ratio_penalty": ("log", "lagrangian"),
            "sparsity_of": ("prunable", "model"), "recovery": ("lora", "full")}
@@ -379,5 +380,5 @@ LATER_OPTIONS = {"restart_lr": False, "lasso": "lr-scaled", "lora_mask": "both",
                  "distill_temperature": 1.0, "teacher": "self", "generator_ema": 0.0, "ratio_penalty": "log",
                  "sparsity_of": "prunable", "packing": False, "recovery": "lora",
                  "recovery_lr": 5e-5, "quantize_base": "none",
-                 "compact": False, "distill_top_k": 0, "recipe": "default", "decisions_from": None, "decide_only": False, "generator_init": "keep",
-                 "generator_gates": "hard", "distill_generator": True}
+                 "compact": False, "distill_top_k": 0, "recipe": "default", "decisions_from": None,
+                 "decide_only": False, "generator_init": "keep", "generator_gates": "hard", "distill_generator": True}

@@ -138,18 +138,23 @@ class PruningDecider(NoDecisions):
         # all-reduced gradients keep its decisions identical across processes.
         r = self.recipe
         r.generator.to(r.accelerator.device)
-        if r.cfg.generator_init == "taylor" and not r.resume and r.generator is not None:
+        if r.cfg.generator_init == "taylor" and not r.resume:
             self.start_from_taylor()
+
+    def calibration_batches(self) -> list:
+        """The calibration batches importance scores read: whole batches, the same on every process."""
+        r, cfg = self.recipe, self.recipe.cfg
+        source = batches(r.calib_rows, cfg.batch_size, r.tokenizer.pad_token_id, cfg.seed + 2)
+        return [next(source)[0] for _ in range(cfg.calib_batches)]
 
     def start_from_taylor(self) -> None:
         """--generator-init taylor: the generator's first logits from taylor importance on calibration batches
         (the taylor baseline's batches and scores; every process scores the same whole batches)."""
         from .baselines import taylor_scores
 
-        r, cfg = self.recipe, self.recipe.cfg
+        r = self.recipe
         started = time.time()
-        source = batches(r.calib_rows, cfg.batch_size, r.tokenizer.pad_token_id, cfg.seed + 2)
-        data = [next(source)[0] for _ in range(cfg.calib_batches)]
+        data = self.calibration_batches()
         scores = taylor_scores(r.accelerator.unwrap_model(r.peft_model), r.space, data, r.accelerator.device)
         r.generator.start_from_scores(scores)
         self.init_info = {"generator_init": "taylor", "calibration_batches": len(data),
@@ -362,11 +367,8 @@ class ScoredDecisions(FixedDecisions):
         from .baselines import fixed_decisions
 
         r, cfg = self.recipe, self.recipe.cfg
-        # whole batches on every process, so that every process picks the same decisions
-        source = batches(r.calib_rows, cfg.batch_size, r.tokenizer.pad_token_id, cfg.seed + 2)
-        data = [next(source)[0] for _ in range(cfg.calib_batches)]
-        return fixed_decisions(cfg.method, r.accelerator.unwrap_model(r.peft_model), r.space, cfg.sparsity, data,
-                               cfg.seed, r.accelerator.device)
+        return fixed_decisions(cfg.method, r.accelerator.unwrap_model(r.peft_model), r.space, cfg.sparsity,
+                               self.calibration_batches(), cfg.seed, r.accelerator.device)
 
 
 class FrozenGeneratorDecisions(FixedDecisions):
@@ -414,8 +416,7 @@ class DecisionsFromRun(FixedDecisions):
         except (ValueError, KeyError, TypeError) as error:
             raise ATPError(f"{where}: report.json holds no final decisions ({error}); give a pruning run made by "
                            "this version of atp") from None
-        mine = {"num_layers": space.num_layers, "num_heads": space.num_heads, "num_kv_heads": space.num_kv_heads,
-                "intermediate_size": space.intermediate_size, "hidden_size": space.hidden_size}
+        mine = dense_shape(space)
         if {k: shape.get(k) for k in mine} != mine:
             raise ATPError(f"{where}: that run's model has another shape ({shape}) than --model {cfg.model} "
                            f"({mine}); use a run on the same model")
@@ -437,6 +438,12 @@ class DecisionsFromRun(FixedDecisions):
                            f"--sparsity {cfg.sparsity} (more than {allowed:.3g} apart); give the --sparsity (and "
                            "--sparsity-of) that run used")
         return gates
+
+
+def dense_shape(space) -> dict:
+    """The model dimensions a run's decisions belong to (report.json's dense_shape)."""
+    return {"num_layers": space.num_layers, "num_heads": space.num_heads, "num_kv_heads": space.num_kv_heads,
+            "intermediate_size": space.intermediate_size, "hidden_size": space.hidden_size}
 
 
 def choose_decider(recipe) -> NoDecisions:

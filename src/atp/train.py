@@ -49,7 +49,7 @@ from .rundir import (
 )
 from .schedule import Schedule
 from .space import PruningSpace, ShapeRule, check_supported
-from .strategies import RECOVERIES, LogWindow, check_finite, choose_decider
+from .strategies import RECOVERIES, LogWindow, check_finite, choose_decider, dense_shape
 from .verify import COMPACTION_TOLERANCE, export_checked, exported_sparsity
 
 
@@ -711,7 +711,7 @@ class PruneRecipe:
                   "sparsity_of": cfg.sparsity_of, "decisions_sparsity": decided["prunable_sparsity"],
                   "decisions_model_sparsity": decided["model_sparsity"], "decisions_info": self.decider.info or {},
                   "dense_params": space.total_params(), "prunable_params": space.prunable_params(),
-                  "dense_shape": self.dense_shape(), **self.decider.decision_report(final),
+                  "dense_shape": dense_shape(self.space), **self.decider.decision_report(final),
                   "total_seconds": time.time() - self.started}
         if self.accelerator.is_main_process:
             write_text_atomic(self.run_dir / "report.json", json.dumps(report, indent=2))
@@ -720,11 +720,6 @@ class PruneRecipe:
             self.accelerator.print(f"{self.decider.method}: decisions written to {self.run_dir / 'report.json'} "
                                    f"(--decide-only: no tuning, no model)")
         return report
-
-    def dense_shape(self) -> dict:
-        space = self.space
-        return {"num_layers": space.num_layers, "num_heads": space.num_heads, "num_kv_heads": space.num_kv_heads,
-                "intermediate_size": space.intermediate_size, "hidden_size": space.hidden_size}
 
     def report(self, final: dict, model_dir, check: dict, merged, pruned_lora_norm: float) -> dict:
         """What report.json records besides the config and the training time."""
@@ -751,7 +746,7 @@ class PruneRecipe:
             "decisions_sparsity": decided["prunable_sparsity"],
             "decisions_model_sparsity": decided["model_sparsity"],
             "decisions_info": self.decider.info or {},
-            "dense_shape": self.dense_shape(),
+            "dense_shape": dense_shape(self.space),
             "hidden_size": merged.config.hidden_size,
             "mean_lora_step_seconds": _mean(times["lora"]),
             "mean_generator_step_seconds": _mean(times["generator"]),
