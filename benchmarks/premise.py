@@ -8,7 +8,7 @@ Per seed s (legal, 50% of the prunable parameters by default):
                    (--decide-only: the generator's search and calibration, then stop; no tuning, no export)
   recover-pre-s    atp prune --decisions-from search-pre-s: the pretrained model, fresh LoRA, seed s, the dense
   recover-post-s   pretrained teacher; the two recoveries differ in their decisions alone
-  eval-*-s.json    atp eval of both recoveries on the domain's dev splits
+  eval-*-s.json    atp eval of both recoveries on the dev splits of the domain's perplexity tasks
 
 Then OUT/premise.json: the overlap of D_pre and D_post per seed (atp.diagnostics.overlap: the share of pruned
 parameters on which they disagree, per kind and layer), and per perplexity task the per-seed difference
@@ -31,6 +31,14 @@ TRAIN = ["--max-steps", "90", "--batch-size", "4", "--max-length", "256", "--mlp
          "--lr", "6.0e-4", "--calib-batches", "8"]  # pruning runs distil at atp prune's default 0.5
 
 
+def perplexity_tasks(domain: str) -> list[str]:
+    """--task options for the domain's perplexity tasks: the premise is judged on perplexity alone, and the
+    domain's other tasks (CaseHOLD's five choices per record) would double each evaluation's time."""
+    from atp.data import DOMAINS, TASKS, PerplexityTask
+
+    return [arg for name in DOMAINS[domain] if isinstance(TASKS[name], PerplexityTask) for arg in ("--task", name)]
+
+
 def commands(out: Path, seed: int, domain: str, sparsity: float, model: str, extra: list[str]):
     """(output that marks the step done, argv) for one seed, in order."""
     atp = [sys.executable, "-m", "atp.cli"]
@@ -49,7 +57,7 @@ def commands(out: Path, seed: int, domain: str, sparsity: float, model: str, ext
         steps.append((run / "report.json", [*atp, "prune", "--model", model, *pruned, "--decisions-from",
                                             str(out / f"search-{which}-{seed}"), "--out", str(run)]))
         steps.append((out / f"eval-{which}-{seed}.json",
-                      [*atp, "eval", "--model", str(run / "model"), "--domain", domain, "--limit", "0",
+                      [*atp, "eval", "--model", str(run / "model"), *perplexity_tasks(domain), "--limit", "0",
                        "--max-length", "512", "--out", str(out / f"eval-{which}-{seed}.json")]))
     return steps
 
