@@ -1,6 +1,7 @@
 """Crash-safe checkpoints: LoRA, generator, optimizers, scheduler and RNG, written atomically with a manifest.
 In the --recovery full phase also every trained decoder weight (full.safetensors) and its AdamW state
-(full_optimizer.safetensors; the optimizer's small settings go into state.pt).
+(full_optimizer.safetensors; the optimizer's small settings go into state.pt). After the compaction of a --refit ls
+run also the refit base weights (refit.safetensors).
 
 Each checkpoint is a folder `checkpoints/step-NNNNNN` made in a temp folder and renamed into place. Its
 `manifest.json` holds the SHA-256 of every file and the run's config fingerprint; a checkpoint whose
@@ -21,6 +22,7 @@ from .errors import ATPError
 from .fsutil import atomic_dir
 
 MANIFEST = "manifest.json"
+REFIT = "refit.safetensors"  # the base weights --refit ls changed at the compaction (atp.refit)
 REQUIRED = ("lora.safetensors", "state.pt")  # in every checkpoint; generator and decisions files depend on the run
 
 
@@ -34,18 +36,22 @@ def file_sha256(path: Path) -> str:
 
 def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, scheduler, fingerprint: str,
          keep: int, decisions: tuple[dict, dict] | None = None, data_sha256: dict | None = None,
-         full: tuple[dict, torch.optim.Optimizer, object] | None = None, model_sha256: dict | None = None) -> Path:
+         full: tuple[dict, torch.optim.Optimizer, object] | None = None, model_sha256: dict | None = None,
+         refit: tuple[dict, dict] | None = None) -> Path:
     """decisions: (gates, info) of a run whose decisions were fixed before tuning (two-stage baselines).
     data_sha256: the SHA-256 of each data file the run reads, recorded next to the fingerprint for --resume;
     model_sha256: the same of the base model's (and a teacher's) files (atp.options.model_sha256).
-    full: (weights by name, optimizer, learning-rate scheduler) of the --recovery full phase."""
+    full: (weights by name, optimizer, learning-rate scheduler) of the --recovery full phase.
+    refit: (base weights by name, summary) of a compact model refit with --refit ls (refit.safetensors)."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     lora = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
     gen = {k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()} if generator is not None else {}
     weights = {k: v.detach().contiguous().cpu() for k, v in full[0].items()} if full is not None else {}
-    for what, tensors in (("LoRA weight", lora), ("generator weight", gen), ("decoder weight", weights)):
+    refit_weights = {k: v.detach().contiguous().cpu() for k, v in refit[0].items()} if refit is not None else {}
+    for what, tensors in (("LoRA weight", lora), ("generator weight", gen), ("decoder weight", weights),
+                          ("refit weight", refit_weights)):
         for name, value in tensors.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
                 raise ATPError(f"refusing to save the checkpoint of step {step}: {what} {name} holds NaN or Inf "
@@ -70,6 +76,8 @@ def save(run_dir: Path, step: int, peft_model, generator, optimizers: dict, sche
             tensors, state["full_optimizer"] = split_optimizer_state(full[1].state_dict())
             save_file(tensors, str(tmp / "full_optimizer.safetensors"))
             state["full_scheduler"] = full[2].state_dict()
+        if refit is not None:
+            save_file(refit_weights, str(tmp / REFIT), metadata={"summary": json.dumps(refit[1])})
         torch.save(state, tmp / "state.pt")
         files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
         manifest = {"step": step, "fingerprint": fingerprint, "files": files}
@@ -165,6 +173,23 @@ def load_full(path: Path, weights: dict, optimizer, scheduler) -> None:
     optimizer.load_state_dict(join_optimizer_state(load_file(str(path / "full_optimizer.safetensors")),
                                                    state["full_optimizer"]))
     scheduler.load_state_dict(state["full_scheduler"])
+
+
+def load_refit(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The refit base weights and summary of a checkpoint saved after the compaction of a --refit ls run."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = path / REFIT
+    if not file.exists():
+        raise ATPError(f"{path.name}: a checkpoint of a --refit ls run after its compaction, but {REFIT} is missing")
+    with safe_open(str(file), framework="pt") as f:
+        metadata = f.metadata() or {}
+    try:
+        summary = json.loads(metadata["summary"])
+    except (KeyError, ValueError):
+        raise ATPError(f"{path.name}: {REFIT} has no readable summary of the refit") from None
+    return load_file(str(file)), summary
 
 
 def load(path: Path, peft_model, generator, optimizers: dict, scheduler) -> int:

@@ -183,6 +183,11 @@ class RecipeOptions:
         "help": "once the pruning decisions are fixed (the freeze; step 0 of a two-stage method), remove the pruned "
                 "structures from the model being trained, its LoRA and the optimizer state, and train the smaller "
                 "model (same function, checked; fewer FLOPs). --no-compact trains the masked full-size model"})
+    refit: str = field(default="none", metadata={
+        "help": "at compaction, compensate the removed heads and MLP channels: none, or ls (each layer's o_proj and "
+                "down_proj get the least-squares refit of their kept input columns to the unmasked model's outputs on "
+                "the calibration batches, W_K + W_P H_PK H_KK^-1 with H = X^T X, added to the frozen base weight; "
+                "LoRA untouched; needs compaction)"})
     recovery: str = field(default="lora", metadata={
         "help": "training after the decisions are fixed (the steps after int(generator_frac * max_steps), for ATP and "
                 "the two-stage baselines alike): lora (LoRA continues) or full (LoRA is merged into the weights and "
@@ -285,6 +290,7 @@ class RecipeOptions:
                            + ("--no-prune has none" if not self.prune else
                               "--decisions-from has none" if self.decisions_from is not None else
                               f"--method {self.method} has none (use atp or frozen-generator)"))
+        self.check_refit()
         if self.decide_only:
             if not self.prune or self.method == "atp" or self.decisions_from is not None:
                 raise ATPError("--decide-only stops after a two-stage method has chosen its decisions; give --method "
@@ -294,6 +300,25 @@ class RecipeOptions:
                 raise ATPError("--decide-only exports no model, so there is no GGUF to write; drop --gguf")
         if not self.domain and not self.train_files:
             raise ATPError("give training data: --domain NAME or --train-file TASK=PATH")
+
+    def check_refit(self) -> None:
+        """--refit ls works at compaction: the run must compact (what only the model and the launch tell, the
+        pruning space's exactness and sharding, is checked when the run sets up)."""
+        if self.refit == "none":
+            return
+        why = ("--no-prune removes nothing (drop --refit)" if not self.prune else
+               "--decide-only trains and exports no model (drop --refit)" if self.decide_only else
+               "--no-compact keeps the pruned structures in the model, masked, so nothing is removed there (drop "
+               "--no-compact, or --refit)" if not self.compact else
+               f"--quantize-base {self.quantize_base} never compacts (its base weights are quantized; drop one of "
+               "them)" if self.quantize_base != "none" else None)
+        if why is None and self.method == "atp" and self.decisions_from is None \
+                and int(self.generator_frac * self.max_steps) >= self.max_steps:
+            why = (f"--generator-frac {self.generator_frac} fixes the decisions at the last step, so no step follows "
+                   "and the run never compacts; lower --generator-frac")
+        if why is not None:
+            raise ATPError(f"--refit {self.refit} refits the kept weights when compaction removes the pruned "
+                           f"structures; {why}")
 
     def check_recovery(self) -> None:
         """--recovery full needs a phase with fixed decisions after some steps of the run."""
@@ -351,7 +376,7 @@ def check_types(values: dict, config_cls, where: str | None = None) -> None:
         raise ATPError(f"{label} must be {what}, got {value!r}{hint}")
 
 
-CHOICES = {"generator_init": ("keep", "taylor"), "gguf_type": ("f32", "f16", "q8_0", "q4_0"),
+CHOICES = {"generator_init": ("keep", "taylor"), "refit": ("none", "ls"), "gguf_type": ("f32", "f16", "q8_0", "q4_0"),
            "lasso": ("ramp", "lr-scaled", "exp-ramp"),
            "lora_mask": ("frozen", "frozen-qkv", "both", "frozen-output"), "recipe": tuple(RECIPES),
            "generator_gates": ("hard", "soft"), "lora_decisions": ("deterministic", "sampled"), "ratio_penalty": ("log", "lagrangian"),
@@ -381,4 +406,5 @@ LATER_OPTIONS = {"restart_lr": False, "lasso": "lr-scaled", "lora_mask": "both",
                  "sparsity_of": "prunable", "packing": False, "recovery": "lora",
                  "recovery_lr": 5e-5, "quantize_base": "none",
                  "compact": False, "distill_top_k": 0, "recipe": "default", "decisions_from": None,
-                 "decide_only": False, "generator_init": "keep", "generator_gates": "hard", "distill_generator": True}
+                 "decide_only": False, "generator_init": "keep", "generator_gates": "hard", "distill_generator": True,
+                 "refit": "none"}

@@ -81,6 +81,9 @@ class PruneRecipe:
         self.outputs = None  # a new run's outputs (atp.rundir.RunOutputs), on the main process
         self.locked = False  # whether this process holds the run folder's lock (the main process does)
         self.compacted, self.compaction = False, {}  # pruned structures physically gone from the trained model
+        # --refit ls, once applied: the compact model's refit base weights by name, and the summary (checkpoints
+        # save both, report.json's compaction entry has the summary)
+        self.refit_names, self.compaction_refit = [], None
         self.distilling = True  # off in generator steps with --no-distill-generator
         self.fsdp, self.export_model = False, None  # FSDP: the model gathered for the export, on the main process
         self.given = dataclasses.asdict(cfg)  # the config as given, for config.yaml
@@ -164,6 +167,7 @@ class PruneRecipe:
             gguf_export.check_target(cfg.gguf, cfg.overwrite, inputs=self.input_paths())
         self.started = time.time()
         self.setup_model()
+        self.check_refit()
         self.decider.read_inputs()
         if cfg.gguf:  # or that the model cannot become
             gguf_export.check_source_model(self.model.config.to_dict(), self.tokenizer, cfg)
@@ -419,10 +423,54 @@ class PruneRecipe:
             return None
         return step if step < cfg.max_steps else None
 
-    def compact_now(self, decisions: dict, step: int, verify: bool = True) -> None:
+    def check_refit(self) -> None:
+        """--refit ls needs the compaction, which the model and the launch can still rule out (the config's own
+        checks come first, in ATPConfig.validate)."""
+        if self.cfg.refit == "none" or self.compaction_step is not None:
+            return
+        sharded = self.accelerator.distributed_type.value
+        why = (f"{sharded} shards the parameters, and sharded runs train the masked model"
+               if sharded in ("FSDP", "DEEPSPEED", "MEGATRON_LM") else
+               f"the pruning space ({', '.join(self.cfg.space)}) is not exact under physical removal on this model, so "
+               "it trains the masked model" if not self.space.exact else
+               "no step follows the fixed decisions (lower --generator-frac or raise --max-steps)")
+        raise ATPError(f"--refit {self.cfg.refit} refits the kept weights when compaction removes the pruned "
+                       f"structures, and this run never compacts: {why}; run without --refit")
+
+    def capture_refit(self, model, decisions: dict) -> tuple[dict, dict]:
+        """--refit ls, before compaction: the refit base weights from the unmasked model (every structure kept,
+        LoRA included) on the calibration batches, each process on its share of them (atp.refit)."""
+        from . import refit
+        from .models import rng_untouched
+
+        accelerator = self.accelerator
+        data = self.decider.calibration_batches()[accelerator.process_index::self.world]
+        reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if self.world > 1 else None
+        was_training = model.training
+        model.eval()
+        try:
+            with rng_untouched(), self.controller.disabled():
+                weights, summary = refit.refit_weights(model, self.space.kept_structure(decisions), data,
+                                                       accelerator.device, reduce=reduce)
+        finally:
+            model.train(was_training)
+        summary["refit_calibration_batches"] = self.cfg.calib_batches
+        return weights, summary
+
+    def refit_state(self) -> tuple[dict, dict] | None:
+        """What a checkpoint saves of the refit: the compact model's refit base weights now, and the summary."""
+        if self.compaction_refit is None:
+            return None
+        from .refit import current
+
+        return current(self.accelerator.unwrap_model(self.peft_model), self.refit_names), self.compaction_refit
+
+    def compact_now(self, decisions: dict, step: int, verify: bool = True, refit_from=None) -> None:
         """Remove the pruned structures from the trained model, its LoRA and the LoRA optimizer's state, and go
         on with the smaller model. The self teacher keeps the dense weights. verify: the compact model's logits
-        must equal the masked model's (fp32 tolerance) on a few training texts."""
+        must equal the masked model's (fp32 tolerance) on a few training texts. With --refit ls the kept columns
+        of the output projections are then refit (atp.refit), from the unmasked model before compaction, or, on
+        a resume, from the checkpoint at `refit_from`."""
         from .compaction import compact, compact_optimizer, kept_params
         from .distill import SelfTeacher
         from .models import rng_untouched
@@ -431,6 +479,10 @@ class PruneRecipe:
         # the larger model goes after this; its mixed-precision wrapper too, so that the check runs in fp32
         model = accelerator.unwrap_model(self.peft_model, keep_fp32_wrapper=False)
         probe = {k: v.to(accelerator.device) for k, v in sample_texts(self.tokenizer, self.train_examples).items()}
+        refit = None
+        if cfg.refit == "ls":
+            refit = checkpoint.load_refit(refit_from) if refit_from is not None else self.capture_refit(model,
+                                                                                                        decisions)
         if verify:
             self.controller.use("both")
             self.controller.set(decisions)
@@ -469,6 +521,19 @@ class PruneRecipe:
                                f"(max |logit diff| {diff:.3g} > {allowed:.3g}); run with --no-compact and report it")
             accelerator.print(f"compacted after step {step}: {before:,} -> {self.compaction['base_params_after']:,} "
                               f"base parameters (max |logit diff| {diff:.2e})")
+        if refit is not None:  # after the check: the refit model computes something else by design
+            from .refit import apply
+
+            weights, self.compaction_refit = refit
+            apply(new_model, weights)
+            self.refit_names = sorted(weights)
+            self.compaction.update(self.compaction_refit)
+            if refit_from is None:
+                ratio = self.compaction_refit["refit_output_error_ratio"]
+                accelerator.print(f"--refit ls: {len(weights)} output projections refit on "
+                                  f"{self.compaction_refit['refit_calibration_tokens']:,} calibration tokens"
+                                  + (f"; output error {ratio:.3f} of plain slicing's (mean)" if ratio is not None
+                                     else ""))
         self.peft_model, self.opt_lora = accelerator.prepare(new_model, optimizer)
         self.optimizers["lora"], self.lr_scheduler = optimizer, scheduler
         self.lora_params = list(mapping)
@@ -480,7 +545,7 @@ class PruneRecipe:
         cfg, path = self.cfg, self.resume_from
         step = self.resume_manifest["step"]
         if self.compaction_step is not None and step >= self.compaction_step:  # saved from the compacted model
-            self.compact_now(self.decider.saved_decisions(path), self.compaction_step, verify=False)
+            self.compact_now(self.decider.saved_decisions(path), self.compaction_step, verify=False, refit_from=path)
         done = checkpoint.load(path, self.accelerator.unwrap_model(self.peft_model), self.generator, self.optimizers,
                                self.lr_scheduler)
         self.recovery.resume(path, done)
@@ -632,7 +697,8 @@ class PruneRecipe:
         checkpoint.save(self.run_dir, step, self.accelerator.unwrap_model(self.peft_model), self.generator,
                         self.optimizers, self.lr_scheduler, fingerprint(self.cfg), self.cfg.keep_checkpoints,
                         decisions=self.decider.checkpoint_decisions(), data_sha256=self.data_sha256,
-                        model_sha256=self.model_sha256, full=self.recovery.checkpoint_state())
+                        model_sha256=self.model_sha256, full=self.recovery.checkpoint_state(),
+                        refit=self.refit_state())
         if self.outputs is not None:
             self.outputs.checkpointed()  # from now on a failure leaves this run resumable
 
