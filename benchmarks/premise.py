@@ -28,7 +28,8 @@ from pathlib import Path
 
 # the training settings of benchmarks/compare-onestage-paper.yaml
 TRAIN = ["--max-steps", "90", "--batch-size", "4", "--max-length", "256", "--mlp-block", "32", "--lora-r", "8",
-         "--lr", "6.0e-4", "--calib-batches", "8"]  # pruning runs distil at atp prune's default 0.5
+         "--lr", "6.0e-4", "--calib-batches", "8",
+         "--mixed-precision", "no"]  # fp32, as seeds 0-2 ran; pruning runs distil at atp prune's default 0.5
 
 
 def perplexity_tasks(domain: str) -> list[str]:

@@ -9,7 +9,7 @@ import yaml
 from atp.cli import main
 from atp.compare import CompareSpec, cell_config, cells
 from atp.errors import ATPError
-from atp.report import relative_performance, summarize
+from atp.report import precision_note, relative_performance, summarize
 
 
 @pytest.fixture
@@ -50,6 +50,11 @@ def test_compare_writes_outputs_and_skips_finished_cells(tiny_compare, monkeypat
     assert "pubmed_text ppl@32" in markdown  # perplexity at the extra (training-length) window
     assert "| 0.4 | taylor | relative (informative tasks) | 1 |" in markdown  # atp - taylor on their common seed
     assert "Always giving the most common answer scores pubmedqa" in markdown
+    # what --mixed-precision auto (the default) chose is kept with each trained cell; one choice per method: no note
+    for cell in results["cells"][1:]:
+        assert cell["report"]["precision"]["requested"] == "auto", cell["name"]
+        assert cell["report"]["precision"]["mixed_precision"] == "no"  # ATP_CPU_FLAGS="" in the tests
+    assert "different precisions" not in markdown
     dev_file = out.parent / "data" / "healthcare" / "pubmedqa_train.jsonl"
     dev = [json.loads(line) for line in dev_file.read_text().splitlines()]
     golds = [r["final_decision"] for r in dev[-8:][:2]]  # dev: the last 20% of 40 records; eval limit 2
@@ -331,3 +336,15 @@ def test_compare_dry_run_checks_what_the_run_will_use(change, message, tmp_path,
     path.write_text(yaml.safe_dump(config))
     assert main(["compare", "--config", str(path), "--dry-run"]) == 2
     assert f"atp: error: {message.format(path=path, data=data)}" in capsys.readouterr().err
+
+
+def test_precision_note_names_the_cells_of_a_method_that_trained_in_different_precisions():
+    def cell(method, seed, choice):
+        report = {"precision": {"requested": "auto", "mixed_precision": choice}} if choice else {}
+        return {"method": method, "name": f"{method}-s0.4-seed{seed}", "report": report}
+
+    same = [cell("atp", 0, "bf16"), cell("atp", 1, "bf16"), cell("taylor", 0, "no"), cell("dense", 0, None)]
+    assert precision_note(same) is None  # methods may differ from each other: that is what a variant can set
+    note = precision_note([*same, cell("atp", 2, "no")])
+    assert note.startswith("**Cells of one method trained in different precisions**")
+    assert "atp: bf16 in atp-s0.4-seed0, atp-s0.4-seed1, no in atp-s0.4-seed2" in note and "taylor" not in note

@@ -269,7 +269,7 @@ def test_fingerprints_are_pinned():
     # ATP computes by default (frozen-path masking, the ramp lasso with lam 1), so a config that asks for the
     # earlier behaviour keeps its fingerprint and today's defaults get new ones.
     # lr: the default until 6e-4; distill: 0 until the eighth session of wave 2; compact: off until issue 33;
-    # mixed_precision: "no" until issue 33's quality check
+    # mixed_precision: "no" until issue 33's quality check (auto since)
     before_15 = dict(lasso="lr-scaled", lora_mask="both", lam=0.05, lr=3e-4, distill=0.0, compact=False,
                      mixed_precision="no")
     assert fingerprint(ATPConfig(**before_15)) == "f2e1f10d125723cf"
@@ -289,6 +289,9 @@ def test_fingerprints_are_pinned():
     # compaction changes what a pruning run computes (in float rounding); plain LoRA has nothing to compact
     assert fingerprint(ATPConfig()) != fingerprint(ATPConfig(compact=False))
     assert fingerprint(ATPConfig(prune=False)) == fingerprint(ATPConfig(prune=False, compact=False))
+    # auto became the default precision with issue 33's equal-time check: a run of the earlier default asks for "no"
+    assert ATPConfig().mixed_precision == "auto"
+    assert fingerprint(ATPConfig()) != fingerprint(ATPConfig(mixed_precision="no"))
 
 
 def test_prune_help_comes_from_the_config_fields():

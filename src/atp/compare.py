@@ -369,7 +369,8 @@ def train_cell(cfg, progress: bool) -> dict:
 REPORT_FIELDS = ("method", "target_sparsity", "prunable_sparsity", "model_sparsity", "decisions_sparsity",
                  "exported_params", "dense_params", "train_seconds", "mean_step_seconds", "generator_steps",
                  "logits_check", "decisions_info", "layers", "dense_shape",
-                 "decisions", "decision_weights", "decision_search")  # atp.diagnostics
+                 "decisions", "decision_weights", "decision_search",  # atp.diagnostics
+                 "precision")  # what --mixed-precision auto chose on the machine that trained the cell
 
 
 def run_cell(spec: CompareSpec, cell: Cell, progress: bool = True) -> dict:

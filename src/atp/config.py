@@ -201,10 +201,11 @@ class RecipeOptions:
     save_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
-    mixed_precision: str = field(default="no", metadata={
-        "help": "no, bf16 or fp16 (accelerate), or auto: bf16 autocast on a GPU that has it, and on a CPU only with "
-                "AMX or AVX512-BF16 where a start-up matmul at the model's shape is at least 1.2x faster than fp32, "
-                "else fp32 (report.json records the choice and the CPU's flags; ATP_CPU_FLAGS overrides the flags)"})
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "auto (default): bf16 autocast on a GPU that has it, and on a CPU only with AMX or AVX512-BF16 where "
+                "a start-up matmul at the model's shape is at least 1.2x faster than fp32, else fp32 (report.json "
+                "records the choice and the CPU's flags; ATP_CPU_FLAGS overrides the flags); or no (fp32), bf16 or "
+                "fp16 (accelerate)"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute activations in the backward pass to save memory"})
     attn_implementation: str | None = None

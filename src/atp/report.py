@@ -333,7 +333,25 @@ def _relative_table(rows: list[dict], sparsities: list[float], key: str) -> list
     return lines
 
 
-def write_markdown(spec, summary: dict, path: Path) -> None:
+def precision_note(results: list[dict]) -> str | None:
+    """A warning where cells of one method trained in different precisions (--mixed-precision auto chooses per
+    machine, so cells run on different CPUs can differ): their differences then mix precision with method."""
+    seen = {}
+    for result in results:
+        choice = (result.get("report") or {}).get("precision") or {}
+        if choice.get("mixed_precision"):
+            seen.setdefault(result["method"], {}).setdefault(choice["mixed_precision"], []).append(result["name"])
+    mixed = {method: found for method, found in seen.items() if len(found) > 1}
+    if not mixed:
+        return None
+    return ("**Cells of one method trained in different precisions** (`--mixed-precision auto` chooses per machine): "
+            + "; ".join(f"{method}: " + ", ".join(f"{choice} in {', '.join(sorted(names))}"
+                                                  for choice, names in sorted(found.items()))
+                        for method, found in sorted(mixed.items()))
+            + ". Set mixed_precision in the config's train section to compare like with like.")
+
+
+def write_markdown(spec, summary: dict, path: Path, results: list[dict] = ()) -> None:
     lines = ["# atp compare", "",
              f"Model `{spec.model}`; training overrides {json.dumps(spec.train)}; "
              f"evaluation {json.dumps(spec.eval)}. Sparsity is over prunable (decoder-block) parameters.",
@@ -341,6 +359,8 @@ def write_markdown(spec, summary: dict, path: Path) -> None:
              "each run against the mean of the dense + LoRA seeds. Values are mean ± std over seeds.", ""]
     lines += [f"- variant `{name}`: {json.dumps(overrides)}" for name, overrides in spec.variants.items()]
     lines += [""] if spec.variants else []
+    note = precision_note(list(results))
+    lines += [note, ""] if note else []
     for domain, part in summary.items():
         rows = part["rows"]
         lines += [f"## {domain}", "",
@@ -485,7 +505,7 @@ def write_outputs(spec, results: list[dict], plots: bool = True) -> dict:
                         spec.base or DEFAULT_BASE)
     record = {"config": dataclasses.asdict(spec), "summary": summary, "cells": results}
     write_text_atomic(out / "results.json", json.dumps(record, indent=2))
-    write_markdown(spec, summary, out / "results.md")
+    write_markdown(spec, summary, out / "results.md", results)
     if plots:
         write_plots(summary, results, out / "plots")
     return summary
