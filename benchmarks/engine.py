@@ -68,7 +68,8 @@ def main():
             continue
         cfg = ATPConfig(model=args.model, domain=args.domain, out=str(out / label), overwrite=True,
                         max_steps=args.max_steps, prune=sparsity is not None, sparsity=sparsity or 0.4,
-                        uniform=args.uniform and sparsity is not None, round_to=args.round_to if sparsity else 0)
+                        uniform=args.uniform and sparsity is not None, round_to=args.round_to if sparsity else 0,
+                        mixed_precision="no")  # fp32, as its figures were recorded
         report = train(cfg)
         metrics, seconds = evaluate(report["model_dir"], args.domain, args.limit)
         keep = ("train_seconds", "total_seconds", "mean_step_seconds", "mean_lora_step_seconds",

@@ -43,7 +43,8 @@ def main():
     for name, extra in CONFIGS.items():
         cmd = [sys.executable, "-m", "atp.cli", "prune", "--model", args.model, "--domain", "healthcare",
                "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size), "--max-length",
-               str(args.max_length), "--save-every", "0", "--overwrite", "--out", str(out / name), *extra]
+               str(args.max_length), "--save-every", "0", "--overwrite", "--out", str(out / name),
+               "--mixed-precision", "no", *extra]  # fp32, as its figures were recorded
         rss, seconds = peak_rss_mib(cmd)
         results[name] = {"peak_rss_mib": round(rss, 1), "wall_seconds": round(seconds, 1)}
         print(name, results[name], flush=True)

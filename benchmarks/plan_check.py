@@ -46,9 +46,11 @@ def main():
         cmd = [sys.executable, "-m", "atp.cli", "prune", "--model", args.model, "--domain", "healthcare",
                "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size), "--max-length",
                str(args.max_length), "--save-every", "0", "--log-every", "1", "--overwrite",
-               "--out", str(out / name.replace(" ", "").replace(",", "-")), *flags]
+               "--out", str(out / name.replace(" ", "").replace(",", "-")),
+               "--mixed-precision", "no", *flags]  # fp32, as the planner's constants were fitted
         measured, seconds = peak_rss_mib(cmd)
         plan = plan_memory(config, PlanOptions(batch_size=args.batch_size, max_length=args.max_length, device="cpu",
+                                               mixed_precision="no",
                                                **options))
         predicted = plan.peak / 2**20
         results[name] = {"measured_peak_rss_mib": round(measured, 1), "predicted_peak_mib": round(predicted, 1),

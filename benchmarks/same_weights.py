@@ -23,7 +23,8 @@ SPACES = {
     "mlp": ["mlp"],
 }
 TRAIN = ["--domain", "healthcare", "--sparsity", "0.3", "--max-steps", "8", "--batch-size", "2", "--max-length", "64",
-         "--seed", "3", "--save-every", "0", "--calib-batches", "2", "--log-every", "4"]
+         "--seed", "3", "--save-every", "0", "--calib-batches", "2", "--log-every", "4",
+         "--mixed-precision", "no"]  # fp32, as before/after pairs were recorded
 
 
 def main() -> int:

@@ -35,7 +35,7 @@ def main():
     results = {}
     for name, extra in runs.items():
         cfg = ATPConfig(model=args.model, domain="healthcare", out=str(out / name), overwrite=True,
-                        max_steps=args.max_steps, save_every=0, **extra)
+                        max_steps=args.max_steps, save_every=0, **{"mixed_precision": "no", **extra})
         report = train(cfg, progress=False)
         results[name] = {k: report[k] for k in ("mean_step_seconds", "mean_lora_step_seconds",
                                                  "mean_generator_step_seconds", "generator_steps")}

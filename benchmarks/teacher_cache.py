@@ -59,7 +59,7 @@ def main():
     args = parser.parse_args()
     out = Path(args.out)
     base = ATPConfig(model=args.model, domain=args.domain, data_dir=args.data_dir, max_steps=args.max_steps,
-                     save_every=0, overwrite=True, distill=0.5)
+                     save_every=0, overwrite=True, distill=0.5, mixed_precision="no")
     fills = {}
     for k in args.ks:  # before any timed run, as atp compare's pre-pass
         stats = fill_for_config(dataclasses.replace(base, distill_top_k=k), progress=True)

@@ -15,25 +15,25 @@ from conftest import REPO, tiny_config, tiny_model
 
 def test_parts_add_up_and_follow_the_options():
     config = tiny_config("llama")
-    plan = plan_memory(config, PlanOptions(device="cpu"))
+    plan = plan_memory(config, PlanOptions(device="cpu", mixed_precision="no"))
     assert plan.train_peak == sum(plan.parts.values()) and plan.peak == max(plan.train_peak, plan.export_peak)
     assert plan.parts["base_weights"] == plan.params * 4 == PruningSpace.from_config(config).total_params() * 4
 
-    half = plan_memory(config, PlanOptions(dtype="bf16"))
+    half = plan_memory(config, PlanOptions(mixed_precision="no", dtype="bf16"))
     assert half.parts["base_weights"] * 2 == plan.parts["base_weights"]
 
-    nf4 = plan_memory(config, PlanOptions(quantize_base="nf4"))
+    nf4 = plan_memory(config, PlanOptions(mixed_precision="no", quantize_base="nf4"))
     space = PruningSpace.from_config(config)
     projections = 3 * (48 * 48 + 2 * 48 * 16 + 48 * 48 + 3 * 48 * 64)
     assert nf4.parts["base_weights"] == pytest.approx(projections * (0.5 + 1 / 64 + 4 / 16384)
                                                       + (space.total_params() - projections) * 4, abs=1)
     assert "dequant_buffer" in nf4.parts and "dequant_buffer" not in plan.parts
-    int8 = plan_memory(config, PlanOptions(quantize_base="int8"))
+    int8 = plan_memory(config, PlanOptions(mixed_precision="no", quantize_base="int8"))
     assert nf4.parts["base_weights"] < int8.parts["base_weights"] < plan.parts["base_weights"]
 
     # FSDP shards the base weights over N (plus one gathered layer); DDP and the replicated LoRA state do not
-    ddp = plan_memory(config, PlanOptions(processes=4))
-    fsdp = plan_memory(config, PlanOptions(processes=4, sharding="fsdp"))
+    ddp = plan_memory(config, PlanOptions(mixed_precision="no", processes=4))
+    fsdp = plan_memory(config, PlanOptions(mixed_precision="no", processes=4, sharding="fsdp"))
     assert ddp.parts["base_weights"] == plan.parts["base_weights"]
     assert fsdp.parts["base_weights"] == plan.parts["base_weights"] // 4
     assert fsdp.parts["gathered_layer"] == projections // 3 * 4
@@ -42,12 +42,19 @@ def test_parts_add_up_and_follow_the_options():
     assert plan.parts["optimizer_state"] == 2 * plan.parts["gradients"] == 2 * plan.parts["lora"]
 
     # checkpointing keeps less; the micro-batch scales activations; no distillation, no buffers
-    checkpointed = plan_memory(config, PlanOptions(gradient_checkpointing=True))
+    checkpointed = plan_memory(config, PlanOptions(mixed_precision="no", gradient_checkpointing=True))
     assert checkpointed.parts["activations"] < plan.parts["activations"]
-    double = plan_memory(config, PlanOptions(batch_size=8))
+    double = plan_memory(config, PlanOptions(mixed_precision="no", batch_size=8))
     assert double.parts["activations"] == 2 * plan.parts["activations"]
-    assert "distillation" not in plan_memory(config, PlanOptions(distill=0)).parts
-    assert "generator" not in plan_memory(config, PlanOptions(prune=False)).parts
+    assert "distillation" not in plan_memory(config, PlanOptions(mixed_precision="no", distill=0)).parts
+    assert "generator" not in plan_memory(config, PlanOptions(mixed_precision="no", prune=False)).parts
+
+    # auto, atp prune's default precision: bf16 activations on a GPU, fp32 (the larger of its choices) on a CPU
+    auto_gpu, auto_cpu = plan_memory(config, PlanOptions()), plan_memory(config, PlanOptions(device="cpu"))
+    assert auto_cpu.parts["activations"] == plan.parts["activations"]
+    assert auto_gpu.parts["activations"] * 2 == plan.parts["activations"]
+    bf16 = plan_memory(config, PlanOptions(mixed_precision="bf16"))
+    assert bf16.parts["activations"] == auto_gpu.parts["activations"]
 
 
 def test_counts_match_the_real_generator_and_lora():
@@ -68,7 +75,7 @@ def test_activations_match_the_saved_tensors_of_a_real_step():
     from peft import LoraConfig, get_peft_model
 
     config = tiny_config("llama", vocab_size=512)
-    opts = PlanOptions(batch_size=2, max_length=32, lora_r=4, distill=0, prune=False)
+    opts = PlanOptions(batch_size=2, max_length=32, lora_r=4, distill=0, prune=False, mixed_precision="no")
     model = tiny_model("llama", attn="sdpa")
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=list(opts.lora_targets)))
     saved = {}

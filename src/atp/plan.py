@@ -63,7 +63,7 @@ class PlanOptions:
     sparsity: float = 0.4
     mlp_block: int = 32  # atp prune's default
     generator_hidden: int = 64
-    mixed_precision: str = "no"  # bf16: activations in bf16 under autocast
+    mixed_precision: str = "auto"  # as atp prune; bf16 (and auto on a GPU): activations in bf16 under autocast
     attention: str = "sdpa"  # eager keeps the heads x length x length probabilities
     teacher_params: int = 0
     device: str = "cuda"
@@ -211,7 +211,8 @@ def plan_memory(config, opts: PlanOptions | None = None) -> Plan:
     parts["optimizer_state"] = lora * 8
     if opts.prune:
         parts["generator"] = generator_params(space, opts.generator_hidden) * 16  # weights, gradients, 2 moments
-    act_bytes = 2 if opts.mixed_precision in ("bf16", "fp16") else (4 if opts.quantize_base == "none" else dtype_bytes)
+    half = opts.mixed_precision in ("bf16", "fp16") or (opts.mixed_precision == "auto" and opts.device == "cuda")
+    act_bytes = 2 if half else (4 if opts.quantize_base == "none" else dtype_bytes)  # auto on a CPU: fp32, the larger
     tokens = opts.batch_size * opts.max_length
     per_layer, outside = activation_elements_per_token(space, opts)
     full = tokens * (space.num_layers * per_layer + outside) * act_bytes
@@ -267,7 +268,9 @@ def add_plan_arguments(p) -> None:
     p.add_argument("--distill", type=float, default=d.distill)
     p.add_argument("--prune", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--sparsity", type=float, default=d.sparsity)
-    p.add_argument("--mixed-precision", default=d.mixed_precision)
+    p.add_argument("--mixed-precision", default=d.mixed_precision,
+                   help="as atp prune (default auto: planned as bf16 on a GPU, as fp32 on a CPU, the larger of its two "
+                        "choices there)")
     p.add_argument("--attention", default=d.attention, help="sdpa or eager (eager keeps the attention probabilities)")
     p.add_argument("--teacher-params", type=int, default=0, help="parameters of a separate teacher model")
     p.add_argument("--device", default=d.device, help="cuda or cpu (the process's own overhead)")
