@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -412,3 +413,15 @@ def dead_pid() -> int:
 def snapshot(folder) -> dict:
     """Every file under `folder` (hidden ones too) with its bytes."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def interrupted_copy(finished, where, after: int):
+    """A copy of a finished run folder as if killed right after its checkpoint of step `after`: the later checkpoints,
+    the model and report.json gone. For --resume tests."""
+    shutil.copytree(finished, where)
+    for later in (where / "checkpoints").glob("step-*"):
+        if int(later.name[5:]) > after:
+            shutil.rmtree(later)
+    shutil.rmtree(where / "model")
+    (where / "report.json").unlink()
+    return where

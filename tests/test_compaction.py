@@ -11,7 +11,7 @@ from atp.cli import main
 from atp.compaction import compact, compact_optimizer
 from atp.masking import GateController
 from atp.space import PruningSpace
-from helpers import prune_argv, tiny_model
+from helpers import interrupted_copy, prune_argv, tiny_model
 
 SPACES = {"heads+mlp": ["heads", "mlp"], "blocks": ["blocks", "heads", "mlp"], "hidden": ["hidden", "heads", "mlp"],
           "qk-dims": ["heads", "qk-dims", "mlp"]}
@@ -95,8 +95,6 @@ def weights(run):
 @pytest.mark.parametrize("method, recovery", [("atp", "lora"), ("taylor", "lora"), ("atp", "full")])
 def test_runs_compact_and_resume_across_the_compaction_bit_for_bit(method, recovery, tiny_model_dir, train_file,
                                                                    tmp_path, capsys):
-    import shutil
-
     whole = tmp_path / "whole"
     assert main(run_argv(tiny_model_dir, train_file, whole, "--method", method, "--recovery", recovery)) == 0
     report = json.loads((whole / "report.json").read_text())
@@ -107,13 +105,7 @@ def test_runs_compact_and_resume_across_the_compaction_bit_for_bit(method, recov
     assert report["logits_check"]["passed"] and report["pruned_lora_group_norm_sum"] == 0
     reference = weights(whole)
     for resume_after in sorted({max(step - 1, 1), step + 1}):  # one checkpoint before the compaction, one after
-        run = tmp_path / f"from-{resume_after}"
-        shutil.copytree(whole, run)
-        for later in (run / "checkpoints").glob("step-*"):
-            if int(later.name[5:]) > resume_after:
-                shutil.rmtree(later)
-        shutil.rmtree(run / "model")
-        (run / "report.json").unlink()
+        run = interrupted_copy(whole, tmp_path / f"from-{resume_after}", resume_after)
         assert main(["prune", "--resume", str(run)]) == 0
         resumed = weights(run)
         assert resumed.keys() == reference.keys()

@@ -2,7 +2,6 @@
 structures stay masked and do not move); export, checkpoints and resume; options and fingerprints."""
 import dataclasses
 import json
-import shutil
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from atp.options import ATPConfig, config_from_record, fingerprint
 from atp.schedule import Schedule
 from atp.strategies import FullRecovery
 from atp.train import PruneRecipe, train
+from helpers import interrupted_copy
 
 STEPS, FREEZE = 16, 8
 
@@ -131,12 +131,7 @@ def test_full_recovery_trains_every_weight_keeps_pruned_ones_and_resumes(tiny_mo
 
     # resume from the middle of the full phase (step 12) and from the freeze (step 8): the same model, bit for bit
     for at in (12, 8):
-        run = tmp_path / f"resumed-{at}"
-        shutil.copytree(tmp_path / "full", run)
-        for later in [c for c in (run / "checkpoints").iterdir() if int(c.name[5:]) > at]:
-            shutil.rmtree(later)
-        shutil.rmtree(run / "model")
-        (run / "report.json").unlink()
+        run = interrupted_copy(tmp_path / "full", tmp_path / f"resumed-{at}", at)
         assert main(["prune", "--resume", str(run)]) == 0
         c = load_file(str(run / "model" / "model.safetensors"))
         assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a), f"resumed from step {at}"

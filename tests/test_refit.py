@@ -2,7 +2,6 @@
 compaction (atp.refit): the refit reaches the least-squares optimum on the calibration data, runs train through it,
 export it and resume across it bit for bit."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from atp.compaction import compact
 from atp.errors import ATPError
 from atp.options import ATPConfig, fingerprint
 from atp.space import PruningSpace
-from helpers import prune_argv, random_gates, tiny_model, with_lora
+from helpers import interrupted_copy, prune_argv, random_gates, tiny_model, with_lora
 
 
 def calibration(n=3, rows=4, length=24, seed=5):
@@ -142,13 +141,7 @@ def test_a_refit_run_exports_what_it_trained_and_resumes_across_the_compaction_b
     full_from = 5  # generator_frac 0.6 of 8 steps: the decisions fixed at step 4 (full recovery from step 5)
     points = {max(step - 1, 1), step + 1} | ({full_from + 1} if recovery == "full" else set())
     for resume_after in sorted(points):
-        run = tmp_path / f"from-{resume_after}"
-        shutil.copytree(whole, run)
-        for later in (run / "checkpoints").glob("step-*"):
-            if int(later.name[5:]) > resume_after:
-                shutil.rmtree(later)
-        shutil.rmtree(run / "model")
-        (run / "report.json").unlink()
+        run = interrupted_copy(whole, tmp_path / f"from-{resume_after}", resume_after)
         assert main(["prune", "--resume", str(run)]) == 0
         resumed = weights(run)
         assert resumed.keys() == reference.keys()
