@@ -215,7 +215,6 @@ def refit_weights(model, kept_structure: list[dict], batches: list[dict], device
                # ‖X_K M'ᵀ − X Wᵀ‖ / ‖X_P W_Pᵀ‖ on the calibration data: the output error left, as a fraction of
                # plain slicing's; its mean over the refit modules, overall and per role
                "refit_output_error_ratio": mean,
-               "refit_output_error_reduction": None if mean is None else 1 - mean,
                "refit_output_error_ratio_by_role": {role: (sum(v) / len(v) if v else None)
                                                     for role, v in ratios.items()},
                "refit_passes": len(passes), "refit_seconds": round(time.time() - started, 2)}
