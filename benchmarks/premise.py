@@ -1,5 +1,5 @@
 """Issue 34 item 4, the premise test: do pruning decisions found on *tuned* weights beat decisions found on
-*pretrained* weights at all, at our scale? NOT RUN YET (hours on the 2-core machine).
+*pretrained* weights at all, at our scale? Run for seeds 0-2 (docs/benchmarks.md, "The premise test").
 
 Per seed s (legal, 50% of the prunable parameters by default):
   dense-lora-s     atp prune --no-prune: LoRA on the dense model; its merged model is the tuned model
@@ -11,9 +11,10 @@ Per seed s (legal, 50% of the prunable parameters by default):
   eval-*-s.json    atp eval of both recoveries on the dev splits of the domain's perplexity tasks
 
 Then OUT/premise.json: the overlap of D_pre and D_post per seed (atp.diagnostics.overlap: the share of pruned
-parameters on which they disagree, per kind and layer), and per perplexity task the per-seed difference
-ppl(D_post) - ppl(D_pre) with its seed-level t-interval (atp.stats.t_interval). A step whose output exists is
-skipped, so a stopped run goes on where it stopped.
+parameters on which they disagree, per kind and layer), and per perplexity task the difference
+ppl(D_post) - ppl(D_pre), records paired by id, with the interval its number of seeds allows
+(atp.stats.paired_interval: a bootstrap over records for one seed, a t-interval over seeds for 2-5). A step
+whose output exists is skipped, so a stopped run goes on where it stopped.
 
     ATP_HOME=.atp_home nohup .venv/bin/python benchmarks/premise.py --out runs/premise > runs/premise.log 2>&1 &
     .venv/bin/python benchmarks/premise.py --out runs/premise --dry-run   # the commands, nothing run
@@ -66,7 +67,7 @@ def commands(out: Path, seed: int, domain: str, sparsity: float, model: str, ext
 def summarise(out: Path, seeds: list[int]) -> dict:
     from atp import diagnostics, stats
 
-    overlaps, ppl = {}, {}
+    overlaps, ppl, rows = {}, {}, {}  # rows: task -> which -> [seed] -> (summed NLL, tokens) per record
     for seed in seeds:
         pre = json.loads((out / f"search-pre-{seed}" / "report.json").read_text())
         post = json.loads((out / f"search-post-{seed}" / "report.json").read_text())
@@ -76,18 +77,21 @@ def summarise(out: Path, seeds: list[int]) -> dict:
         evals = {which: json.loads((out / f"eval-{which}-{seed}.json").read_text())["tasks"]
                  for which in ("pre", "post")}
         for task, metrics in evals["pre"].items():
-            if "ppl" in metrics:
-                ppl.setdefault(task, {})[seed] = {"pre": metrics["ppl"], "post": evals["post"][task]["ppl"]}
+            if "ppl" not in metrics:
+                continue
+            ppl.setdefault(task, {})[seed] = {"pre": metrics["ppl"], "post": evals["post"][task]["ppl"]}
+            records = {which: evals[which][task]["per_record"] for which in ("pre", "post")}
+            aligned = stats.align_records({which: (r.get("id"), list(zip(r["nll"], r["tokens"])))
+                                           for which, r in records.items()}, f"{task}, seed {seed}")
+            for which, table in zip(records, aligned):
+                rows.setdefault(task, {}).setdefault(which, []).append(table)
     differences = {}
     for task, per_seed in ppl.items():
-        diffs = [v["post"] - v["pre"] for v in per_seed.values()]
-        entry = {"per_seed": per_seed, "post_minus_pre": diffs}
-        if len(diffs) >= 2:
-            mean, low, high = stats.t_interval(diffs)
-            entry.update(mean=mean, t95=[low, high], verdict=stats.verdict(low, high))
-        else:
-            entry["note"] = "one seed: record noise only"
-        differences[task] = entry
+        result = stats.paired_interval({task: rows[task]["post"]}, {task: rows[task]["pre"]},
+                                       stats.perplexity_of(task))
+        differences[task] = {"per_seed": per_seed, "post_minus_pre": result["per_seed"], "mean": result["diff"],
+                             "ci95": [result["low"], result["high"]], "interval": result["interval"],
+                             "verdict": result["verdict"]}
     return {"seeds": seeds, "overlap_pre_post": overlaps, "perplexity": differences}
 
 
@@ -115,10 +119,9 @@ def main() -> int:
     summary = summarise(out, args.seeds)
     (out / "premise.json").write_text(json.dumps(summary, indent=2) + "\n")
     for task, entry in summary["perplexity"].items():
-        interval = entry.get("t95")
-        print(f"{task}: ppl(D_post) - ppl(D_pre) per seed {[round(d, 3) for d in entry['post_minus_pre']]}"
-              + (f", mean {entry['mean']:.3f}, 95% t-interval [{interval[0]:.3f}, {interval[1]:.3f}]"
-                 if interval else f" ({entry['note']})"))
+        low, high = entry["ci95"]
+        print(f"{task}: ppl(D_post) - ppl(D_pre) per seed {[round(d, 3) for d in entry['post_minus_pre']]}, "
+              f"mean {entry['mean']:.3f}, 95% [{low:.3f}, {high:.3f}] ({entry['interval']})")
     return 0
 
 
