@@ -188,3 +188,16 @@ def test_decide_only_writes_the_two_stage_decisions_that_a_full_run_makes(tiny_m
 def test_decide_only_refuses_what_it_cannot_do(kw, message, tmp_path):
     with pytest.raises(ATPError, match=message):
         ATPConfig(model="m", domain="healthcare", out=str(tmp_path / "o"), decide_only=True, **kw).validate()
+
+
+@pytest.mark.parametrize("generator_lr", [1e-9, 3e-2])
+def test_the_freeze_warns_when_the_search_never_pruned(generator_lr, tiny_model_dir, train_file, tmp_path, capsys):
+    # a generator that cannot move from "keep" leaves every decision to the freeze's calibration: say so
+    cfg = cfg_for(tiny_model_dir, train_file, tmp_path / "run", recipe="paper", max_steps=10, generator_frac=0.8,
+                  generator_lr=generator_lr, lam=5.0)
+    report = PruneRecipe(cfg, progress=False).run()
+    searched, warned = report["search_sparsity_at_freeze"], "warning: the search pruned" in capsys.readouterr().out
+    assert abs(report["prunable_sparsity"] - 0.4) < 0.05
+    assert warned == (searched < 0.5 * cfg.sparsity)
+    if generator_lr == 1e-9:
+        assert searched == 0.0 and warned

@@ -44,7 +44,7 @@ class NoDecisions:
         self.recipe = recipe
         self.info = {}  # how fixed decisions were chosen (report.json's decisions_info)
         self.init_info = None  # how the generator started, with --generator-init taylor
-        self.freeze_norms = {}  # ATP: the pruned groups' LoRA norm before and after the freeze's last proximal step
+        self.freeze_info = {}  # ATP: the search's sparsity, and the pruned groups' LoRA norm around the freeze's cut
 
     @property
     def label(self) -> str:
@@ -267,13 +267,20 @@ class GeneratorDecisions(PruningDecider):
         the ramp lasso's last proximal step (threshold at the largest pruned norm) zeroes the LoRA of every
         pruned group, including groups the calibration just pruned. Records the pruned norm before and after."""
         r = self.recipe
+        searched = 1.0 - float(r.space.remaining_ratio(r.decisions))  # what the search's own decisions pruned
+        if searched < 0.5 * r.cfg.sparsity:
+            r.accelerator.print(
+                f"warning: the search pruned {searched:.3f} of the target {r.cfg.sparsity} before the freeze, so the "
+                "freeze's calibration of barely trained logits makes the decisions, not the search; give it more "
+                "steps (--max-steps, --generator-frac) or a larger --generator-lr")
         reached = r.generator.calibrate_offset(r.space.remaining_ratio, 1 - r.cfg.sparsity)
         self.use_generator_decisions()
         self.record_decisions(step, r.decisions, event="freeze")
         before = r.pruned_lora_norm(r.decisions)
         regularization.ramp_proximal_step(r.peft_model, r.space, r.decisions, r.schedule.lasso_fraction(step + 1))
         after = r.pruned_lora_norm(r.decisions)
-        self.freeze_norms = {"pruned_lora_norm_before_freeze_cut": before, "pruned_lora_norm_at_freeze": after}
+        self.freeze_info = {"search_sparsity_at_freeze": searched, "pruned_lora_norm_before_freeze_cut": before,
+                            "pruned_lora_norm_at_freeze": after}
         when = "trained to the last step" if r.schedule.generator_to_end else f"frozen at step {step}"
         r.accelerator.print(f"generator {when}; decisions calibrated to ratio {reached:.4f}; LoRA norm of pruned "
                             f"groups {before:.4g} -> {after:.4g}")

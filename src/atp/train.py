@@ -797,7 +797,7 @@ class PruneRecipe:
         return {
             "logits_check": check,
             "pruned_lora_group_norm_sum": pruned_lora_norm,  # at export
-            **self.decider.freeze_norms,
+            **self.decider.freeze_info,
             **({"compaction": {**self.compaction, **self.lora_step_seconds_around_compaction()}} if self.compacted
                else {}),
             "model_dir": str(model_dir),
