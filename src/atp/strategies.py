@@ -265,14 +265,15 @@ class GeneratorDecisions(PruningDecider):
     def freeze(self, step: int) -> None:
         """End of the generator phase: calibrate the decisions to the target ratio and keep them from here on;
         the ramp lasso's last proximal step (threshold at the largest pruned norm) zeroes the LoRA of every
-        pruned group, including groups the calibration just pruned. Records the pruned norm before and after."""
+        pruned group, including groups the calibration just pruned. Records what the search itself pruned (and warns
+        when it is under half the target) and the pruned norm before and after."""
         r = self.recipe
         searched = 1.0 - float(r.space.remaining_ratio(r.decisions))  # what the search's own decisions pruned
         if searched < 0.5 * r.cfg.sparsity:
             r.accelerator.print(
-                f"warning: the search pruned {searched:.3f} of the target {r.cfg.sparsity} before the freeze, so the "
-                "freeze's calibration of barely trained logits makes the decisions, not the search; give it more "
-                "steps (--max-steps, --generator-frac) or a larger --generator-lr")
+                f"atp: warning: the search pruned {searched:.3f} of the target {r.cfg.sparsity} before the freeze, "
+                "so the freeze's calibration of barely trained logits makes the decisions, not the search; give it "
+                "more steps (--max-steps, --generator-frac) or a larger --generator-lr")
         reached = r.generator.calibrate_offset(r.space.remaining_ratio, 1 - r.cfg.sparsity)
         self.use_generator_decisions()
         self.record_decisions(step, r.decisions, event="freeze")
