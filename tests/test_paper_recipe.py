@@ -1,6 +1,7 @@
 """Issue 34: the authors' search as one preset (--recipe paper) and fixed decisions from another run
 (--decisions-from)."""
 import dataclasses
+import json
 import math
 
 import pytest
@@ -118,6 +119,10 @@ def test_paper_recipe_pruned_lora_grows_in_the_search_and_is_zero_at_the_freeze(
     assert grew, "no pruned head whose query LoRA grew in the search"
     # and at the freeze every pruned group is exactly zero (then compaction removes them)
     assert report["pruned_lora_norm_before_freeze_cut"] > 0 and report["pruned_lora_norm_at_freeze"] == 0.0
+    # log.jsonl shows the exp-ramp threshold's growth (lam_t and lasso_fraction belong to the other lassos)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    growth = [r["lasso_growth"] for r in log]
+    assert growth[0] > 0 and growth == sorted(growth[:8]) + [0.0] * (len(growth) - 8) and max(growth) == 1.0
     assert report["compaction"]["step"] == 8
 
 

@@ -686,6 +686,8 @@ class PruneRecipe:
             sp = self.space.sparsity(self.decisions)
             record.update(ratio=1 - sp[f"{self.cfg.sparsity_of}_sparsity"], prunable_sparsity=sp["prunable_sparsity"],
                           model_sparsity=sp["model_sparsity"])
+        if self.cfg.lasso == "exp-ramp":  # its threshold is lam * growth * lr, not lam_t or lasso_fraction
+            record["lasso_growth"] = self.schedule.exp_growth(step)
         self.flips = 0
         if self.accelerator.is_main_process:
             with open(self.log_path, "a") as f:
