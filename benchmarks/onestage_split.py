@@ -69,7 +69,7 @@ def summarise(args) -> dict:
                              "total (one-stage - twin)": ("one-stage", "twin")}.items():
             r = stats.paired_interval({task: rows[task][a]}, {task: rows[task][b]}, stats.perplexity_of(task))
             splits[task][name] = {"mean": r["diff"], "ci95": [r["low"], r["high"]], "per_seed": r["per_seed"],
-                                  "interval": r["interval"], "verdict": r["verdict"]}
+                                  "interval": r["interval"], "verdict": stats.judged(r, higher_is_better=False)}
     return {"seeds": args.seeds, "one_stage": args.one_stage, "twin": args.twin, "perplexity": splits}
 
 

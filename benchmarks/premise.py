@@ -91,7 +91,7 @@ def summarise(out: Path, seeds: list[int]) -> dict:
                                        stats.perplexity_of(task))
         differences[task] = {"per_seed": per_seed, "post_minus_pre": result["per_seed"], "mean": result["diff"],
                              "ci95": [result["low"], result["high"]], "interval": result["interval"],
-                             "verdict": result["verdict"]}
+                             "verdict": stats.judged(result, higher_is_better=False)}
     return {"seeds": seeds, "overlap_pre_post": overlaps, "perplexity": differences}
 
 

@@ -128,3 +128,14 @@ def test_evaluated_records_get_content_ids():
     ids = content_ids([{"q": "a"}, {"q": "b"}, {"q": "a"}])
     assert ids[0] != ids[1] and ids[2] == ids[0] + "#2"
     assert content_ids([{"q": "b"}]) == [ids[1]]  # from the content, not the position
+
+
+def test_judged_reads_the_verdict_in_the_measure_direction():
+    from atp.stats import judged
+
+    higher = {"verdict": "a ahead", "low": 2.0, "high": 5.0}
+    lower = {"verdict": "b ahead", "low": -5.0, "high": -2.0}
+    assert judged(higher, higher_is_better=True) == "a better"
+    assert judged(higher, higher_is_better=False) == "a worse"  # a's perplexity is higher
+    assert judged(lower, higher_is_better=False, name="atp-paper") == "atp-paper better"
+    assert judged({"verdict": "tie", "low": -1.0, "high": 1.0}, higher_is_better=False) == "tie"

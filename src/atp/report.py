@@ -352,6 +352,8 @@ def precision_note(results: list[dict]) -> str | None:
 
 
 def write_markdown(spec, summary: dict, path: Path, results: list[dict] = ()) -> None:
+    from .stats import judged
+
     lines = ["# atp compare", "",
              f"Model `{spec.model}`; training overrides {json.dumps(spec.train)}; "
              f"evaluation {json.dumps(spec.eval)}. Sparsity is over prunable (decoder-block) parameters.",
@@ -398,8 +400,7 @@ def write_markdown(spec, summary: dict, path: Path, results: list[dict] = ()) ->
                       "| sparsity | method | measure | seeds | difference | 95% interval | interval | verdict |",
                       "|---|---|---|---|---|---|---|---|"]
             for d in part["differences"]:
-                better = (d["low"] > 0) == d["higher_is_better"]
-                verdict = "tie" if d["verdict"] == "tie" else f"{base} {'better' if better else 'worse'}"
+                verdict = judged(d, d["higher_is_better"], base)
                 lines.append(f"| {d['sparsity']:g} | {d['b']} | {d['measure']} | {len(d['seeds'])} | "
                              f"{d['diff']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] | "
                              f"{d.get('interval', 'bootstrap')} | {verdict} |")

@@ -160,6 +160,14 @@ def verdict(low: float, high: float) -> str:
     return "a ahead" if low > 0 else "b ahead" if high < 0 else "tie"
 
 
+def judged(result: dict, higher_is_better: bool, name: str = "a") -> str:
+    """A paired_interval result's verdict for a measure's direction: "NAME better", "NAME worse" or "tie" ("a
+    ahead" only says a's value is higher, which for perplexity is worse)."""
+    if result["verdict"] == "tie":
+        return "tie"
+    return f"{name} {'better' if (result['low'] > 0) == higher_is_better else 'worse'}"
+
+
 def paired_interval(a: PerSeed, b: PerSeed, statistic: Statistic, *, confidence: float = 0.95,
                     resamples: int = 2000, seed: int = 0) -> dict:
     """The difference a - b with the interval its number of seeds allows (see the module's docstring);
