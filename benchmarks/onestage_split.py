@@ -25,14 +25,17 @@ from pathlib import Path
 from premise import TRAIN, perplexity_tasks  # the same training settings as the table's cells
 
 
-def cell_run(compare_out: Path, domain: str, method: str, sparsity: float, seed: int) -> Path:
-    return compare_out / domain / f"{method}-s{sparsity:g}-seed{seed}"
+def cell_run(args, method: str, seed: int) -> Path:
+    """The folder of one compare cell (atp.compare's naming)."""
+    from atp.compare import Cell
+
+    return args.compare_out / args.domain / Cell(args.domain, method, args.sparsity, seed).name
 
 
 def commands(args, seed: int) -> list[tuple[Path, list[str]]]:
     """(output that marks the step done, argv) for one seed, in order."""
     atp = [sys.executable, "-m", "atp.cli"]
-    source = cell_run(args.compare_out, args.domain, args.one_stage, args.sparsity, seed) / "run"
+    source = cell_run(args, args.one_stage, seed) / "run"
     run = args.out / f"recover-{seed}"
     return [(run / "report.json",
              [*atp, "prune", "--model", args.model, "--domain", args.domain, "--seed", str(seed), *TRAIN,
@@ -44,22 +47,19 @@ def commands(args, seed: int) -> list[tuple[Path, list[str]]]:
 
 def summarise(args) -> dict:
     from atp import stats
+    from atp.report import paired_task_rows
 
     rows, ppl = {}, {}  # task -> which -> [per seed (summed NLL, tokens) per record]; task -> seed -> which -> ppl
     for seed in args.seeds:
         results = {"recovered": json.loads((args.out / f"eval-{seed}.json").read_text())["tasks"]}
         for which, method in (("one-stage", args.one_stage), ("twin", args.twin)):
-            path = cell_run(args.compare_out, args.domain, method, args.sparsity, seed) / "result.json"
+            path = cell_run(args, method, seed) / "result.json"
             results[which] = json.loads(path.read_text())["metrics"]
         for task, metrics in results["recovered"].items():
             if "ppl" not in metrics:
                 continue
             ppl.setdefault(task, {})[seed] = {which: r[task]["ppl"] for which, r in results.items()}
-            aligned = stats.align_records(
-                {which: (r[task]["per_record"].get("id"), list(zip(r[task]["per_record"]["nll"],
-                                                                     r[task]["per_record"]["tokens"])))
-                 for which, r in results.items()}, f"{task}, seed {seed}")
-            for which, table in zip(results, aligned):
+            for which, table in zip(results, paired_task_rows(results, task, "ppl")):
                 rows.setdefault(task, {}).setdefault(which, []).append(table)
     splits = {}
     for task, per_seed in ppl.items():
