@@ -34,6 +34,29 @@ def evaluate(spec, cell) -> Path:
     return out
 
 
+def cell_diagnostics(spec, todo) -> dict:
+    """Per cell: training time, the search's own sparsity at the freeze, the pruned groups' LoRA norm (its peak in
+    log.jsonl and at the freeze's cut); the decision search (comebacks); each method's final decisions against the
+    base's, same seed (atp.report.decision_overlaps)."""
+    from atp.compare import cell_dir
+    from atp.report import decision_overlaps, decision_search
+
+    results, cells = [], []
+    for cell in todo:
+        run = cell_dir(spec, cell) / "run"
+        if not (run / "report.json").exists():
+            continue
+        report = json.loads((run / "report.json").read_text())
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        results.append({"method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed, "report": report})
+        cells.append({"cell": cell.name, "train_seconds": report["train_seconds"],
+                      "search_sparsity_at_freeze": report.get("search_sparsity_at_freeze"),
+                      "pruned_lora_norm_peak": max((line.get("group_lasso", 0.0) for line in log), default=None),
+                      "pruned_lora_norm_before_freeze_cut": report.get("pruned_lora_norm_before_freeze_cut")})
+    return {"cells": cells, "decision_search": decision_search(results),
+            "decision_overlaps": decision_overlaps(results, spec.base)}
+
+
 def summarise(spec, todo) -> dict:
     from atp import stats
     from atp.compare import cell_dir
@@ -41,7 +64,10 @@ def summarise(spec, todo) -> dict:
 
     by_seed = {}  # (domain, sparsity, seed) -> method -> eval metrics
     for cell in todo:
-        metrics = json.loads((cell_dir(spec, cell) / "ppl.json").read_text())["tasks"]
+        path = cell_dir(spec, cell) / "ppl.json"
+        if not path.exists():
+            continue
+        metrics = json.loads(path.read_text())["tasks"]
         by_seed.setdefault((cell.domain, cell.sparsity, cell.seed), {})[cell.method] = metrics
     summary = []
     for method in [m for m in spec.methods if m != spec.base]:
@@ -63,7 +89,8 @@ def summarise(spec, todo) -> dict:
                     "ppl": {s: {k: cells[k][task]["ppl"] for k in (spec.base, method)} for s, cells in seeds.items()},
                     "a_minus_b": r["diff"], "ci95": [r["low"], r["high"]], "per_seed": r["per_seed"],
                     "interval": r["interval"], "verdict": stats.judged(r, higher_is_better=False, name=spec.base)})
-    return {"config": str(spec.out), "base": spec.base, "comparisons": summary}
+    return {"config": str(spec.out), "base": spec.base, "comparisons": summary,
+            **cell_diagnostics(spec, todo)}
 
 
 def main() -> int:

@@ -45,6 +45,13 @@ def commands(args, seed: int) -> list[tuple[Path, list[str]]]:
               "--max-length", "512", "--out", str(args.out / f"eval-{seed}.json")])]
 
 
+def cell_perplexities(cell: Path) -> dict:
+    """A compare cell's task metrics: its result.json (atp compare), else its ppl.json (compare_ppl_only.py)."""
+    if (cell / "result.json").exists():
+        return json.loads((cell / "result.json").read_text())["metrics"]
+    return json.loads((cell / "ppl.json").read_text())["tasks"]
+
+
 def summarise(args) -> dict:
     from atp import stats
     from atp.report import paired_task_rows
@@ -53,8 +60,7 @@ def summarise(args) -> dict:
     for seed in args.seeds:
         results = {"recovered": json.loads((args.out / f"eval-{seed}.json").read_text())["tasks"]}
         for which, method in (("one-stage", args.one_stage), ("twin", args.twin)):
-            path = cell_run(args, method, seed) / "result.json"
-            results[which] = json.loads(path.read_text())["metrics"]
+            results[which] = cell_perplexities(cell_run(args, method, seed))
         for task, metrics in results["recovered"].items():
             if "ppl" not in metrics:
                 continue
