@@ -22,6 +22,7 @@ VARIANTS = {
     "compact bf16": dict(compact=True, mixed_precision="bf16"),
     "compact top-k64": dict(compact=True, mixed_precision="no", distill_top_k=64),
     "compact bf16 top-k64": dict(compact=True, mixed_precision="bf16", distill_top_k=64),
+    "default (auto)": dict(),  # today's defaults: compaction, --mixed-precision auto (its choice is in the output)
 }
 
 
@@ -46,13 +47,15 @@ def main():
             fill = (report.get("teacher_cache") or {}).get("fill_seconds", 0.0)
             row = {"lora_steps_tokens_per_second": report["train_tokens_per_second"],
                    "whole_run_tokens_per_second": report["train_tokens"] / (report["train_seconds"] - fill),
-                   "train_seconds": report["train_seconds"], "teacher_cache_fill_seconds": fill}
+                   "train_seconds": report["train_seconds"], "teacher_cache_fill_seconds": fill,
+                   "precision": report.get("precision")}
             results[name].append(row)
             print(name, round_, json.dumps(row), flush=True)
     base = args.variants[0]
     summary = {}
     for name, rows in results.items():
-        summary[name] = {key: statistics.fmean(r[key] for r in rows) for key in rows[0]}
+        summary[name] = {key: statistics.fmean(r[key] for r in rows) for key in rows[0] if key != "precision"}
+        summary[name]["precision"] = rows[0]["precision"]
         for key in ("lora_steps_tokens_per_second", "whole_run_tokens_per_second"):
             ratios = [r[key] / b[key] for r, b in zip(rows, results[base])]
             summary[name][f"{key}_ratio_to_{base}"] = statistics.fmean(ratios)

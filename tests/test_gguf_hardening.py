@@ -59,6 +59,18 @@ def test_a_crash_in_the_export_check_is_a_clear_error(tmp_path, tokenizer, monke
     assert len(gguf.GGUFReader(str(out)).tensors) > 0
 
 
+def test_an_illegal_instruction_in_the_export_check_names_a_build_for_another_cpu(tmp_path, tokenizer, monkeypatch,
+                                                                                    capsys):
+    model = save_tiny(tmp_path, tokenizer)
+    out = tmp_path / "m.gguf"
+    monkeypatch.setenv(gguf_export.CRASH_HOOK, "SIGILL")  # a real SIGILL of the child, as from a wheel built elsewhere
+    assert main(["export", "--model", str(model), "--gguf", str(out), "--gguf-type", "f16", "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"llama.cpp died of SIGILL while checking {out}" in err
+    assert "compiled for another CPU" in err and "rebuild it on this machine" in err and "-mno-amx" not in err
+    assert out.stat().st_size > 0
+
+
 @pytest.mark.llamacpp
 def test_the_check_in_a_child_gives_the_same_numbers(tmp_path, tokenizer, capsys):
     pytest.importorskip("llama_cpp")

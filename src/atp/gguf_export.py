@@ -627,11 +627,15 @@ def check_against_transformers(model_dir, gguf_path, text: str = "The patient wa
     return result
 
 
-# set in tests only: the check's child process crashes with a real SIGSEGV (a null read) before loading llama.cpp
+# set in tests only: the check's child process crashes before loading llama.cpp, with a real SIGSEGV (a null read),
+# or with SIGILL where the variable says "SIGILL"
 CRASH_HOOK = "_ATP_TEST_CHECK_SEGFAULT"
 AMX_HINT = ("a llama.cpp (llama-cpp-python) built with ggml's AMX backend crashes every q8_0 / q4_0 file on Intel "
             "CPUs with AMX (llama.cpp issue 20824): rebuild it without AMX, with CFLAGS and CXXFLAGS "
             "'-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' (`make gguf` does)")
+NATIVE_HINT = ("an illegal instruction: this llama.cpp (llama-cpp-python) was compiled for another CPU, e.g. a "
+               "GGML_NATIVE wheel built on another machine and copied or cached here; rebuild it on this machine "
+               "(`make gguf` keys its cached wheel by the CPU)")
 
 
 def crash_message(signum: int, gguf_path) -> str:
@@ -639,7 +643,12 @@ def crash_message(signum: int, gguf_path) -> str:
         name = signal.Signals(signum).name
     except ValueError:
         name = f"signal {signum}"
-    cause = "It was killed from outside (out of memory?)" if signum == signal.SIGKILL else f"Likely cause: {AMX_HINT}"
+    if signum == signal.SIGKILL:
+        cause = "It was killed from outside (out of memory?)"
+    elif signum == signal.SIGILL:
+        cause = f"Likely cause: {NATIVE_HINT}"
+    else:
+        cause = f"Likely cause: {AMX_HINT}"
     return (f"llama.cpp died of {name} while checking {gguf_path} (in a child process, so atp itself went on); "
             f"the GGUF file was written and is kept. {cause}; or skip the check with --no-check")
 
@@ -674,6 +683,8 @@ def check_child_main() -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if os.environ[CRASH_HOOK] == "SIGILL":
+            os.kill(os.getpid(), signal.SIGILL)
         ctypes.string_at(0)
     try:
         result = check_against_transformers(model_dir, gguf_path)
