@@ -20,7 +20,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -
 LLAMA_CFLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 # the cached wheel is keyed by every build flag and by what -march=native means on this CPU (GGML_NATIVE compiles for
 # it), so changing a flag or the machine rebuilds instead of reusing a wheel that dies of SIGILL on another CPU
-LLAMA_NATIVE_TARGET := $(shell cc -march=native -Q --help=target 2>/dev/null | sha256sum | cut -c1-12)
+LLAMA_NATIVE_TARGET := $(shell $(CC) -march=native -Q --help=target 2>/dev/null | sha256sum | cut -c1-12)
 LLAMA_BUILD_KEY := $(shell printf '%s|%s|%s' "$(LLAMA_CMAKE_ARGS)" "$(LLAMA_CFLAGS)" "$(LLAMA_NATIVE_TARGET)" \
 	| sha256sum | cut -c1-12)
 WHEELS ?= $(HOME)/.cache/atp-wheels/$(LLAMA_BUILD_KEY)

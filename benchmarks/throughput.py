@@ -48,7 +48,7 @@ def main():
             row = {"lora_steps_tokens_per_second": report["train_tokens_per_second"],
                    "whole_run_tokens_per_second": report["train_tokens"] / (report["train_seconds"] - fill),
                    "train_seconds": report["train_seconds"], "teacher_cache_fill_seconds": fill,
-                   "precision": report.get("precision")}
+                   "precision": report["precision"]}
             results[name].append(row)
             print(name, round_, json.dumps(row), flush=True)
     base = args.variants[0]

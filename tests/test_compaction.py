@@ -74,13 +74,13 @@ def test_compact_model_has_the_masked_loss_gradients_and_next_step(family, space
     for param, (old, slicer) in mapping.items():
         expected = slicer(masked_grads[names[old]])
         assert torch.allclose(compact_grads[new_names[param]], expected, atol=1e-5), new_names[param]
-    # the next AdamW step moves every kept entry as it would have moved in the masked model: the same gradients
-    # (equal within float noise, checked above) go to both, so that only the carried-over moments can differ;
-    # Adam divides by their root, which turns 1e-5 of gradient noise into up to lr on a near-zero gradient
+        # the next AdamW step gets the same gradients in both models (equal within float noise, just checked), so
+        # that only the carried-over moments can differ; Adam divides by their root, which turns 1e-5 of gradient
+        # noise into up to lr on a near-zero gradient
+        param.grad = expected.clone()
+    # the next AdamW step moves every kept entry as it would have moved in the masked model
     for p in (p for p in peft_model.parameters() if p.grad is not None):
         p.grad = masked_grads[names[p]]
-    for param, (old, slicer) in mapping.items():
-        param.grad = slicer(masked_grads[names[old]]).clone()
     optimizer.step()
     new_optimizer.step()
     for param, (old, slicer) in mapping.items():

@@ -643,12 +643,8 @@ def crash_message(signum: int, gguf_path) -> str:
         name = signal.Signals(signum).name
     except ValueError:
         name = f"signal {signum}"
-    if signum == signal.SIGKILL:
-        cause = "It was killed from outside (out of memory?)"
-    elif signum == signal.SIGILL:
-        cause = f"Likely cause: {NATIVE_HINT}"
-    else:
-        cause = f"Likely cause: {AMX_HINT}"
+    cause = {signal.SIGKILL: "It was killed from outside (out of memory?)",
+             signal.SIGILL: f"Likely cause: {NATIVE_HINT}"}.get(signum, f"Likely cause: {AMX_HINT}")
     return (f"llama.cpp died of {name} while checking {gguf_path} (in a child process, so atp itself went on); "
             f"the GGUF file was written and is kept. {cause}; or skip the check with --no-check")
 
