@@ -26,16 +26,14 @@ from premise import perplexity_tasks
 
 
 def evaluate(spec, cell, tasks: list[str]) -> Path:
-    """tasks: --task names (their default caps: HQS 100 records); none: the domain's perplexity tasks, all
-    records."""
+    """tasks: --task names; none: the domain's perplexity tasks. All records of the dev split either way."""
     from atp.compare import cell_dir
 
     out = cell_dir(spec, cell) / (f"eval-{'-'.join(tasks)}.json" if tasks else "ppl.json")
     if not out.exists():
-        chosen = ([a for t in tasks for a in ("--task", t)] if tasks
-                  else [*perplexity_tasks(cell.domain), "--limit", "0"])
+        chosen = [a for t in tasks for a in ("--task", t)] if tasks else perplexity_tasks(cell.domain)
         argv = [sys.executable, "-m", "atp.cli", "eval", "--model", str(cell_dir(spec, cell) / "run" / "model"),
-                *chosen, "--max-length", "512", "--out", str(out)]
+                *chosen, "--limit", "0", "--max-length", "512", "--out", str(out)]
         print(" ".join(argv), flush=True)
         subprocess.run(argv, check=True)
     return out
@@ -87,7 +85,7 @@ def main() -> int:
     parser.add_argument("config", type=Path, help="an atp compare config")
     parser.add_argument("--summary-only", action="store_true", help="train and score nothing; summarise what exists")
     parser.add_argument("--task", action="append", default=[], metavar="NAME",
-                        help="score these tasks (repeatable; atp eval's default caps) instead of the perplexity tasks")
+                        help="score these tasks (repeatable) instead of the perplexity tasks")
     args = parser.parse_args()
     spec = CompareSpec.load(args.config)
     todo = [cell for cell in cells(spec) if cell.method not in ("dense", "dense-lora")]

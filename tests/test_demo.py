@@ -234,8 +234,9 @@ def test_demo_command_passes_its_options_through(monkeypatch, tmp_path):
     assert (cfg.out, cfg.max_steps, cfg.domain, cfg.max_length) == (str(tmp_path / "d"), 7, "legal", 128)
     assert (settings.limit, settings.rouge_limit, settings2.rouge_limit) == (5, 10, 0)
     assert cfg.mixed_precision == "auto" and not settings.dense_lora and settings.questions == 2
-    assert main(base + ["--overwrite", "--dense-lora", "--questions", "1"]) == 0
-    assert seen[-1][1].dense_lora and seen[-1][1].questions == 1
+    assert cfg.lr is None  # the width's default (atp.config.default_lr)
+    assert main(base + ["--overwrite", "--dense-lora", "--questions", "1", "--lr", "2e-3"]) == 0
+    assert seen[-1][1].dense_lora and seen[-1][1].questions == 1 and seen[-1][0].lr == 2e-3
 
 
 def test_demo_command_errors(tiny_model_dir, shared_data, tmp_path, capsys):

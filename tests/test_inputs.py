@@ -135,8 +135,8 @@ def test_option_value_checks(tiny_model_dir, monkeypatch):
     ("prune: 'false'", "prune in config file {path} must be true or false, got 'false' (a string; write it without "
                        "quotes)"),
     ("max_steps: 2.5", "max_steps in config file {path} must be a whole number, got 2.5"),
-    ("lr: 1e-4", "lr in config file {path} must be a finite number, got '1e-4' (a string: YAML reads 1e-4 as text; "
-                 "write 1.0e-4)"),
+    ("lr: 1e-4", "lr in config file {path} must be a finite number or null, got '1e-4' (a string: YAML reads 1e-4 "
+                 "as text; write 1.0e-4)"),
     ("alpha: .inf", "alpha in config file {path} must be a finite number, got inf"),
     ("train_files: pubmedqa=data.jsonl", "train_files in config file {path} must be a list of strings such as [a, b], "
                                          "got 'pubmedqa=data.jsonl' (a single string; write [pubmedqa=data.jsonl])"),
@@ -182,9 +182,9 @@ def test_python_api_values_are_type_checked():
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_non_finite_float_options_are_refused(flag, value, tiny_model_dir, train_file, tmp_path, capsys):
     assert main(prune_argv(tiny_model_dir, train_file, tmp_path / "run", flag, value)) == 2
-    # options a --recipe sets take null too (the recipe's value)
-    recipe_set = flag in ("--lam", "--generator-lr", "--temperature", "--generator-clip")
-    assert f"atp: error: {flag} must be a finite number{' or null' if recipe_set else ''}, got {value}" in \
+    # options a --recipe sets take null too (the recipe's value), and --lr (the model width's default)
+    nullable = flag in ("--lam", "--generator-lr", "--temperature", "--generator-clip", "--lr")
+    assert f"atp: error: {flag} must be a finite number{' or null' if nullable else ''}, got {value}" in \
         capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

@@ -7,6 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from atp.cli import main
+from atp.config import default_lr
 from atp.errors import ATPError
 from atp.export import count_safetensors_params, load_pruned
 from atp.generator import DecisionGenerator
@@ -262,6 +263,32 @@ def test_schedule_phases_and_ramps():
         assert b.generator_steps_until(10) == 0 and b.lasso_weight(5) == 0.0 and b.lr_restart_step == 0
         assert b.lasso_fraction(5) == 0.0 and b.lora_mask_at(1) == "both"
         assert list(b.generator_phase_steps) == [1, 3, 5]
+
+
+def test_default_lr_follows_the_width_above_smollm2s():
+    assert default_lr(576) == 1.5e-3 and default_lr(64) == 1.5e-3  # narrower models are not extrapolated
+    assert default_lr(4096) == pytest.approx(2.109e-4, rel=1e-3)  # 7-8B: QLoRA used 2e-4, the ATP authors 1e-4
+    assert default_lr(8192) == pytest.approx(1.055e-4, rel=1e-3)  # 70B: QLoRA used 1e-4 at 65B
+    assert default_lr(1152) == pytest.approx(7.5e-4)
+
+
+def test_the_default_lr_is_chosen_from_the_models_width(tiny_model_dir, train_file, tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    import atp.train
+
+    width = AutoConfig.from_pretrained(tiny_model_dir).hidden_size
+    monkeypatch.setattr(atp.train, "default_lr", lambda hidden: hidden * 1e-6)
+    cfg = tiny_cfg(tiny_model_dir, train_file, tmp_path / "run", max_steps=4, generator_frac=0.5, log_every=1,
+                   save_every=0, lr=None)
+    report = train(cfg, progress=False)
+    assert report["lora_lr"] == width * 1e-6 and report["config"]["lr"] is None
+    logged = [r["lr"] for r in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "lr" in r]
+    assert max(logged) == pytest.approx(width * 1e-6)
+    explicit = train(dataclasses.replace(cfg, lr=2e-3, out=str(tmp_path / "explicit")), progress=False)
+    assert explicit["lora_lr"] == 2e-3
+    with pytest.raises(ATPError, match="--lr must be greater than 0, got 0"):
+        ATPConfig(lr=0.0).check_values()
 
 
 def test_fingerprints_are_pinned():

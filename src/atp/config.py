@@ -32,6 +32,16 @@ RECIPES = {
 # --lam's default per --lasso: exp-ramp's threshold is lam * growth * LoRA lr * a layer's share of the pruned
 # groups, with the authors' 50000 (alignment_function_llm.py groupproximal, train_llm_disp.py grad_mul)
 DEFAULT_LAM = {"ramp": 1.0, "lr-scaled": 1.0, "exp-ramp": 50000.0}
+# --lr's default: the best rate measured on SmolLM2-135M (hidden 576; docs/benchmarks.md, "More recovery per step"),
+# inversely proportional to the width of wider models: 2.1e-4 at 4096 and 1.1e-4 at 8192, near QLoRA's published
+# 2e-4 (7B, 13B) and 1e-4 (33B, 65B) and the ATP authors' 1e-4 for LLaMA2-7B; narrower models are not extrapolated
+LR_AT_WIDTH = (1.5e-3, 576)
+
+
+def default_lr(hidden_size: int) -> float:
+    """--lr's default for a model this wide."""
+    rate, width = LR_AT_WIDTH
+    return rate * min(1.0, width / hidden_size)
 
 
 @dataclass
@@ -84,8 +94,10 @@ class RecipeOptions:
         "help": "pack whole training examples into rows of exactly --max-length tokens (first fit, in the shuffled "
                 "order), with positions restarting at each example and no attention across examples, instead of "
                 "padding each batch to its longest example; calibration batches stay unpacked"})
-    lr: float = field(default=6e-4, metadata={
-        "help": "peak LoRA learning rate"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak LoRA learning rate (default: by the model's hidden size, 1.5e-3 up to 576 wide as SmolLM2-135M, "
+                "then 1.5e-3 x 576 / hidden size: about 2.1e-4 for 4096-wide 7-8B models, 1.1e-4 for 8192-wide 70B "
+                "ones; report.json records it)"})
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -247,7 +259,7 @@ class RecipeOptions:
                                f"from the ones before it, so {getattr(self, name)} leaves nothing to predict), "
                                f"got {getattr(self, name)}")
         for name in ("lr", "generator_lr", "temperature", "lora_alpha", "recovery_lr"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ATPError(f"{flag(name)} must be greater than 0, got {getattr(self, name)}")
         for name in ("alpha", "lam", "save_every", "check_tolerance", "generator_clip"):
             if not getattr(self, name) >= 0:

@@ -59,6 +59,7 @@ class Source:
 
 def add_demo_arguments(parser) -> None:
     from .cliparts import config_help
+    from .options import ATPConfig
 
     s = Settings()
     parser.add_argument("--model", default="smollm2-135m", help=config_help("model"))
@@ -70,6 +71,7 @@ def add_demo_arguments(parser) -> None:
     parser.add_argument("--max-steps", type=int, default=180, help=config_help("max_steps"))
     parser.add_argument("--generator-frac", type=float, default=0.4, help=config_help("generator_frac"))
     parser.add_argument("--max-length", type=int, default=128, help="training sequence length")
+    parser.add_argument("--lr", type=float, default=ATPConfig.lr, help=config_help("lr"))
     parser.add_argument("--mixed-precision", default="auto", choices=["no", "bf16", "fp16", "auto"],
                         help=config_help("mixed_precision"))
     parser.add_argument("--limit", type=int, default=s.limit, help="held-out records for accuracy and perplexity")
@@ -92,7 +94,7 @@ def run_demo_command(args) -> int:
     validation.at_least(args.questions, 0, "questions")
     cfg = ATPConfig(model=args.model, domain=args.domain, data_dir=args.data_dir, sparsity=args.sparsity,
                     out=args.out, overwrite=args.overwrite, max_steps=args.max_steps, max_length=args.max_length,
-                    mixed_precision=args.mixed_precision, generator_frac=args.generator_frac,
+                    lr=args.lr, mixed_precision=args.mixed_precision, generator_frac=args.generator_frac,
                     distill=0.0)  # at the demo's 6-minute budget plain ATP is ahead (docs/benchmarks.md, sixth session)
     run_demo(cfg, Settings(limit=args.limit, rouge_limit=args.rouge_limit, questions=args.questions,
                            dense_lora=args.dense_lora))

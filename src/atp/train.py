@@ -31,6 +31,7 @@ from .batching import (
     split_calibration,
     tokenize_all,
 )
+from .config import default_lr
 from .errors import ATPError
 from .export import count_safetensors_params, is_heterogeneous, layer_widths
 from .fsutil import clean_stale_temps, write_text_atomic
@@ -110,7 +111,8 @@ class PruneRecipe:
         train_seconds = time.time() - self.started
         self.accelerator.wait_for_everyone()
         report = {"config": dataclasses.asdict(self.cfg), "train_seconds": train_seconds, "processes": self.world,
-                  "precision": self.precision, "distributed_type": self.accelerator.distributed_type.value,
+                  "precision": self.precision, "lora_lr": self.lora_lr,
+                  "distributed_type": self.accelerator.distributed_type.value,
                   "data_sha256": self.data_sha256, "model_sha256": self.model_sha256}
         if self.fsdp:  # parameters this process held as shards (the frozen base) and whole (LoRA)
             report["fsdp_sharded_params"] = sum(1 for p in self.peft_model.parameters() if hasattr(p, "to_local"))
@@ -343,6 +345,7 @@ class PruneRecipe:
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             self.peft_model = get_peft_model(model, lora)
         self.lora_params = lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
+        self.lora_lr = cfg.lr if cfg.lr is not None else default_lr(model.get_input_embeddings().embedding_dim)
         self.opt_lora = self.make_lora_optimizer(lora_params)
         self.optimizers = {"lora": self.opt_lora}  # checkpoints hold them as they are before accelerate wraps them
         # a lambda, not the bound method: LambdaLR's state_dict records a callable object's attributes
@@ -360,7 +363,7 @@ class PruneRecipe:
             model.enable_input_require_grads()
 
     def make_lora_optimizer(self, params) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
+        return torch.optim.AdamW(params, lr=self.lora_lr, weight_decay=0.0)
 
     def setup_teacher(self) -> None:
         """With --distill: the teacher whose next-token distributions the model matches (atp.distill)."""
