@@ -345,7 +345,7 @@ class PruneRecipe:
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             self.peft_model = get_peft_model(model, lora)
         self.lora_params = lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
-        self.lora_lr = cfg.lr if cfg.lr is not None else default_lr(model.get_input_embeddings().embedding_dim)
+        self.lora_lr = cfg.lr if cfg.lr is not None else default_lr(model.config.get_text_config().hidden_size)
         self.opt_lora = self.make_lora_optimizer(lora_params)
         self.optimizers = {"lora": self.opt_lora}  # checkpoints hold them as they are before accelerate wraps them
         # a lambda, not the bound method: LambdaLR's state_dict records a callable object's attributes
