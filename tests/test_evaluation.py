@@ -222,5 +222,7 @@ def test_run_eval_command_bad_inputs(tiny_model_dir, tmp_path):
         run_eval_command(eval_args("--model", model, "--domain", "legal", "--task", "casehold"))
     with pytest.raises(ATPError, match="--domain NAME or --task NAME"):
         run_eval_command(eval_args("--model", model))
+    with pytest.raises(ATPError, match="task chat is for training only .kind 'chat'.; atp eval scores pubmedqa, "):
+        run_eval_command(eval_args("--model", model, "--task", "chat", "--data", str(bad)))
     with pytest.raises(ATPError, match="--limit"):
         run_eval_command(eval_args("--model", model, "--domain", "legal", "--limit", "-1"))

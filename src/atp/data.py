@@ -78,6 +78,7 @@ def _is_hub_id(source: str) -> bool:
 class Example:
     prompt: str
     response: str
+    chat: bool = False  # the prompt is a user message, asked in the tokenizer's chat format (chat_prompt)
 
 
 def _text(record: dict, field: str) -> str:
@@ -211,6 +212,19 @@ class PerplexityTask(Task):
         return Example("", self.text(record))
 
 
+class ChatTask(Task):
+    """Instruction data for --train-file: a user message and the assistant's answer, trained in the tokenizer's
+    chat format (atp demo writes the dense model's answers to PubMedQA's training questions in this form)."""
+    name, domain, kind = "chat", "", "chat"
+    required_fields = ("prompt", "response")
+
+    def train_example(self, record):
+        prompt, response = _text(record, "prompt"), _text(record, "response")
+        if not prompt or not response:
+            raise ATPError("prompt and response must not be empty")
+        return Example(prompt, response, chat=True)
+
+
 def _pubmedqa_from_hub(row):
     # qiaojin/PubMedQA (pqa_labeled) nests the abstract; map it to the original release's names
     context = row.get("context") or {}
@@ -321,6 +335,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     PerplexityTask("legal_text", "legal", "text", default_file="legal/multilegalpile_train.jsonl",
                    hub_id="joelniklaus/Multi_Legal_Pile:en_legislation"),
     SummarizationTask("multilexsum", "legal", "document", "summary", "Case", eval_cap=60),  # long documents
+    ChatTask(),
 ]}
 
 
@@ -496,17 +511,30 @@ def prefix_ids(tokenizer) -> list[int]:
     return ids if len(ids) == 1 and ids[0] == tokenizer.bos_token_id else []
 
 
+def chat_prompt(tokenizer, message: str) -> tuple[str, bool]:
+    """(prompt, whether it is in the tokenizer's chat format): a user message with the assistant's turn opened; a
+    plain Question/Answer prompt for a tokenizer without a chat template."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": message}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    return f"Question: {message}\nAnswer:", False
+
+
 def tokenize_example(tokenizer, example: Example, max_length: int) -> dict:
-    """input_ids = [bos] prompt response eos; labels are -100 except on response+eos.
+    """input_ids = [bos] prompt response eos; labels are -100 except on response+eos. A chat example's prompt is
+    its chat_prompt (which holds its own special tokens; a plain prompt's response then starts with a space).
 
     Too long: the prompt is cut from the left (its end, next to the response, stays), so the whole response
     keeps its loss; only a response that alone exceeds max_length is cut, on the right (losing the eos), and
     then no prompt is left. Every example keeps at least its first response token. `truncated` says whether
     anything was cut.
     """
-    head = prefix_ids(tokenizer)
-    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
-    response = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    head, text, reply = prefix_ids(tokenizer), example.prompt, example.response
+    if example.chat:
+        text, templated = chat_prompt(tokenizer, example.prompt)
+        head, reply = ([], reply) if templated else (head, " " + reply)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    response = tokenizer(reply, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response = response + [tokenizer.eos_token_id]
     room = max_length - len(head)

