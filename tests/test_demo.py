@@ -271,6 +271,7 @@ def test_demo_on_the_fallback_scores_only_the_pruning_domain(tiny_model_dir, no_
     assert len(data.read_jsonl(answers_file)) == 16  # every training question (20 records, 4 held out)
     assert str(answers_file) in results["report"]["data_sha256"]  # trained on, and fingerprinted
     assert "training split of pubmedqa, pubmed_text, the dense model's PubMedQA answers" in report_text
+    assert 0 < results["seconds"]["answers"] < results["seconds"]["total"]
     assert list(results["metrics"]) == ["dense", "ATP 40%"] and not (out / "dense-lora").exists()
     accuracy = results["metrics"]["dense"]["accuracy"]
     assert accuracy["n"] == 3 and accuracy["majority"] == pytest.approx(1 / 3)  # no, maybe, yes
