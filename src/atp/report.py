@@ -123,7 +123,7 @@ def summarize(results: list[dict], relative_metrics: dict | None = None, majorit
 
 def _task_rows(metrics: dict, task: str, metric: str):
     """One cell's per-record rows for a task's primary metric: (NLL, tokens) for perplexity, else the values."""
-    values = metrics[task].get("per_record")
+    values = (metrics.get(task) or {}).get("per_record")  # a cell that did not score the task: not compared
     if not values:
         return None
     return list(zip(values["nll"], values["tokens"])) if metric == "ppl" else values.get(metric)
