@@ -147,8 +147,12 @@ def held_out_questions(sources: dict[str, Source], domain: str, n: int) -> list[
     src = sources.get("accuracy")
     if src is None or not isinstance(src.task, data.PubMedQA):
         return [{"question": QUESTIONS[domain]}] if n else []
-    return [{"question": data._text(r, "QUESTION"), "context": data._text(r, "CONTEXTS"),
-             "reference": str(r["final_decision"]).strip()} for r in src.records[:n]]
+    return [{**pubmedqa_question(r), "reference": str(r["final_decision"]).strip()} for r in src.records[:n]]
+
+
+def pubmedqa_question(record: dict) -> dict:
+    """A PubMedQA record's question with its abstract, as the demo asks it (question_prompt)."""
+    return {"question": data._text(record, "QUESTION"), "context": data._text(record, "CONTEXTS")}
 
 
 def question_prompt(item: dict) -> str:
@@ -181,8 +185,7 @@ def dense_answers(cfg, settings: Settings, progress: bool = True):
     found = [records for task, records in data.load_domain(cfg.domain, cfg.data_dir) if isinstance(task, data.PubMedQA)]
     if not found or not settings.answers:
         return None
-    questions = [question_prompt({"question": data._text(r, "QUESTION"), "context": data._text(r, "CONTEXTS")})
-                 for r in data.split(found[0], "train")[:settings.answers]]
+    questions = [question_prompt(pubmedqa_question(r)) for r in data.split(found[0], "train")[:settings.answers]]
     device = validation.device(None)
     model, tokenizer = load_model(cfg.model)
     chosen = precision.choose(cfg.mixed_precision, device, *precision.mlp_shape(model.config))["mixed_precision"]
