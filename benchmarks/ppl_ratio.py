@@ -11,16 +11,29 @@ import json
 import math
 import statistics
 
-from atp.stats import t_quantile
+import numpy as np
+
+from atp.stats import align_records, t_quantile
 
 
-def cell(prefix: str, sparsity: float, seed: int, task: str) -> tuple[float, float]:
+def cell(prefix: str, sparsity: float, seed: int, task: str) -> tuple[float, float, dict]:
     folder = f"{prefix}-s{sparsity:g}-seed{seed}"
     with open(f"{folder}/ppl.json") as f:
-        ppl = json.load(f)["tasks"][task]["ppl"]
+        scores = json.load(f)["tasks"][task]
     with open(f"{folder}/run/report.json") as f:
         seconds = json.load(f)["train_seconds"]
-    return ppl, seconds
+    return scores["ppl"], seconds, scores["per_record"]
+
+
+def record_interval(a: dict, b: dict, resamples: int = 2000) -> tuple[float, float]:
+    """One seed: a paired bootstrap over the windows (paired by id) of the ratio a / b (record noise only)."""
+    rows_a, rows_b = align_records({"a": (a["id"], list(zip(a["nll"], a["tokens"]))),
+                                    "b": (b["id"], list(zip(b["nll"], b["tokens"])))}, "perplexity windows")
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(rows_a), size=(resamples, len(rows_a)))
+    log_ratio = (rows_a[picks, 0].sum(1) / rows_a[picks, 1].sum(1)) - (rows_b[picks, 0].sum(1) / rows_b[picks, 1].sum(1))
+    low, high = np.quantile(log_ratio, [0.025, 0.975])
+    return math.exp(low), math.exp(high)
 
 
 def main():
@@ -33,12 +46,15 @@ def main():
     args = parser.parse_args()
     logs = []
     for seed in args.seeds:
-        (a, a_s), (b, b_s) = (cell(p, args.sparsity, seed, args.task) for p in (args.numerator, args.denominator))
+        (a, a_s, a_rec), (b, b_s, b_rec) = (cell(p, args.sparsity, seed, args.task)
+                                            for p in (args.numerator, args.denominator))
         logs.append(math.log(a / b))
         print(f"seed {seed}: {a:.2f} ({a_s:.0f} s) / {b:.2f} ({b_s:.0f} s) = {a / b:.2f}x")
     mean = statistics.fmean(logs)
     if len(logs) < 2:
-        print(f"ratio {math.exp(mean):.2f}x (one seed: no interval)")
+        low, high = record_interval(a_rec, b_rec)
+        print(f"ratio {math.exp(mean):.2f}x [{low:.2f}, {high:.2f}] (one seed: record noise only, paired bootstrap "
+              f"over the windows)")
         return
     half = t_quantile(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
     print(f"geometric mean ratio {math.exp(mean):.2f}x [{math.exp(mean - half):.2f}, {math.exp(mean + half):.2f}] "
