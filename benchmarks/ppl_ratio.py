@@ -31,7 +31,8 @@ def record_interval(a: dict, b: dict, resamples: int = 2000) -> tuple[float, flo
                                     "b": (b["id"], list(zip(b["nll"], b["tokens"])))}, "perplexity windows")
     rng = np.random.default_rng(0)
     picks = rng.integers(0, len(rows_a), size=(resamples, len(rows_a)))
-    log_ratio = (rows_a[picks, 0].sum(1) / rows_a[picks, 1].sum(1)) - (rows_b[picks, 0].sum(1) / rows_b[picks, 1].sum(1))
+    nll_a = rows_a[picks, 0].sum(1) / rows_a[picks, 1].sum(1)
+    log_ratio = nll_a - rows_b[picks, 0].sum(1) / rows_b[picks, 1].sum(1)
     low, high = np.quantile(log_ratio, [0.025, 0.975])
     return math.exp(low), math.exp(high)
 
