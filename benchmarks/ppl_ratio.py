@@ -11,9 +11,7 @@ import json
 import math
 import statistics
 
-import numpy as np
-
-from atp.stats import align_records, t_quantile
+from atp.stats import align_records, bootstrap_difference, perplexity_of, t_quantile
 
 
 def cell(prefix: str, sparsity: float, seed: int, task: str) -> tuple[float, float, dict]:
@@ -25,16 +23,13 @@ def cell(prefix: str, sparsity: float, seed: int, task: str) -> tuple[float, flo
     return scores["ppl"], seconds, scores["per_record"]
 
 
-def record_interval(a: dict, b: dict, resamples: int = 2000) -> tuple[float, float]:
-    """One seed: a paired bootstrap over the windows (paired by id) of the ratio a / b (record noise only)."""
+def record_interval(a: dict, b: dict, task: str) -> tuple[float, float]:
+    """One seed: the ratio a / b's interval from atp.stats' paired bootstrap over the windows (record noise only)."""
     rows_a, rows_b = align_records({"a": (a["id"], list(zip(a["nll"], a["tokens"]))),
                                     "b": (b["id"], list(zip(b["nll"], b["tokens"])))}, "perplexity windows")
-    rng = np.random.default_rng(0)
-    picks = rng.integers(0, len(rows_a), size=(resamples, len(rows_a)))
-    nll_a = rows_a[picks, 0].sum(1) / rows_a[picks, 1].sum(1)
-    log_ratio = nll_a - rows_b[picks, 0].sum(1) / rows_b[picks, 1].sum(1)
-    low, high = np.quantile(log_ratio, [0.025, 0.975])
-    return math.exp(low), math.exp(high)
+    log_ppl = perplexity_of(task)
+    result = bootstrap_difference({task: [rows_a]}, {task: [rows_b]}, lambda rows: math.log(log_ppl(rows)))
+    return math.exp(result["low"]), math.exp(result["high"])
 
 
 def main():
@@ -53,7 +48,7 @@ def main():
         print(f"seed {seed}: {a:.2f} ({a_s:.0f} s) / {b:.2f} ({b_s:.0f} s) = {a / b:.2f}x")
     mean = statistics.fmean(logs)
     if len(logs) < 2:
-        low, high = record_interval(a_rec, b_rec)
+        low, high = record_interval(a_rec, b_rec, args.task)
         print(f"ratio {math.exp(mean):.2f}x [{low:.2f}, {high:.2f}] (one seed: record noise only, paired bootstrap "
               f"over the windows)")
         return
